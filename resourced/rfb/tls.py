@@ -1,0 +1,219 @@
+"""TLS for VeNCrypt: credentials, where to find them, and a sans-IO TLS layer.
+
+`TlsCredentials` says which CA, client certificate and CRL to use; `discover()`
+finds them where gtk-vnc (and so virt-viewer) looks, so existing set-ups work.
+`TlsLayer` wraps `ssl.SSLObject` over memory BIOs: ciphertext in and out as bytes,
+no sockets, so the RFB core stays sans-IO. The server certificate is verified
+unless the caller turns verification off explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from resourced.errors import ConfigurationError, TlsError
+
+#: The client name virt-viewer passes to gtk-vnc; it names the client-cert folder.
+DEFAULT_CLIENT_NAME = "libvirt-vnc"
+
+
+def pki_dirs(home: Path | None = None) -> list[Path]:
+    """The folders gtk-vnc searches, in its order: system first, then the user's."""
+    if home is None:
+        try:
+            home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+        except KeyError:
+            home = Path.home()
+    return [Path("/etc/pki"), home / ".pki"]
+
+
+def _first_existing(dirs: list[Path], relative: str) -> Path | None:
+    for directory in dirs:
+        candidate = directory / relative
+        if candidate.exists():
+            return candidate
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCredentials:
+    """Certificates for an X.509 VeNCrypt session.
+
+    `ca_file` None with `verify` True means the system's default CA store.
+    `server_name` is checked against the certificate when given (TCP connections
+    default it to the host name); over a Unix socket or a passed fd there is no
+    name to check unless the caller gives one, but the chain is still verified.
+    """
+
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    crl_file: Path | None = None
+    server_name: str | None = None
+    verify: bool = True
+
+    @classmethod
+    def discover(
+        cls, client_name: str = DEFAULT_CLIENT_NAME, home: Path | None = None
+    ) -> TlsCredentials:
+        """Find credentials the way gtk-vnc does (`/etc/pki`, then `~/.pki`).
+
+        CA: `<dir>/CA/cacert.pem`; CRL: `<dir>/CA/cacrl.pem`; client certificate:
+        `<dir>/<client_name>/clientcert.pem` with its key in
+        `<dir>/<client_name>/private/clientkey.pem`.
+        """
+        dirs = pki_dirs(home)
+        return cls(
+            ca_file=_first_existing(dirs, "CA/cacert.pem"),
+            crl_file=_first_existing(dirs, "CA/cacrl.pem"),
+            client_cert=_first_existing(dirs, f"{client_name}/clientcert.pem"),
+            client_key=_first_existing(dirs, f"{client_name}/private/clientkey.pem"),
+        )
+
+    def with_server_name(self, name: str | None) -> TlsCredentials:
+        if self.server_name is not None or name is None:
+            return self
+        return TlsCredentials(
+            self.ca_file, self.client_cert, self.client_key, self.crl_file, name, self.verify
+        )
+
+    def describe(self) -> str:
+        ca = str(self.ca_file) if self.ca_file else "the system CA store"
+        return f"CA {ca}" + (f", client certificate {self.client_cert}" if self.client_cert else "")
+
+    def make_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self.verify:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.check_hostname = self.server_name is not None
+            try:
+                if self.ca_file is not None:
+                    ctx.load_verify_locations(cafile=str(self.ca_file))
+                else:
+                    ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+                if self.crl_file is not None:
+                    ctx.load_verify_locations(cafile=str(self.crl_file))
+                    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigurationError(f"cannot load CA/CRL for TLS: {err}") from err
+        else:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ConfigurationError("a client certificate needs its key and vice versa")
+        if self.client_cert is not None and self.client_key is not None:
+            try:
+                ctx.load_cert_chain(str(self.client_cert), str(self.client_key))
+            except (OSError, ssl.SSLError) as err:
+                raise ConfigurationError(f"cannot load the client certificate: {err}") from err
+        return ctx
+
+
+def anonymous_context() -> ssl.SSLContext:
+    """A context for VeNCrypt's anonymous Diffie-Hellman subtypes (TLSNone/Vnc/Plain).
+
+    Anonymous TLS encrypts but authenticates nobody; TLS 1.3 has no anonymous
+    suites, so this is TLS 1.2 with OpenSSL's security level lowered to allow them.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.set_ciphers("aNULL:!eNULL:@SECLEVEL=0")
+    except ssl.SSLError as err:
+        raise TlsError(f"this OpenSSL offers no anonymous TLS ciphers: {err}") from err
+    return ctx
+
+
+class TlsLayer:
+    """A TLS client session over memory buffers (no I/O).
+
+    `receive(ciphertext)` returns decrypted plaintext; `send(plaintext)` queues;
+    `data_to_send()` returns ciphertext for the wire. Errors become `TlsError`.
+    """
+
+    def __init__(self, context: ssl.SSLContext, server_name: str | None, describe: str) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._describe = describe
+        self._obj = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=False, server_hostname=server_name
+        )
+        self.handshake_done = False
+        self._pending_plaintext = bytearray()
+        self._eof = False
+        self._step()
+
+    @property
+    def version(self) -> str | None:
+        return self._obj.version()
+
+    @property
+    def cipher(self) -> str | None:
+        info = self._obj.cipher()
+        return info[0] if info else None
+
+    def _step(self) -> None:
+        if self.handshake_done:
+            return
+        try:
+            self._obj.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLCertVerificationError as err:
+            raise TlsError(
+                f"the server's TLS certificate is not trusted ({err.verify_message}; "
+                f"checked against {self._describe})"
+            ) from err
+        except ssl.SSLError as err:
+            raise TlsError(f"TLS handshake failed: {err.reason or err}") from err
+        self.handshake_done = True
+        if self._pending_plaintext:
+            self.send(bytes(self._pending_plaintext))
+            self._pending_plaintext.clear()
+
+    def receive(self, data: bytes) -> bytes:
+        """Feed ciphertext (b"" = transport EOF); return whatever plaintext it yields."""
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+            self._eof = True
+        self._step()
+        if not self.handshake_done:
+            if self._eof:
+                raise TlsError("the server closed the connection during the TLS handshake")
+            return b""
+        chunks = []
+        while True:
+            try:
+                chunk = self._obj.read(65536)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                break
+            except ssl.SSLError as err:
+                raise TlsError(f"TLS error: {err.reason or err}") from err
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def send(self, plaintext: bytes) -> None:
+        if not self.handshake_done:
+            self._pending_plaintext += plaintext
+            return
+        try:
+            self._obj.write(plaintext)
+        except ssl.SSLError as err:
+            raise TlsError(f"TLS error while sending: {err.reason or err}") from err
+
+    def data_to_send(self) -> bytes:
+        return self._outgoing.read()
