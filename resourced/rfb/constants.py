@@ -179,6 +179,7 @@ PIXEL_ENCODINGS = frozenset(
         Encoding.HEXTILE,
         Encoding.ZLIB,
         Encoding.TIGHT,
+        Encoding.TIGHT_PNG,
         Encoding.ZRLE,
     }
 )

@@ -37,9 +37,10 @@ class PixelFormat:
 
     @property
     def compact_pixel_size(self) -> int:
-        """Size of a ZRLE CPIXEL / Tight TPIXEL (rfbproto 7.7.5, 7.7.6).
+        """Size of a ZRLE CPIXEL (rfbproto 7.7.6).
 
         A 32-bit true-colour pixel whose colours fit in 24 bits travels as 3 bytes.
+        Tight's TPIXEL has a stricter rule of its own (see `encodings`).
         """
         if (
             self.true_colour
