@@ -45,6 +45,7 @@ class Address:
         return f"fd:{self.fd}"
 
 
+_BARE_HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]/]*)$")
 _HOST_PORT = re.compile(r"^(?P<host>\[[^\]]+\]|[^:\[\]]*)(?P<sep>::?)(?P<num>\d+)$")
 
 
@@ -56,19 +57,25 @@ def parse_address(text: str) -> Address:
     is taken as a port, as TigerVNC does), `vnc://host:port` (a port, as in
     virt-viewer's URIs).
     """
-    if text.startswith("unix:"):
-        return Address("unix", path=text[5:])
-    if text.startswith("/"):
-        return Address("unix", path=text)
+    if text.startswith("unix:") or text.startswith("/"):
+        path = text[5:] if text.startswith("unix:") else text
+        if not path:
+            raise ConfigurationError(f"empty Unix socket path in {text!r}")
+        return Address("unix", path=path)
     if text.startswith("fd:"):
         try:
-            return Address("fd", fd=int(text[3:]))
+            fd = int(text[3:])
         except ValueError:
-            raise ConfigurationError(f"bad fd address {text!r}") from None
+            fd = -1
+        if fd < 0:
+            raise ConfigurationError(f"bad fd address {text!r} (want fd:N, N >= 0)")
+        return Address("fd", fd=fd)
     if text.startswith("vnc://"):
         rest = text[6:].rstrip("/")
         match = _HOST_PORT.match(rest)
         if match is None:
+            if not _BARE_HOST.match(rest):
+                raise ConfigurationError(f"cannot parse VNC URI {text!r}")
             return Address("tcp", host=rest.strip("[]") or "localhost", port=VNC_BASE_PORT)
         host = match["host"].strip("[]") or "localhost"
         return Address("tcp", host=host, port=_port(int(match["num"])))

@@ -554,6 +554,7 @@ class ClientConnection:
             r.skip(1)
             count = r.u16()
             self._update = _UpdateInProgress(count)
+            self._update.buffered_bytes = r.pos
             return []
         if kind == ServerMessageType.QEMU:
             subtype = r.u8()
@@ -579,6 +580,7 @@ class ClientConnection:
                 self._update = None
                 return [FramebufferUpdate(tuple(update.rectangles))]
             self._check_rectangle(header)
+            update.buffered_bytes += RectangleHeader.SIZE
             update.header = header
             update.framer = framer_for(header, self.pixel_format)
             return []

@@ -160,6 +160,12 @@ class QemuKeyEvent:
             + u32(self.keycode)
         )
 
+    @classmethod
+    def parse(cls, r: Reader) -> QemuKeyEvent:
+        """Parse what follows the two type bytes (255, 0)."""
+        down = r.u16()
+        return cls(bool(down), r.u32(), r.u32())
+
 
 ClientMessage = (
     SetPixelFormat

@@ -197,6 +197,10 @@ class QemuAudio(Extension):
             return
         self.connection.send(QemuAudioDisable())
         self.enabled = False
+        # QEMU sends no BEGIN for a capture that never heard the guest play, so
+        # formats still waiting for one are dead: the next BEGIN belongs to the
+        # next enable.
+        self._pending.clear()
 
     def set_format(self, format: AudioFormat) -> None:
         """Change the format; while enabled that means disable, set, enable."""

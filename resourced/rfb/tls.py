@@ -58,15 +58,20 @@ class TlsCredentials:
 
     @classmethod
     def discover(
-        cls, client_name: str = DEFAULT_CLIENT_NAME, home: Path | None = None
+        cls,
+        client_name: str = DEFAULT_CLIENT_NAME,
+        home: Path | None = None,
+        dirs: list[Path] | None = None,
     ) -> TlsCredentials:
         """Find credentials the way gtk-vnc does (`/etc/pki`, then `~/.pki`).
 
         CA: `<dir>/CA/cacert.pem`; CRL: `<dir>/CA/cacrl.pem`; client certificate:
         `<dir>/<client_name>/clientcert.pem` with its key in
-        `<dir>/<client_name>/private/clientkey.pem`.
+        `<dir>/<client_name>/private/clientkey.pem`. Each file is taken from the
+        first folder that has it. `dirs` replaces the folders searched.
         """
-        dirs = pki_dirs(home)
+        if dirs is None:
+            dirs = pki_dirs(home)
         return cls(
             ca_file=_first_existing(dirs, "CA/cacert.pem"),
             crl_file=_first_existing(dirs, "CA/cacrl.pem"),
