@@ -70,6 +70,8 @@ class GuestConfig:
     """QEMU server-side x509 directory (ca-cert.pem, server-cert.pem, server-key.pem)."""
     tls_verify_client: bool = False
     """With `tls_dir`: require a client certificate signed by the CA."""
+    tls_anonymous: bool = False
+    """Anonymous-DH TLS (VeNCrypt TLSNone/TLSVnc) when no `tls_dir` is given."""
     vnc_tcp_port: int | None = None
     """Listen for VNC on 127.0.0.1:port (5900 or above) instead of the Unix socket."""
     start_paused: bool = False
@@ -200,6 +202,9 @@ class QemuGuest:
                 "-object",
                 f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint=server,verify-peer={verify}",
             ]
+            vnc += ",tls-creds=tls0"
+        elif config.tls_anonymous:
+            args += ["-object", "tls-creds-anon,id=tls0,endpoint=server"]
             vnc += ",tls-creds=tls0"
         args += ["-vga", "std", "-vnc", vnc]
         args += ["-serial", f"unix:{self.serial_path},server=on,wait=off"]

@@ -387,3 +387,20 @@ async def test_probe_command_reports_errors_cleanly(make_guest: MakeGuest) -> No
     assert process.returncode == 1
     assert b"requires a VNC password" in err
     assert b"Traceback" not in err
+
+
+async def test_anonymous_tls(make_guest: MakeGuest) -> None:
+    """QEMU's tls-creds-anon: encrypted, unauthenticated; used in AUTO mode, refused
+    by REQUIRE unless anonymous TLS is allowed explicitly."""
+    guest = await make_guest(tls_anonymous=True, vnc_password=True)
+    await guest.set_vnc_password("anon")
+    async with await connect(vnc_address(guest), password="anon") as client:
+        assert client.info is not None
+        assert client.info.security == "VENCRYPT/TLS_VNC"
+        assert client.info.tls_version == "TLSv1.2"
+    with pytest.raises(SecurityNegotiationFailed, match="not certificate-verified"):
+        await connect(vnc_address(guest), password="anon", tls_mode=TlsMode.REQUIRE)
+    client = await connect(
+        vnc_address(guest), password="anon", tls_mode=TlsMode.REQUIRE, allow_anonymous_tls=True
+    )
+    await client.close()
