@@ -123,6 +123,8 @@ class ClientConnection:
     where gtk-vnc looks), `allow_anonymous_tls` (with REQUIRE, accept anonymous
     Diffie-Hellman TLS too). `shared` keeps other viewers connected (default on).
     `encodings` are the pixel encodings to advertise; extensions add theirs.
+    `auto_setup` sends SetPixelFormat/SetEncodings after ServerInit; a proxy turns
+    it off and sends its own client's.
     """
 
     def __init__(
@@ -138,6 +140,7 @@ class ClientConnection:
         encodings: Sequence[int] = DEFAULT_ENCODINGS,
         pixel_format: PixelFormat | None = None,
         extensions: Sequence[Extension] = (),
+        auto_setup: bool = True,
     ) -> None:
         self._credentials = Credentials(password=password, username=username)
         self._tls_mode = tls_mode
@@ -147,6 +150,9 @@ class ClientConnection:
         self._shared = shared
         self._encodings = tuple(encodings)
         self._requested_pixel_format = pixel_format
+        self._auto_setup = auto_setup
+        # Encodings in our last SetEncodings: only those rectangles may arrive.
+        self._advertised: frozenset[int] = frozenset()
         self.extensions = list(extensions)
         self._by_encoding: dict[int, Extension] = {}
         self._by_subtype: dict[int, Extension] = {}
@@ -207,10 +213,19 @@ class ClientConnection:
         return out
 
     def send(self, message: Message) -> None:
-        """Queue a client message (only once connected)."""
+        """Queue a client message (only once connected).
+
+        SetPixelFormat and SetEncodings also change how we read what the server
+        sends next (rectangle sizes, which pseudo-rectangles may arrive).
+        """
         if self.state is not State.CONNECTED:
             raise LocalProtocolError(f"cannot send {type(message).__name__}: {self.state.value}")
-        self._write(message.serialize())
+        data = message.serialize()
+        if isinstance(message, SetPixelFormat):
+            self.pixel_format = message.pixel_format
+        elif isinstance(message, SetEncodings):
+            self._advertised = frozenset(message.encodings)
+        self._write(data)
 
     def request_update(self, incremental: bool = False) -> None:
         """Ask for the whole framebuffer (convenience for FramebufferUpdateRequest)."""
@@ -522,13 +537,13 @@ class ClientConnection:
         _check_size(width, height)
         self.width, self.height, self.pixel_format, self.name = width, height, pixel_format, name
         self.state = State.CONNECTED
-        if self._requested_pixel_format is not None:
-            self.send(SetPixelFormat(self._requested_pixel_format))
-            self.pixel_format = self._requested_pixel_format
-        pseudo = list(CORE_PSEUDO_ENCODINGS)
-        for ext in self.extensions:
-            pseudo.extend(ext.pseudo_encodings)
-        self.send(SetEncodings(self._encodings + tuple(pseudo)))
+        if self._auto_setup:
+            if self._requested_pixel_format is not None:
+                self.send(SetPixelFormat(self._requested_pixel_format))
+            pseudo = list(CORE_PSEUDO_ENCODINGS)
+            for ext in self.extensions:
+                pseudo.extend(ext.pseudo_encodings)
+            self.send(SetEncodings(self._encodings + tuple(pseudo)))
         for ext in self.extensions:
             ext.on_connected()
         assert self.version is not None
@@ -606,7 +621,7 @@ class ClientConnection:
                     f"rectangle {header.width}x{header.height}+{header.x}+{header.y} lies outside "
                     f"the {self.width}x{self.height} framebuffer"
                 )
-        elif header.encoding not in self._by_encoding and header.encoding not in _CORE_PSEUDO:
+        elif header.encoding not in self._advertised:
             raise RemoteProtocolError(
                 f"rectangle with encoding {header.encoding}, which we did not advertise"
             )
@@ -639,17 +654,6 @@ def _check_size(width: int, height: int) -> None:
         )
 
 
-_CORE_PSEUDO = frozenset(
-    {
-        Encoding.DESKTOP_SIZE,
-        Encoding.EXTENDED_DESKTOP_SIZE,
-        Encoding.CURSOR,
-        Encoding.X_CURSOR,
-        Encoding.ALPHA_CURSOR,
-        Encoding.WMVI,
-        Encoding.POINTER_POS,
-    }
-)
 
 
 class _UpdateInProgress:
