@@ -80,16 +80,24 @@ class ClientMessageType(IntEnum):
 
 
 class QemuClientSubtype(IntEnum):
-    """Submessages of client message 255 (rfbproto 7.5.9 "QEMU Client Message")."""
+    """Submessages of client message 255 (rfbproto 7.5.9 "QEMU Client Message").
+
+    CONSOLE is ours (docs/protocol/console-extension.md), provisional.
+    """
 
     EXTENDED_KEY_EVENT = 0
     AUDIO = 1
+    CONSOLE = 2
 
 
 class QemuServerSubtype(IntEnum):
-    """Submessages of server message 255 (rfbproto 7.6.8 "QEMU Server Message")."""
+    """Submessages of server message 255 (rfbproto 7.6.8 "QEMU Server Message").
+
+    CONSOLE is ours (docs/protocol/console-extension.md), provisional.
+    """
 
     AUDIO = 1
+    CONSOLE = 2
 
 
 class QemuAudioClientOp(IntEnum):
@@ -163,6 +171,9 @@ class Encoding(IntEnum):
     QEMU_AUDIO = -259
     TIGHT_PNG = -260
     QEMU_LED_STATE = -261
+    #: Ours, provisional (docs/protocol/console-extension.md): the first number of
+    #: the range rfbproto gives QEMU (-257..-272) that nobody has taken.
+    CONSOLES = -262
     EXTENDED_DESKTOP_SIZE = -308
     XVP = -309
     ALPHA_CURSOR = -314
