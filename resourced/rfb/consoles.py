@@ -1,0 +1,673 @@
+"""The RFB console extension (ours, provisional): messages and the client half.
+
+Wire format and rules: docs/protocol/console-extension.md. In short: the client
+advertises pseudo-encoding -262; a server that knows the extension answers with
+HELLO (QEMU server message 255, submessage 2) listing its consoles; only then may
+the client send console messages (255/2). Consoles are opened, written, read,
+sent a break, and closed; data in each direction is bounded by credit the reader
+grants, per console, so a slow reader never stalls anything else.
+
+This module holds one frozen dataclass per message (server messages double as
+the client's events) and `Consoles`, the client-side `Extension`. The server half
+(the gateway) reuses the messages. No I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+from resourced.consoles import MAX_CONSOLE_NAME, ConsoleKind
+from resourced.errors import LocalProtocolError, RemoteProtocolError
+from resourced.rfb._buffer import Reader, u8, u16, u32
+from resourced.rfb.constants import (
+    ClientMessageType,
+    Encoding,
+    QemuClientSubtype,
+    QemuServerSubtype,
+    ServerMessageType,
+)
+from resourced.rfb.extension import Extension
+
+#: The extension version this module speaks.
+VERSION = 1
+#: Largest DATA payload either side may announce (`max_data`).
+MAX_CONSOLE_DATA = 65536
+#: Most consoles a server may announce over a connection's lifetime at once.
+MAX_CONSOLES = 256
+#: Longest CLOSED message text.
+MAX_CLOSE_MESSAGE = 1024
+#: Credit is a u32; the sum granted and not yet used may not exceed it.
+MAX_CREDIT = 0xFFFFFFFF
+#: Default window a client grants per console.
+DEFAULT_WINDOW = 256 * 1024
+
+HISTORY_FLAG = 0x01
+
+
+class ConsoleServerOp(enum.IntEnum):
+    """Server operations of message 255/2 (console-extension.md, "Server messages")."""
+
+    HELLO = 0
+    ADDED = 1
+    REMOVED = 2
+    OPENED = 3
+    DATA = 4
+    CLOSED = 5
+    CREDIT = 6
+
+
+class ConsoleClientOp(enum.IntEnum):
+    """Client operations of message 255/2 (console-extension.md, "Client messages")."""
+
+    OPEN = 0
+    CLOSE = 1
+    DATA = 2
+    BREAK = 3
+    CREDIT = 4
+
+
+class CloseReason(enum.IntEnum):
+    """Why a console closed (console-extension.md, "CLOSED")."""
+
+    REQUESTED = 0
+    REMOVED = 1
+    NO_SUCH_CONSOLE = 2
+    ALREADY_OPEN = 3
+    OVERRUN = 4
+    BACKEND_ERROR = 5
+    SHUTDOWN = 6
+    OTHER = 255
+
+
+def _server_head(op: ConsoleServerOp) -> bytes:
+    return u8(ServerMessageType.QEMU) + u8(QemuServerSubtype.CONSOLE) + u8(op)
+
+
+def _client_head(op: ConsoleClientOp) -> bytes:
+    return u8(ClientMessageType.QEMU) + u8(QemuClientSubtype.CONSOLE) + u8(op)
+
+
+# ---------------------------------------------------------------------------
+# Console descriptions
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleInfo:
+    """One console as announced: id (never reused on a connection), kind, name."""
+
+    console_id: int
+    kind: ConsoleKind
+    name: str
+    history: bool = False  # the server keeps recent output to replay on open
+
+    def serialize(self) -> bytes:
+        name = self.name.encode()
+        if not 1 <= len(name) <= MAX_CONSOLE_NAME:
+            raise LocalProtocolError(f"console name of {len(name)} bytes")
+        flags = HISTORY_FLAG if self.history else 0
+        return u32(self.console_id) + u8(self.kind) + u8(flags) + u8(len(name)) + name
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleInfo:
+        console_id, kind, flags, length = r.u32(), r.u8(), r.u8(), r.u8()
+        if not 1 <= length <= MAX_CONSOLE_NAME:
+            raise RemoteProtocolError(f"console name of {length} bytes (1..{MAX_CONSOLE_NAME})")
+        name = r.take(length).decode("utf-8", errors="replace")
+        try:
+            console_kind = ConsoleKind(kind)
+        except ValueError:
+            console_kind = ConsoleKind.OTHER  # unknown kinds are shown as "other"
+        return cls(console_id, console_kind, name, bool(flags & HISTORY_FLAG))
+
+
+# ---------------------------------------------------------------------------
+# Server -> client messages (also the client's events)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsolesAnnounced:
+    """HELLO: the server speaks the extension; its consoles and its `max_data`."""
+
+    version: int
+    max_data: int
+    consoles: tuple[ConsoleInfo, ...]
+
+    def serialize(self) -> bytes:
+        return (
+            _server_head(ConsoleServerOp.HELLO)
+            + u8(self.version)
+            + u8(0)
+            + u16(len(self.consoles))
+            + u32(self.max_data)
+            + b"".join(c.serialize() for c in self.consoles)
+        )
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsolesAnnounced:
+        version, _flags, count, max_data = r.u8(), r.u8(), r.u16(), r.u32()
+        if count > MAX_CONSOLES:
+            raise RemoteProtocolError(f"HELLO lists {count} consoles (at most {MAX_CONSOLES})")
+        _check_max_data(max_data)
+        return cls(version, max_data, tuple(ConsoleInfo.parse(r) for _ in range(count)))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleAdded:
+    """A console appeared."""
+
+    info: ConsoleInfo
+
+    def serialize(self) -> bytes:
+        return _server_head(ConsoleServerOp.ADDED) + self.info.serialize()
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleAdded:
+        return cls(ConsoleInfo.parse(r))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleRemoved:
+    """A console disappeared (after CLOSED for whoever had it open)."""
+
+    console_id: int
+
+    def serialize(self) -> bytes:
+        return _server_head(ConsoleServerOp.REMOVED) + u32(self.console_id)
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleRemoved:
+        return cls(r.u32())
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleOpened:
+    """Answer to OPEN: `credit` bytes may be written; `history_length` bytes of replay follow."""
+
+    console_id: int
+    credit: int
+    history_length: int
+
+    def serialize(self) -> bytes:
+        return (
+            _server_head(ConsoleServerOp.OPENED)
+            + u32(self.console_id)
+            + u32(self.credit)
+            + u32(self.history_length)
+        )
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleOpened:
+        return cls(r.u32(), r.u32(), r.u32())
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleData:
+    """Output of a console. `history` (not on the wire) marks replayed output."""
+
+    console_id: int
+    data: bytes
+    history: bool = False
+
+    def serialize(self) -> bytes:
+        return (
+            _server_head(ConsoleServerOp.DATA)
+            + u32(self.console_id)
+            + u32(len(self.data))
+            + self.data
+        )
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleData:
+        console_id, length = r.u32(), r.u32()
+        if length > MAX_CONSOLE_DATA:
+            raise RemoteProtocolError(
+                f"console DATA of {length} bytes (at most {MAX_CONSOLE_DATA})"
+            )
+        return cls(console_id, r.take(length))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleClosed:
+    """A console is closed for this connection, with a reason."""
+
+    console_id: int
+    reason: CloseReason
+    message: str = ""
+
+    def serialize(self) -> bytes:
+        text = self.message.encode()[:MAX_CLOSE_MESSAGE]
+        return (
+            _server_head(ConsoleServerOp.CLOSED)
+            + u32(self.console_id)
+            + u8(self.reason)
+            + u16(len(text))
+            + text
+        )
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleClosed:
+        console_id, reason, length = r.u32(), r.u8(), r.u16()
+        if length > MAX_CLOSE_MESSAGE:
+            raise RemoteProtocolError(f"CLOSED message of {length} bytes")
+        text = r.take(length).decode("utf-8", errors="replace")
+        try:
+            why = CloseReason(reason)
+        except ValueError:
+            why = CloseReason.OTHER
+        return cls(console_id, why, text)
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleCredit:
+    """The server lets the client write `increment` more bytes to a console."""
+
+    console_id: int
+    increment: int
+
+    def serialize(self) -> bytes:
+        return _server_head(ConsoleServerOp.CREDIT) + u32(self.console_id) + u32(self.increment)
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleCredit:
+        return cls(r.u32(), r.u32())
+
+
+SERVER_PARSERS: dict[int, Any] = {
+    ConsoleServerOp.HELLO: ConsolesAnnounced.parse,
+    ConsoleServerOp.ADDED: ConsoleAdded.parse,
+    ConsoleServerOp.REMOVED: ConsoleRemoved.parse,
+    ConsoleServerOp.OPENED: ConsoleOpened.parse,
+    ConsoleServerOp.DATA: ConsoleData.parse,
+    ConsoleServerOp.CLOSED: ConsoleClosed.parse,
+    ConsoleServerOp.CREDIT: ConsoleCredit.parse,
+}
+
+# ---------------------------------------------------------------------------
+# Client -> server messages
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleOpen:
+    """Open a console: the server may send `credit` bytes, at most `max_data` a message."""
+
+    console_id: int
+    credit: int
+    max_data: int
+    history: bool = True
+
+    def serialize(self) -> bytes:
+        return (
+            _client_head(ConsoleClientOp.OPEN)
+            + u32(self.console_id)
+            + u32(self.credit)
+            + u32(self.max_data)
+            + u8(HISTORY_FLAG if self.history else 0)
+        )
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleOpen:
+        console_id, credit, max_data, flags = r.u32(), r.u32(), r.u32(), r.u8()
+        _check_max_data(max_data)
+        return cls(console_id, credit, max_data, bool(flags & HISTORY_FLAG))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleClose:
+    console_id: int
+
+    def serialize(self) -> bytes:
+        return _client_head(ConsoleClientOp.CLOSE) + u32(self.console_id)
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleClose:
+        return cls(r.u32())
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleWrite:
+    """Input for a console (typed keys, pasted text...)."""
+
+    console_id: int
+    data: bytes
+
+    def serialize(self) -> bytes:
+        return (
+            _client_head(ConsoleClientOp.DATA)
+            + u32(self.console_id)
+            + u32(len(self.data))
+            + self.data
+        )
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleWrite:
+        console_id, length = r.u32(), r.u32()
+        if length > MAX_CONSOLE_DATA:
+            raise RemoteProtocolError(
+                f"console DATA of {length} bytes (at most {MAX_CONSOLE_DATA})"
+            )
+        return cls(console_id, r.take(length))
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleBreak:
+    """Send a serial break (ignored by consoles that have none)."""
+
+    console_id: int
+
+    def serialize(self) -> bytes:
+        return _client_head(ConsoleClientOp.BREAK) + u32(self.console_id)
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleBreak:
+        return cls(r.u32())
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleGrant:
+    """The client lets the server send `increment` more bytes of a console."""
+
+    console_id: int
+    increment: int
+
+    def serialize(self) -> bytes:
+        return _client_head(ConsoleClientOp.CREDIT) + u32(self.console_id) + u32(self.increment)
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleGrant:
+        return cls(r.u32(), r.u32())
+
+
+ConsoleClientMessage = ConsoleOpen | ConsoleClose | ConsoleWrite | ConsoleBreak | ConsoleGrant
+
+CLIENT_PARSERS: dict[int, Any] = {
+    ConsoleClientOp.OPEN: ConsoleOpen.parse,
+    ConsoleClientOp.CLOSE: ConsoleClose.parse,
+    ConsoleClientOp.DATA: ConsoleWrite.parse,
+    ConsoleClientOp.BREAK: ConsoleBreak.parse,
+    ConsoleClientOp.CREDIT: ConsoleGrant.parse,
+}
+
+
+def parse_client_message(r: Reader) -> ConsoleClientMessage:
+    """Parse a client 255/2 message after its two type bytes (for the server side)."""
+    op = r.u8()
+    parser = CLIENT_PARSERS.get(op)
+    if parser is None:
+        raise RemoteProtocolError(f"console extension: unknown client operation {op}")
+    message: ConsoleClientMessage = parser(r)
+    return message
+
+
+def parse_server_message(r: Reader) -> Any:
+    """Parse a server 255/2 message after its two type bytes."""
+    op = r.u8()
+    parser = SERVER_PARSERS.get(op)
+    if parser is None:
+        raise RemoteProtocolError(f"console extension: unknown server operation {op}")
+    return parser(r)
+
+
+def _check_max_data(max_data: int) -> None:
+    if not 1 <= max_data <= MAX_CONSOLE_DATA:
+        raise RemoteProtocolError(f"max_data {max_data} is outside 1..{MAX_CONSOLE_DATA}")
+
+
+# ---------------------------------------------------------------------------
+# The client half
+# ---------------------------------------------------------------------------
+
+
+class _State(enum.Enum):
+    CLOSED = "closed"
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSING = "closing"
+
+
+class _Console:
+    __slots__ = (
+        "auto_credit",
+        "consumed",
+        "history_left",
+        "info",
+        "receive_credit",
+        "send_credit",
+        "state",
+        "window",
+    )
+
+    def __init__(self, info: ConsoleInfo) -> None:
+        self.info = info
+        self.state = _State.CLOSED
+        self.send_credit = 0  # bytes we may still write
+        self.receive_credit = 0  # bytes the server may still send us
+        self.window = 0
+        self.consumed = 0  # received since we last granted credit
+        self.history_left = 0
+        self.auto_credit = True
+
+
+class Consoles(Extension):
+    """Client half of the console extension.
+
+    Events are the server messages above, after checking: `ConsolesAnnounced`,
+    `ConsoleAdded`, `ConsoleRemoved`, `ConsoleOpened`, `ConsoleData` (with
+    `history` set for replayed output), `ConsoleClosed`, `ConsoleCredit`.
+    With `auto_credit` (per `open`), credit is granted back as soon as data is
+    handed out; otherwise call `grant()` once the data is really consumed.
+    """
+
+    pseudo_encodings: ClassVar[tuple[int, ...]] = (Encoding.CONSOLES,)
+    server_subtypes: ClassVar[tuple[int, ...]] = (QemuServerSubtype.CONSOLE,)
+
+    def __init__(self) -> None:
+        self.announced = False
+        self.version = 0
+        self.server_max_data = 0
+        self._consoles: dict[int, _Console] = {}
+
+    # --- queries --------------------------------------------------------------
+
+    @property
+    def consoles(self) -> list[ConsoleInfo]:
+        return [c.info for c in self._consoles.values()]
+
+    def by_name(self, name: str) -> ConsoleInfo | None:
+        for console in self._consoles.values():
+            if console.info.name == name:
+                return console.info
+        return None
+
+    def is_open(self, console_id: int) -> bool:
+        console = self._consoles.get(console_id)
+        return console is not None and console.state is _State.OPEN
+
+    def writable(self, console_id: int) -> int:
+        """How many bytes `write` would accept now."""
+        return self._get(console_id).send_credit
+
+    # --- commands -------------------------------------------------------------
+
+    def _get(self, console_id: int) -> _Console:
+        if not self.announced:
+            raise LocalProtocolError("the server has not announced the console extension")
+        console = self._consoles.get(console_id)
+        if console is None:
+            raise LocalProtocolError(f"no console {console_id}")
+        return console
+
+    def open(
+        self,
+        console_id: int,
+        *,
+        window: int = DEFAULT_WINDOW,
+        max_data: int = MAX_CONSOLE_DATA,
+        history: bool = True,
+        auto_credit: bool = True,
+    ) -> None:
+        console = self._get(console_id)
+        if console.state is not _State.CLOSED:
+            raise LocalProtocolError(f"console {console.info.name} is {console.state.value}")
+        if not 1 <= max_data <= MAX_CONSOLE_DATA or not 0 < window <= MAX_CREDIT:
+            raise LocalProtocolError("window or max_data out of range")
+        console.state = _State.OPENING
+        console.window = window
+        console.receive_credit = window
+        console.consumed = 0
+        console.auto_credit = auto_credit
+        self.connection.send(ConsoleOpen(console_id, window, max_data, history))
+
+    def close(self, console_id: int) -> None:
+        console = self._get(console_id)
+        if console.state not in (_State.OPENING, _State.OPEN):
+            raise LocalProtocolError(f"console {console.info.name} is {console.state.value}")
+        console.state = _State.CLOSING
+        self.connection.send(ConsoleClose(console_id))
+
+    def write(self, console_id: int, data: bytes) -> int:
+        """Send as much of `data` as credit allows; return how many bytes went."""
+        console = self._get(console_id)
+        if console.state is not _State.OPEN:
+            raise LocalProtocolError(f"console {console.info.name} is {console.state.value}")
+        sent = 0
+        while sent < len(data) and console.send_credit > 0:
+            size = min(len(data) - sent, console.send_credit, self.server_max_data)
+            self.connection.send(ConsoleWrite(console_id, data[sent : sent + size]))
+            console.send_credit -= size
+            sent += size
+        return sent
+
+    def send_break(self, console_id: int) -> None:
+        console = self._get(console_id)
+        if console.state is not _State.OPEN:
+            raise LocalProtocolError(f"console {console.info.name} is {console.state.value}")
+        self.connection.send(ConsoleBreak(console_id))
+
+    def grant(self, console_id: int, increment: int | None = None) -> None:
+        """Let the server send more: by default, what was consumed since the last grant."""
+        console = self._get(console_id)
+        if console.state not in (_State.OPENING, _State.OPEN):
+            return
+        amount = console.consumed if increment is None else increment
+        if amount <= 0:
+            return
+        if console.receive_credit + amount > MAX_CREDIT:
+            raise LocalProtocolError("credit would exceed 2**32-1")
+        console.receive_credit += amount
+        console.consumed = max(0, console.consumed - amount)
+        self.connection.send(ConsoleGrant(console_id, amount))
+
+    # --- parsing --------------------------------------------------------------
+
+    def parse_server_message(self, subtype: int, reader: Reader) -> list[Any]:
+        message = parse_server_message(reader)
+        if isinstance(message, ConsolesAnnounced):
+            return self._on_hello(message)
+        if not self.announced:
+            raise RemoteProtocolError("console message before HELLO")
+        handler = _DISPATCH[type(message)]
+        events: list[Any] = handler(self, message)
+        return events
+
+    def _known(self, console_id: int, what: str) -> _Console:
+        console = self._consoles.get(console_id)
+        if console is None:
+            raise RemoteProtocolError(f"console {what} for unknown console id {console_id}")
+        return console
+
+    def _add(self, info: ConsoleInfo) -> None:
+        if info.console_id in self._consoles:
+            raise RemoteProtocolError(f"console id {info.console_id} announced twice")
+        if len(self._consoles) >= MAX_CONSOLES:
+            raise RemoteProtocolError(f"more than {MAX_CONSOLES} consoles")
+        self._consoles[info.console_id] = _Console(info)
+
+    def _on_hello(self, message: ConsolesAnnounced) -> list[Any]:
+        if self.announced:
+            raise RemoteProtocolError("second console HELLO")
+        if message.version != VERSION:
+            raise RemoteProtocolError(f"console extension version {message.version} (want 1)")
+        for info in message.consoles:
+            self._add(info)
+        self.announced = True
+        self.version = message.version
+        self.server_max_data = message.max_data
+        return [message]
+
+    def _on_added(self, message: ConsoleAdded) -> list[Any]:
+        self._add(message.info)
+        return [message]
+
+    def _on_removed(self, message: ConsoleRemoved) -> list[Any]:
+        console = self._known(message.console_id, "REMOVED")
+        del self._consoles[message.console_id]
+        events: list[Any] = []
+        if console.state is not _State.CLOSED:
+            # The spec asks for CLOSED first; be forgiving and close it here.
+            events.append(ConsoleClosed(message.console_id, CloseReason.REMOVED, ""))
+        events.append(message)
+        return events
+
+    def _on_opened(self, message: ConsoleOpened) -> list[Any]:
+        console = self._known(message.console_id, "OPENED")
+        if console.state is _State.CLOSING:
+            console.send_credit = message.credit  # opened just as we closed: ignore
+            return []
+        if console.state is not _State.OPENING:
+            raise RemoteProtocolError(f"OPENED for console {console.info.name}, not being opened")
+        console.state = _State.OPEN
+        console.send_credit = message.credit
+        console.history_left = message.history_length
+        return [message]
+
+    def _on_data(self, message: ConsoleData) -> list[Any]:
+        console = self._known(message.console_id, "DATA")
+        if console.state not in (_State.OPEN, _State.CLOSING):
+            raise RemoteProtocolError(f"DATA for console {console.info.name}, which is not open")
+        size = len(message.data)
+        if size > console.receive_credit:
+            raise RemoteProtocolError(
+                f"console {console.info.name}: {size} bytes of DATA beyond the "
+                f"{console.receive_credit} bytes of credit granted"
+            )
+        console.receive_credit -= size
+        if console.state is _State.CLOSING:
+            return []
+        console.consumed += size
+        history = console.history_left > 0
+        console.history_left = max(0, console.history_left - size)
+        if console.auto_credit and console.consumed >= console.window // 2:
+            self.grant(message.console_id)
+        return [replace(message, history=history)] if history else [message]
+
+    def _on_closed(self, message: ConsoleClosed) -> list[Any]:
+        console = self._known(message.console_id, "CLOSED")
+        if console.state is _State.CLOSED:
+            raise RemoteProtocolError(f"CLOSED for console {console.info.name}, which is closed")
+        console.state = _State.CLOSED
+        console.send_credit = console.receive_credit = 0
+        return [message]
+
+    def _on_credit(self, message: ConsoleCredit) -> list[Any]:
+        console = self._known(message.console_id, "CREDIT")
+        if console.state is _State.CLOSED:
+            return []  # raced with a close
+        if console.send_credit + message.increment > MAX_CREDIT:
+            raise RemoteProtocolError("console credit beyond 2**32-1")
+        console.send_credit += message.increment
+        return [message] if console.state is _State.OPEN else []
+
+
+_DISPATCH: dict[type, Any] = {
+    ConsoleAdded: Consoles._on_added,
+    ConsoleRemoved: Consoles._on_removed,
+    ConsoleOpened: Consoles._on_opened,
+    ConsoleData: Consoles._on_data,
+    ConsoleClosed: Consoles._on_closed,
+    ConsoleCredit: Consoles._on_credit,
+}
