@@ -512,8 +512,22 @@ class QemuGuest:
         return reader, writer
 
     async def _serial_connected(self) -> bool:
+        return await self.chardev_connected("serial0")
+
+    async def chardev_connected(self, label: str) -> bool:
+        """Whether QEMU has accepted a client on its server chardev `label`
+        (`serial0`, `compat_monitor0` for -monitor)."""
         # QEMU reports a server chardev without a client as "disconnected:...".
         for chardev in await self.qmp("query-chardev"):
-            if chardev.get("label") == "serial0":
+            if chardev.get("label") == label:
                 return not str(chardev.get("filename", "")).startswith("disconnected:")
-        raise GuestError("QEMU has no serial0 chardev")
+        raise GuestError(f"QEMU has no {label} chardev")
+
+    async def wait_chardev_connected(self, label: str, timeout: float = 30.0) -> None:
+        """Wait until something (e.g. the gateway) is attached to chardev `label`."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not await self.chardev_connected(label):
+                    await asyncio.sleep(_POLL_INTERVAL)
+        except TimeoutError:
+            raise GuestError(f"nothing attached to chardev {label} within {timeout:g} s") from None

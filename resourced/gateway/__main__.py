@@ -1,0 +1,213 @@
+"""`resourced-gateway`: run the console gateway in front of a QEMU VNC server.
+
+Example (a guest started with `-vnc unix:/run/vm/vnc.sock -serial
+unix:/run/vm/ser.sock,server=on,wait=off -monitor unix:/run/vm/mon.sock,server=on,wait=off`):
+
+    resourced-gateway --vnc unix:/run/vm/vnc.sock --listen 0.0.0.0:5901 \\
+        --tls-cert server-cert.pem --tls-key server-key.pem --tls-ca ca-cert.pem \\
+        --console serial0=unix:/run/vm/ser.sock --console monitor=unix:/run/vm/mon.sock
+
+or, for a libvirt guest, `--libvirt qemu:///system --domain NAME` instead of
+`--vnc` and `--console`. SIGHUP re-reads the libvirt domain (consoles added or
+removed since are published or withdrawn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+import sys
+from pathlib import Path
+
+from resourced.consoles import ConsoleSpec, parse_console_option
+from resourced.errors import ConfigurationError, ResourcedError
+from resourced.gateway.gateway import Gateway, GatewayConfig
+from resourced.gateway.hub import DEFAULT_RING_SIZE
+from resourced.rfb.server import ServerSecurity
+
+log = logging.getLogger("resourced.gateway")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resourced-gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--vnc", help="QEMU's VNC server: unix:PATH or HOST::PORT")
+    parser.add_argument("--vnc-password-file", type=Path, help="password of QEMU's VNC server")
+    parser.add_argument(
+        "--listen",
+        action="append",
+        required=True,
+        help="where viewers connect: unix:PATH or HOST:PORT (repeatable)",
+    )
+    parser.add_argument(
+        "--console",
+        action="append",
+        default=[],
+        metavar="NAME[:KIND]=unix:PATH|pty:PATH",
+        help="a guest console to publish (repeatable); KIND is guessed from NAME if omitted",
+    )
+    parser.add_argument("--libvirt", metavar="URI", help="find VNC and consoles via libvirt")
+    parser.add_argument("--domain", help="the libvirt domain (with --libvirt)")
+    parser.add_argument("--tls-cert", type=Path, help="server certificate (PEM): enables TLS")
+    parser.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    parser.add_argument("--tls-ca", type=Path, help="CA that client certificates must chain to")
+    parser.add_argument("--password-file", type=Path, help="VNC password viewers must give")
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow TCP listening without TLS and password (only for trusted networks)",
+    )
+    parser.add_argument(
+        "--history",
+        type=int,
+        default=DEFAULT_RING_SIZE,
+        help=f"bytes of recent output kept per console (default {DEFAULT_RING_SIZE})",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _read_secret(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text().rstrip("\r\n")
+    except OSError as err:
+        raise ConfigurationError(f"cannot read {path}: {err.strerror}") from err
+
+
+def server_security(args: argparse.Namespace) -> ServerSecurity:
+    context = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ConfigurationError("--tls-cert and --tls-key go together")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(str(args.tls_cert), str(args.tls_key))
+            if args.tls_ca:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(cafile=str(args.tls_ca))
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigurationError(f"cannot load TLS certificates: {err}") from err
+    elif args.tls_ca:
+        raise ConfigurationError("--tls-ca needs --tls-cert and --tls-key")
+    password = _read_secret(args.password_file)
+    secured = context is not None or password is not None
+    tcp = [address for address in args.listen if not address.startswith("unix:")]
+    if tcp and not secured and not args.insecure:
+        raise ConfigurationError(
+            f"refusing to listen on TCP ({', '.join(tcp)}) without TLS or a password; "
+            "give --tls-cert/--tls-key and/or --password-file, or --insecure"
+        )
+    return ServerSecurity(vnc_password=password, tls_context=context, allow_none=not secured)
+
+
+def _from_libvirt(uri: str, domain: str) -> tuple[str, str | None, list[ConsoleSpec]]:
+    from resourced.gateway.libvirt import lookup_domain
+
+    resources = lookup_domain(uri, domain)
+    if resources.vnc is None:
+        raise ConfigurationError(f"domain {domain} has no VNC graphics")
+    vnc = resources.vnc
+    if vnc.socket_path:
+        address = f"unix:{vnc.socket_path}"
+    elif vnc.port:
+        address = f"{vnc.host or 'localhost'}::{vnc.port}"
+    else:
+        raise ConfigurationError(f"domain {domain}'s VNC server has no address yet (not running?)")
+    return address, vnc.password, list(resources.consoles)
+
+
+async def run(args: argparse.Namespace) -> None:
+    consoles = [parse_console_option(text) for text in args.console]
+    upstream = args.vnc
+    upstream_password = _read_secret(args.vnc_password_file)
+    if args.libvirt:
+        if not args.domain:
+            raise ConfigurationError("--libvirt needs --domain")
+        address, password, found = _from_libvirt(args.libvirt, args.domain)
+        upstream = upstream or address
+        upstream_password = upstream_password or password
+        named = {spec.name for spec in consoles}
+        consoles += [spec for spec in found if spec.name not in named]
+    if not upstream:
+        raise ConfigurationError("say where QEMU's VNC server is: --vnc or --libvirt/--domain")
+    config = GatewayConfig(
+        upstream=upstream,
+        upstream_password=upstream_password,
+        security=server_security(args),
+        consoles=consoles,
+        history=args.history,
+    )
+    gateway = Gateway(config)
+    await gateway.start()
+    try:
+        for address in args.listen:
+            if address.startswith("unix:"):
+                await gateway.listen_unix(address[5:])
+            else:
+                host, _, port = address.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ConfigurationError(
+                        f"--listen wants unix:PATH or HOST:PORT, not {address}"
+                    )
+                await gateway.listen_tcp(host.strip("[]"), int(port))
+        names = ", ".join(f"{s.name} ({s.endpoint})" for s in consoles) or "none"
+        log.info("gateway: fronting %s; consoles: %s", upstream, names)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if args.libvirt:
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(gateway, args)))
+        await stop.wait()
+    finally:
+        await gateway.close()
+
+
+async def _reload(gateway: Gateway, args: argparse.Namespace) -> None:
+    """Publish consoles the libvirt domain gained, withdraw those it lost."""
+    try:
+        _, _, found = _from_libvirt(args.libvirt, args.domain)
+    except ResourcedError as err:
+        log.warning("gateway: reload failed: %s", err)
+        return
+    fixed = {parse_console_option(text).name for text in args.console}
+    current = {hub.name: hub.spec for hub in gateway.hubs.values()}
+    wanted = {spec.name: spec for spec in found}
+    for name, spec in current.items():
+        if name not in fixed and wanted.get(name) != spec:
+            await gateway.remove_console(name)
+    for name, spec in wanted.items():
+        if name not in fixed and current.get(name) != spec:
+            with contextlib.suppress(ConfigurationError):
+                await gateway.add_console(spec)
+    log.info("gateway: reloaded consoles from libvirt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+    )
+    try:
+        asyncio.run(run(args))
+    except ResourcedError as err:
+        print(f"resourced-gateway: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

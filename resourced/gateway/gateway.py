@@ -1,0 +1,138 @@
+"""The gateway: a VNC server in front of QEMU's that adds the console extension.
+
+`Gateway` owns the console hubs (one per guest console, kept attached for the
+gateway's lifetime) and accepts viewers on TCP or Unix sockets; each viewer gets a
+`Session` (`resourced.gateway.session`) with its own upstream connection to
+QEMU's VNC server. Consoles can be added and removed while viewers are connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from resourced.consoles import ConsoleSpec
+from resourced.errors import ConfigurationError
+from resourced.gateway.hub import DEFAULT_RING_SIZE, ConsoleHub
+from resourced.gateway.session import Session
+from resourced.rfb.consoles import ConsoleInfo
+from resourced.rfb.server import ServerSecurity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayConfig:
+    """What the gateway fronts and how it lets viewers in."""
+
+    #: QEMU's VNC server: `unix:PATH` or `host::port` (see `resourced.rfb.aio.parse_address`).
+    upstream: str
+    security: ServerSecurity
+    upstream_password: str | None = None
+    consoles: list[ConsoleSpec] = field(default_factory=list)
+    history: int = DEFAULT_RING_SIZE
+    handshake_timeout: float = 30.0
+    #: A viewer that has not read for this long with output queued is disconnected.
+    slow_client_timeout: float = 30.0
+    #: Bytes queued to one viewer before the gateway waits for it (then the timeout runs).
+    write_high_water: int = 4 * 1024 * 1024
+
+
+class Gateway:
+    """Console hubs plus the listening sockets; sessions come and go."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.hubs: dict[int, ConsoleHub] = {}
+        self._ids = itertools.count(1)
+        self._servers: list[asyncio.Server] = []
+        self.sessions: set[Session] = set()
+        self._unix_paths: list[str] = []
+        for spec in config.consoles:
+            self._new_hub(spec)
+
+    def _new_hub(self, spec: ConsoleSpec) -> ConsoleHub:
+        if any(hub.name == spec.name for hub in self.hubs.values()):
+            raise ConfigurationError(f"two consoles named {spec.name}")
+        hub = ConsoleHub(next(self._ids), spec, self.config.history)
+        self.hubs[hub.console_id] = hub
+        return hub
+
+    @staticmethod
+    def info(hub: ConsoleHub) -> ConsoleInfo:
+        return ConsoleInfo(hub.console_id, hub.spec.kind, hub.name, history=True)
+
+    def console_infos(self) -> list[ConsoleInfo]:
+        return [self.info(hub) for hub in self.hubs.values()]
+
+    async def start(self) -> None:
+        for hub in self.hubs.values():
+            hub.start()
+
+    async def add_console(self, spec: ConsoleSpec) -> ConsoleHub:
+        """Publish one more console to every viewer (ADDED)."""
+        hub = self._new_hub(spec)
+        hub.start()
+        for session in list(self.sessions):
+            session.console_added(hub)
+        return hub
+
+    async def remove_console(self, name: str) -> None:
+        """Withdraw a console: CLOSED for its openers, then REMOVED for every viewer."""
+        for console_id, hub in list(self.hubs.items()):
+            if hub.name == name:
+                del self.hubs[console_id]
+                for session in list(self.sessions):
+                    session.console_removed(hub)
+                await hub.close()
+                return
+        raise ConfigurationError(f"no console named {name}")
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = Session(self, reader, writer)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def listen_unix(self, path: str) -> asyncio.Server:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        server = await asyncio.start_unix_server(self._on_client, path)
+        self._unix_paths.append(path)
+        self._servers.append(server)
+        log.info("gateway: listening on unix:%s", path)
+        return server
+
+    async def listen_tcp(self, host: str, port: int) -> asyncio.Server:
+        server = await asyncio.start_server(self._on_client, host, port)
+        self._servers.append(server)
+        log.info("gateway: listening on %s:%d", host, port)
+        return server
+
+    @property
+    def tcp_ports(self) -> Iterable[int]:
+        for server in self._servers:
+            for sock in server.sockets:
+                address = sock.getsockname()
+                if isinstance(address, tuple):
+                    yield int(address[1])
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions):
+            session.shutdown()
+        for server in self._servers:
+            await server.wait_closed()
+        for hub in self.hubs.values():
+            await hub.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -1,0 +1,384 @@
+"""One viewer behind the gateway: its handshake, its QEMU connection, its consoles.
+
+A `Session` authenticates the viewer (server side of RFB, `resourced.rfb.server`),
+opens its own connection to QEMU's VNC server with the viewer's shared flag, and
+then relays messages both ways. It frames every server message it relays, so it
+can put console messages between them; it filters the viewer's SetEncodings to
+what it can frame and strips its own pseudo-encoding before QEMU sees it. The
+viewer's console messages are answered here from the gateway's console hubs,
+with per-console credit so a console nobody reads stalls nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from resourced.errors import RemoteProtocolError, ResourcedError
+from resourced.gateway.hub import ConsoleHub, Overrun
+from resourced.rfb.aio import RfbClient, connect
+from resourced.rfb.connection import Message
+from resourced.rfb.consoles import (
+    MAX_CONSOLE_DATA,
+    MAX_CREDIT,
+    VERSION,
+    CloseReason,
+    ConsoleAdded,
+    ConsoleBreak,
+    ConsoleClose,
+    ConsoleClosed,
+    ConsoleCredit,
+    ConsoleData,
+    ConsoleGrant,
+    ConsoleOpen,
+    ConsoleOpened,
+    ConsoleRemoved,
+    ConsolesAnnounced,
+    ConsoleWrite,
+    parse_client_message,
+)
+from resourced.rfb.constants import Encoding, QemuAudioServerOp, QemuClientSubtype
+from resourced.rfb.encodings import SUPPORTED_ENCODINGS
+from resourced.rfb.events import ServerClosed
+from resourced.rfb.messages import (
+    Bell,
+    FramebufferUpdate,
+    ServerCutText,
+    SetColourMapEntries,
+    SetEncodings,
+)
+from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, QemuAudio, audio_server_message
+from resourced.rfb.server import ClientClosed, ClientInitReceived, ServerConnection
+
+if TYPE_CHECKING:
+    from resourced.gateway.gateway import Gateway
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 256 * 1024
+#: Input a viewer may have in flight per console before the host end takes it.
+INPUT_WINDOW = 64 * 1024
+
+#: Pseudo-encodings that change only how the server encodes, never what it frames.
+_HINT_ENCODINGS = frozenset(range(-32, -22)) | frozenset(range(-256, -246))
+
+
+def filter_encodings(encodings: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
+    """What of a viewer's SetEncodings goes on to QEMU, and whether it asked for consoles.
+
+    Only encodings whose rectangles the gateway can frame survive (plus quality and
+    compression hints), in the viewer's order; our own pseudo-encoding is removed.
+    """
+    wants_consoles = Encoding.CONSOLES in encodings
+    kept = tuple(
+        e
+        for e in encodings
+        if e != Encoding.CONSOLES and (e in SUPPORTED_ENCODINGS or e in _HINT_ENCODINGS)
+    )
+    return kept, wants_consoles
+
+
+class _OpenConsole:
+    __slots__ = ("credit", "hub", "input_credit", "listener", "max_data", "offset", "returning")
+
+    def __init__(self, hub: ConsoleHub, offset: int, credit: int, max_data: int) -> None:
+        self.hub = hub
+        self.offset = offset  # next absolute hub offset to send
+        self.credit = credit  # bytes the viewer lets us send
+        self.max_data = max_data
+        self.input_credit = INPUT_WINDOW  # bytes the viewer may still send us
+        self.returning = 0  # input written to the host end, credit not yet returned
+        self.listener: Any = None
+
+
+class Session:
+    """A viewer connection, relayed to QEMU, with consoles added."""
+
+    def __init__(
+        self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.gateway = gateway
+        self.config = gateway.config
+        self._reader = reader
+        self._writer = writer
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket peer"
+        self.server = ServerConnection(
+            self.config.security, qemu_parsers={QemuClientSubtype.CONSOLE: parse_client_message}
+        )
+        self.upstream: RfbClient | None = None
+        self.consoles_enabled = False
+        self._open: dict[int, _OpenConsole] = {}
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+        writer.transport.set_write_buffer_limits(high=self.config.write_high_water)
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            shared = await self._handshake()
+            await self._connect_upstream(shared)
+            async with asyncio.TaskGroup() as group:
+                self._tasks = [
+                    group.create_task(self._from_viewer()),
+                    group.create_task(self._from_qemu()),
+                ]
+        except* ResourcedError as errors:
+            for err in errors.exceptions:
+                log.warning("viewer %s: %s; disconnected", self.peer, err)
+        except* OSError as lost:
+            for reason in lost.exceptions:
+                log.info("viewer %s: connection lost (%s)", self.peer, reason)
+        finally:
+            await self._cleanup()
+
+    def shutdown(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        self._writer.close()
+
+    async def _cleanup(self) -> None:
+        for console in self._open.values():
+            console.hub.unsubscribe(console.listener)
+        self._open.clear()
+        self._flush()
+        if self.upstream is not None:
+            await self.upstream.close()
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
+
+    async def _handshake(self) -> bool:
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                while True:
+                    for event in self._events():
+                        if isinstance(event, ClientInitReceived):
+                            return event.shared
+                    data = await self._reader.read(READ_SIZE)
+                    self.server.receive_data(data)
+        except TimeoutError:
+            raise ResourcedError(
+                f"handshake not finished within {self.config.handshake_timeout:g} s"
+            ) from None
+
+    def _events(self) -> list[Any]:
+        """Drain the server connection's events, always flushing what it wants sent
+        (a failed authentication's SecurityResult goes out before the error)."""
+        events: list[Any] = []
+        try:
+            while (event := self.server.next_event()) is not None:
+                events.append(event)
+        finally:
+            self._flush()
+        return events
+
+    async def _connect_upstream(self, shared: bool) -> None:
+        try:
+            self.upstream = await connect(
+                self.config.upstream,
+                timeout=self.config.handshake_timeout,
+                password=self.config.upstream_password,
+                shared=shared,
+                auto_setup=False,
+                extensions=[QemuAudio(auto_enable=False)],
+            )
+        except ResourcedError as err:
+            raise ResourcedError(f"cannot reach QEMU's VNC server: {err}") from err
+        conn = self.upstream.connection
+        assert conn.pixel_format is not None
+        self.server.send_server_init(conn.width, conn.height, conn.pixel_format, conn.name)
+        self._flush()
+        log.info("viewer %s: connected to %s (%s)", self.peer, self.config.upstream, conn.name)
+
+    # --- output to the viewer -------------------------------------------------
+
+    def _flush(self) -> None:
+        data = self.server.data_to_send()
+        if data and not self._writer.is_closing():
+            self._writer.write(data)
+
+    def _send(self, message: Message) -> None:
+        self.server.send_raw(message.serialize())
+        self._flush()
+
+    async def _drain(self) -> None:
+        """Wait while the viewer is behind; give up on a viewer that stopped reading."""
+        transport = self._writer.transport
+        if transport.get_write_buffer_size() <= self.config.write_high_water:
+            return
+        try:
+            async with asyncio.timeout(self.config.slow_client_timeout):
+                await self._writer.drain()
+        except TimeoutError:
+            raise ResourcedError(
+                f"viewer stopped reading ({transport.get_write_buffer_size()} bytes queued "
+                f"for {self.config.slow_client_timeout:g} s)"
+            ) from None
+
+    # --- QEMU -> viewer -----------------------------------------------------------
+
+    async def _from_qemu(self) -> None:
+        assert self.upstream is not None
+        while True:
+            event = await self.upstream.next_event()
+            if isinstance(
+                event, FramebufferUpdate | SetColourMapEntries | Bell | ServerCutText | AudioData
+            ):
+                self._send(event)
+            elif isinstance(event, AudioBegin):
+                self.server.send_raw(audio_server_message(QemuAudioServerOp.BEGIN))
+                self._flush()
+            elif isinstance(event, AudioEnd):
+                self.server.send_raw(audio_server_message(QemuAudioServerOp.END))
+                self._flush()
+            elif isinstance(event, ServerClosed):
+                raise ResourcedError("QEMU closed the VNC connection")
+            await self._drain()
+
+    # --- viewer -> QEMU -----------------------------------------------------------
+
+    async def _from_viewer(self) -> None:
+        assert self.upstream is not None
+        while True:
+            data = await self._reader.read(READ_SIZE)
+            self.server.receive_data(data)
+            for event in self._events():
+                if isinstance(event, ClientClosed):
+                    log.info("viewer %s: closed the connection", self.peer)
+                    self.shutdown()
+                    return
+                self._on_viewer_message(event)
+            self.upstream.flush()
+            if not data:
+                return
+
+    def _on_viewer_message(self, message: Any) -> None:
+        assert self.upstream is not None
+        if isinstance(message, SetEncodings):
+            kept, wants_consoles = filter_encodings(message.encodings)
+            self.upstream.connection.send(SetEncodings(kept))
+            if wants_consoles and not self.consoles_enabled:
+                self.consoles_enabled = True
+                self._send(ConsolesAnnounced(VERSION, MAX_CONSOLE_DATA, tuple(self._infos())))
+        elif isinstance(
+            message, ConsoleOpen | ConsoleClose | ConsoleWrite | ConsoleBreak | ConsoleGrant
+        ):
+            self._on_console_message(message)
+        elif hasattr(message, "serialize"):
+            self.upstream.connection.send(message)
+        else:  # pragma: no cover - the server connection yields only messages here
+            raise RemoteProtocolError(f"unexpected {type(message).__name__} from the viewer")
+
+    def _infos(self) -> list[Any]:
+        return self.gateway.console_infos()
+
+    # --- consoles -------------------------------------------------------------------
+
+    def _on_console_message(self, message: Any) -> None:
+        if not self.consoles_enabled:
+            raise RemoteProtocolError("console message from a viewer that never asked for them")
+        console_id = message.console_id
+        if console_id not in self.gateway.hubs and console_id not in self._open:
+            if isinstance(message, ConsoleOpen):
+                self._send(
+                    ConsoleClosed(console_id, CloseReason.NO_SUCH_CONSOLE, "no such console")
+                )
+                return
+            if isinstance(message, ConsoleWrite | ConsoleGrant | ConsoleBreak | ConsoleClose):
+                # A console removed a moment ago may still get messages in flight.
+                return
+        if isinstance(message, ConsoleOpen):
+            self._open_console(message)
+            return
+        console = self._open.get(console_id)
+        if console is None:
+            return  # closed by us (overrun, removal) while the viewer's message was in flight
+        if isinstance(message, ConsoleClose):
+            self._close_console(console_id, CloseReason.REQUESTED, "")
+        elif isinstance(message, ConsoleGrant):
+            if console.credit + message.increment > MAX_CREDIT:
+                raise RemoteProtocolError("console credit beyond 2**32-1")
+            console.credit += message.increment
+            self._pump(console_id)
+        elif isinstance(message, ConsoleWrite):
+            self._console_input(console_id, console, message.data)
+        elif isinstance(message, ConsoleBreak):
+            console.hub.send_break()
+
+    def _open_console(self, message: ConsoleOpen) -> None:
+        console_id = message.console_id
+        if console_id in self._open:
+            self._close_console(console_id, CloseReason.ALREADY_OPEN, "opened twice")
+            return
+        hub = self.gateway.hubs[console_id]
+        offset = hub.oldest if message.history else hub.total
+        console = _OpenConsole(hub, offset, message.credit, message.max_data)
+
+        def listener(_hub: ConsoleHub, console_id: int = console_id) -> None:
+            self._pump(console_id)
+
+        console.listener = listener
+        self._open[console_id] = console
+        hub.subscribe(listener)
+        self._send(ConsoleOpened(console_id, console.input_credit, hub.total - offset))
+        self._pump(console_id)
+
+    def _close_console(self, console_id: int, reason: CloseReason, text: str) -> None:
+        console = self._open.pop(console_id, None)
+        if console is not None:
+            console.hub.unsubscribe(console.listener)
+        self._send(ConsoleClosed(console_id, reason, text))
+
+    def _pump(self, console_id: int) -> None:
+        """Send what the hub has and the viewer's credit allows."""
+        console = self._open.get(console_id)
+        if console is None or self._writer.is_closing():
+            return
+        hub = console.hub
+        try:
+            while console.credit > 0 and console.offset < hub.total:
+                chunk = hub.read(console.offset, min(console.credit, console.max_data))
+                self._send(ConsoleData(console_id, chunk))
+                console.offset += len(chunk)
+                console.credit -= len(chunk)
+            if console.offset < hub.oldest:
+                raise Overrun(f"console {hub.name}: the viewer fell behind by more than the ring")
+        except Overrun as err:
+            log.warning("viewer %s: %s; console closed", self.peer, err)
+            self._close_console(console_id, CloseReason.OVERRUN, str(err))
+
+    def _console_input(self, console_id: int, console: _OpenConsole, data: bytes) -> None:
+        if len(data) > console.input_credit:
+            raise RemoteProtocolError(
+                f"console {console.hub.name}: {len(data)} bytes of input beyond the "
+                f"{console.input_credit} bytes of credit"
+            )
+        console.input_credit -= len(data)
+        console.returning += len(data)
+        console.hub.write(data)
+
+        def drained(_hub: ConsoleHub) -> None:
+            if self._open.get(console_id) is not console or console.returning == 0:
+                return
+            amount, console.returning = console.returning, 0
+            console.input_credit += amount
+            self._send(ConsoleCredit(console_id, amount))
+
+        console.hub.when_drained(drained)
+
+    # --- consoles appearing and going (called by the gateway) -----------------------
+
+    def console_added(self, hub: ConsoleHub) -> None:
+        if self.consoles_enabled:
+            self._send(ConsoleAdded(self.gateway.info(hub)))
+
+    def console_removed(self, hub: ConsoleHub) -> None:
+        if hub.console_id in self._open:
+            self._close_console(hub.console_id, CloseReason.REMOVED, "console removed")
+        if self.consoles_enabled:
+            self._send(ConsoleRemoved(hub.console_id))

@@ -1,0 +1,482 @@
+"""The gateway in front of real QEMU (TCG), reached with our own client.
+
+Each test starts its own guest and its own in-process gateway. QEMU starts
+paused; the guest runs once the gateway is attached to its serial port, so the
+banner lands in the gateway's history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import ssl
+import struct
+import time
+import tty
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from resourced.audio import analyse
+from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
+from resourced.demo.bootsector import DEFAULT_BANNER, tone_frequency
+from resourced.demo.qemu import QemuGuest
+from resourced.errors import AuthenticationFailed, TlsError
+from resourced.gateway.gateway import Gateway, GatewayConfig
+from resourced.rfb.aio import RfbClient, connect
+from resourced.rfb.consoles import (
+    CloseReason,
+    ConsoleAdded,
+    ConsoleClosed,
+    ConsoleData,
+    ConsoleOpened,
+    ConsoleRemoved,
+    Consoles,
+    ConsolesAnnounced,
+)
+from resourced.rfb.qemu import AudioData, QemuAudio
+from resourced.rfb.server import ServerSecurity
+from resourced.rfb.tls import TlsCredentials
+from tests.certs import Pki, make_pki
+from tests.integration.conftest import MakeGuest
+
+TIMEOUT = 60.0
+OPEN_SECURITY = ServerSecurity(allow_none=True)
+
+
+@dataclass
+class Rig:
+    guest: QemuGuest
+    gateway: Gateway
+    address: str
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(make_guest: MakeGuest, guest_dir: Path) -> AsyncIterator[MakeRig]:
+    gateways: list[Gateway] = []
+
+    async def make(
+        *,
+        security: ServerSecurity = OPEN_SECURITY,
+        history: int = 64 * 1024,
+        guest_options: dict[str, Any] | None = None,
+        tcp: bool = False,
+    ) -> Rig:
+        guest = await make_guest(start_paused=True, **(guest_options or {}))
+        consoles = [
+            ConsoleSpec(
+                "serial0", ConsoleKind.SERIAL, Endpoint(EndpointType.UNIX, str(guest.serial_path))
+            ),
+            ConsoleSpec(
+                "monitor", ConsoleKind.MONITOR, Endpoint(EndpointType.UNIX, str(guest.monitor_path))
+            ),
+        ]
+        if guest.config.vnc_tcp_port is not None:
+            upstream = f"127.0.0.1::{guest.config.vnc_tcp_port}"
+        else:
+            upstream = f"unix:{guest.vnc_path}"
+        gateway = Gateway(
+            GatewayConfig(upstream=upstream, security=security, consoles=consoles, history=history)
+        )
+        gateways.append(gateway)
+        await gateway.start()
+        await guest.wait_chardev_connected("serial0", TIMEOUT)
+        await guest.resume()
+        if tcp:
+            await gateway.listen_tcp("127.0.0.1", free_port())
+            address = f"127.0.0.1::{next(iter(gateway.tcp_ports))}"
+        else:
+            path = str(guest.workdir / "gw.sock")
+            await gateway.listen_unix(path)
+            address = f"unix:{path}"
+        return Rig(guest, gateway, address)
+
+    try:
+        yield make
+    finally:
+        for gateway in gateways:
+            await gateway.close()
+
+
+def free_port() -> int:
+    for port in range(6000, 6900):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+class Viewer:
+    """Our client with the console and audio extensions, and what it received."""
+
+    def __init__(self, client: RfbClient, consoles: Consoles, audio: QemuAudio | None) -> None:
+        self.client = client
+        self.consoles = consoles
+        self.audio = audio
+        self.output: dict[int, bytearray] = {}
+        self.history: dict[int, bytearray] = {}
+        self.closed: dict[int, ConsoleClosed] = {}
+        self.opened: dict[int, ConsoleOpened] = {}
+        self.audio_chunks: list[tuple[float, int]] = []
+        self.audio_pcm = bytearray()
+        self.events: list[Any] = []
+
+    def id(self, name: str) -> int:
+        info = self.consoles.by_name(name)
+        assert info is not None, f"no console {name}"
+        return info.console_id
+
+    async def pump(self, until: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+        async with asyncio.timeout(timeout):
+            while not until():
+                event = await self.client.next_event()
+                self.events.append(event)
+                if isinstance(event, ConsoleData):
+                    target = self.history if event.history else self.output
+                    target.setdefault(event.console_id, bytearray()).extend(event.data)
+                elif isinstance(event, ConsoleOpened):
+                    self.opened[event.console_id] = event
+                elif isinstance(event, ConsoleClosed):
+                    self.closed[event.console_id] = event
+                elif isinstance(event, AudioData):
+                    self.audio_chunks.append((time.monotonic(), len(event.data)))
+                    self.audio_pcm += event.data
+                self.client.flush()
+
+    async def open(self, name: str, **options: Any) -> int:
+        await self.pump(lambda: self.consoles.announced)
+        console_id = self.id(name)
+        self.consoles.open(console_id, **options)
+        self.client.flush()
+        await self.pump(lambda: console_id in self.opened)
+        return console_id
+
+    def write(self, console_id: int, data: bytes) -> None:
+        assert self.consoles.write(console_id, data) == len(data)
+        self.client.flush()
+
+    def seen(self, console_id: int) -> bytes:
+        return bytes(self.history.get(console_id, b"")) + bytes(self.output.get(console_id, b""))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def viewer(rig: Rig, *, audio: bool = False, **options: Any) -> Viewer:
+    consoles = Consoles()
+    extensions: list[Any] = [consoles]
+    qemu_audio = QemuAudio() if audio else None
+    if qemu_audio is not None:
+        extensions.append(qemu_audio)
+    client = await connect(rig.address, extensions=extensions, timeout=TIMEOUT, **options)
+    return Viewer(client, consoles, qemu_audio)
+
+
+async def test_banner_echo_and_monitor_through_the_gateway(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    v = await viewer(rig)
+    try:
+        await v.pump(lambda: v.consoles.announced)
+        names = {(c.name, c.kind) for c in v.consoles.consoles}
+        assert names == {("serial0", ConsoleKind.SERIAL), ("monitor", ConsoleKind.MONITOR)}
+        serial = await v.open("serial0")
+        await v.pump(lambda: DEFAULT_BANNER in v.seen(serial))
+        v.write(serial, b"typed through the gateway")
+        await v.pump(lambda: b"typed through the gateway" in v.output.get(serial, b""))
+        monitor = await v.open("monitor")
+        v.write(monitor, b"info status\n")
+        await v.pump(lambda: b"VM status: running" in v.seen(monitor))
+        v.consoles.close(serial)
+        v.client.flush()
+        await v.pump(lambda: serial in v.closed)
+        assert v.closed[serial].reason is CloseReason.REQUESTED
+    finally:
+        await v.close()
+
+
+async def test_late_viewer_gets_history(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    first = await viewer(rig)
+    try:
+        serial = await first.open("serial0")
+        await first.pump(lambda: DEFAULT_BANNER in first.seen(serial))
+        first.write(serial, b"before the late one")
+        await first.pump(lambda: b"before the late one" in first.seen(serial))
+    finally:
+        await first.close()
+    late = await viewer(rig)
+    try:
+        serial = await late.open("serial0")
+        await late.pump(lambda: b"before the late one" in late.history.get(serial, b""))
+        assert late.opened[serial].history_length >= len(DEFAULT_BANNER)
+        assert bytes(late.history[serial]).startswith(DEFAULT_BANNER)
+        # Without history, only what comes after.
+        fresh = await viewer(rig)
+        try:
+            fresh_serial = await fresh.open("serial0", history=False)
+            assert fresh.opened[fresh_serial].history_length == 0
+            late.write(serial, b"X")
+            await fresh.pump(lambda: b"X" in fresh.output.get(fresh_serial, b""))
+            assert fresh.seen(fresh_serial) == b"X"
+        finally:
+            await fresh.close()
+    finally:
+        await late.close()
+
+
+async def test_two_viewers_share_a_console(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    a, b = await viewer(rig), await viewer(rig)
+    try:
+        sa, sb = await a.open("serial0"), await b.open("serial0")
+        await a.pump(lambda: DEFAULT_BANNER in a.seen(sa))
+        a.write(sa, b"from-a")
+        b.write(sb, b"from-b")
+        await a.pump(lambda: b"from-b" in a.output.get(sa, b""))
+        await b.pump(lambda: b"from-a" in b.output.get(sb, b""))
+        assert b"from-a" in a.output[sa]
+        assert b"from-b" in b.output[sb]
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_audio_through_the_gateway(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    v = await viewer(rig, audio=True)
+    try:
+        await v.pump(lambda: len(v.audio_chunks) > 0)
+        start = len(v.audio_pcm)
+        t0 = v.audio_chunks[-1][0]
+        await v.pump(lambda: v.audio_chunks[-1][0] - t0 >= 1.5)
+        t1 = v.audio_chunks[-1][0]
+        rate = (len(v.audio_pcm) - start) / (t1 - t0)
+        assert v.audio is not None
+        fmt = v.audio.format
+        assert rate == pytest.approx(fmt.byte_rate, rel=0.15)
+        assert analyse(bytes(v.audio_pcm[start:]), fmt).frequency_hz == pytest.approx(
+            tone_frequency(440), abs=8
+        )
+    finally:
+        await v.close()
+
+
+async def test_unread_console_stalls_nothing_else(make_rig: MakeRig) -> None:
+    """A console whose reader grants no credit holds back only itself: audio and the
+    other console on the same connection keep flowing; granting later loses nothing."""
+    rig = await make_rig()
+    slow = await viewer(rig, audio=True)
+    typist = await viewer(rig)
+    try:
+        window = 64
+        stalled = await slow.open("serial0", window=window, auto_credit=False)
+        typed = await typist.open("serial0")
+        await typist.pump(lambda: DEFAULT_BANNER in typist.seen(typed))
+        payload = bytes(range(65, 91)) * 20  # 520 bytes the guest echoes back
+        for offset in range(0, len(payload), 64):
+            typist.write(typed, payload[offset : offset + 64])
+        await typist.pump(lambda: payload in typist.output.get(typed, b""))
+        # The slow viewer got exactly its window, and no more, while its audio flows...
+        await slow.pump(lambda: len(slow.seen(stalled)) >= window)
+        chunks_before = len(slow.audio_chunks)
+        monitor = await slow.open("monitor")
+        slow.write(monitor, b"info status\n")
+        await slow.pump(
+            lambda: (
+                b"VM status: running" in slow.seen(monitor)
+                and len(slow.audio_chunks) > chunks_before + 20
+            )
+        )
+        assert len(slow.seen(stalled)) == window
+        # ...and once it reads, everything arrives, in order.
+        slow.consoles.grant(stalled, 4096)
+        slow.client.flush()
+        await slow.pump(lambda: payload in slow.seen(stalled))
+        assert slow.seen(stalled).startswith(DEFAULT_BANNER)
+    finally:
+        await slow.close()
+        await typist.close()
+
+
+async def test_overrun_closes_only_the_slow_console(make_rig: MakeRig) -> None:
+    rig = await make_rig(history=256)
+    slow, typist = await viewer(rig), await viewer(rig)
+    try:
+        stalled = await slow.open("serial0", window=16, auto_credit=False, history=False)
+        typed = await typist.open("serial0", history=False)
+        payload = b"0123456789abcdef" * 40  # 640 bytes echoed: more than the 256-byte ring
+        await typist.pump(lambda: rig.gateway.hubs[typed].total >= len(DEFAULT_BANNER))
+        for offset in range(0, len(payload), 64):
+            typist.write(typed, payload[offset : offset + 64])
+        await typist.pump(lambda: payload in typist.output.get(typed, b""))
+        await slow.pump(lambda: stalled in slow.closed)
+        assert slow.closed[stalled].reason is CloseReason.OVERRUN
+        assert typed not in typist.closed
+    finally:
+        await slow.close()
+        await typist.close()
+
+
+async def test_consoles_come_and_go(make_rig: MakeRig, tmp_path: Path) -> None:
+    """ADDED and REMOVED while connected, with a local socket peer as the chardev;
+    output written while nobody had it open is replayed (up to the ring)."""
+    rig = await make_rig()
+    peer_path = str(rig.guest.workdir / "extra.sock")
+    peer_writers: list[asyncio.StreamWriter] = []
+    attached = asyncio.Event()
+
+    async def on_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_writers.append(writer)
+        attached.set()
+        writer.write(b"written while nobody listened\n")
+        await writer.drain()
+        while data := await reader.read(4096):
+            writer.write(data.upper())
+
+    server = await asyncio.start_unix_server(on_peer, peer_path)
+    v = await viewer(rig)
+    try:
+        await v.pump(lambda: v.consoles.announced)
+        spec = ConsoleSpec("channel0", ConsoleKind.CHANNEL, Endpoint(EndpointType.UNIX, peer_path))
+        hub = await rig.gateway.add_console(spec)
+        await v.pump(lambda: any(isinstance(e, ConsoleAdded) for e in v.events))
+        await asyncio.wait_for(attached.wait(), TIMEOUT)
+        await v.pump(lambda: hub.total > 0)
+        channel = await v.open("channel0")
+        v.write(channel, b"shout")
+        await v.pump(lambda: b"SHOUT" in v.output.get(channel, b""))
+        assert v.history[channel] == b"written while nobody listened\n"
+        await rig.gateway.remove_console("channel0")
+        await v.pump(lambda: any(isinstance(e, ConsoleRemoved) for e in v.events))
+        assert v.closed[channel].reason is CloseReason.REMOVED
+        assert v.consoles.by_name("channel0") is None
+    finally:
+        await v.close()
+        server.close()
+        for writer in peer_writers:
+            writer.close()
+
+
+async def test_pty_console(make_rig: MakeRig) -> None:
+    """A PTY host end (what libvirt's <serial type='pty'> gives), with a real pty pair."""
+    rig = await make_rig()
+    master, slave = os.openpty()
+    tty.setraw(master)
+    slave_path = os.ttyname(slave)
+    os.close(slave)
+    v = await viewer(rig)
+    try:
+        await v.pump(lambda: v.consoles.announced)
+        await rig.gateway.add_console(
+            ConsoleSpec("serial9", ConsoleKind.SERIAL, Endpoint(EndpointType.PTY, slave_path))
+        )
+        await v.pump(lambda: v.consoles.by_name("serial9") is not None)
+        hub = next(h for h in rig.gateway.hubs.values() if h.name == "serial9")
+        await asyncio.wait_for(hub.wait_connected(), TIMEOUT)
+        pty_id = await v.open("serial9")
+        os.write(master, b"from the pty side")
+        await v.pump(lambda: b"from the pty side" in v.seen(pty_id))
+        v.write(pty_id, b"to the pty side")
+        received = b""
+        async with asyncio.timeout(TIMEOUT):
+            while b"to the pty side" not in received:
+                await asyncio.sleep(0.02)
+                try:
+                    received += os.read(master, 4096)
+                except BlockingIOError:
+                    pass
+    finally:
+        await v.close()
+        os.close(master)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return make_pki(tmp_path / "pki")
+
+
+def server_context(pki: Pki, verify_clients: bool = False) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    if verify_clients:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(pki.ca_cert))
+    return context
+
+
+async def test_gateway_tls_and_password(make_rig: MakeRig, pki: Pki) -> None:
+    security = ServerSecurity(vnc_password="gw-pass", tls_context=server_context(pki, True))
+    rig = await make_rig(security=security, tcp=True)
+    creds = TlsCredentials(
+        ca_file=pki.ca_cert, client_cert=pki.client_cert, client_key=pki.client_key
+    )
+    v = await viewer(rig, tls=creds, password="gw-pass")
+    try:
+        assert v.client.info is not None
+        assert v.client.info.security == "VENCRYPT/X509_VNC"
+        serial = await v.open("serial0")
+        await v.pump(lambda: DEFAULT_BANNER in v.seen(serial))
+    finally:
+        await v.close()
+    with pytest.raises(AuthenticationFailed):
+        await viewer(rig, tls=creds, password="wrong")
+    with pytest.raises(TlsError, match="not trusted"):
+        await viewer(rig, tls=TlsCredentials(ca_file=pki.other_ca_cert), password="gw-pass")
+
+
+async def test_viewer_without_consoles_is_a_plain_proxy(make_rig: MakeRig) -> None:
+    """A viewer that does not ask for consoles never sees a console message."""
+    rig = await make_rig()
+    audio = QemuAudio()
+    client = await connect(rig.address, extensions=[audio], timeout=TIMEOUT)
+    try:
+        pcm = 0
+        async with asyncio.timeout(TIMEOUT):
+            while pcm < 44100:
+                event = await client.next_event()
+                if isinstance(event, AudioData):
+                    pcm += len(event.data)
+                assert not isinstance(event, ConsolesAnnounced)
+    finally:
+        await client.close()
+
+
+async def test_bad_viewer_is_disconnected_with_a_reason(
+    make_rig: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A viewer sending a console message without having asked for the extension,
+    then garbage: disconnected with a logged reason; the gateway serves others."""
+    rig = await make_rig()
+    caplog.set_level(logging.WARNING, logger="resourced.gateway")
+    path = rig.address.removeprefix("unix:")
+    reader, writer = await asyncio.open_unix_connection(path)
+    assert await reader.readexactly(12) == b"RFB 003.008\n"
+    writer.write(b"RFB 003.008\n")
+    assert await reader.readexactly(2) == b"\x01\x01"
+    writer.write(b"\x01")
+    assert await reader.readexactly(4) == b"\0\0\0\0"
+    writer.write(b"\x01")  # ClientInit
+    await reader.readexactly(24)  # ServerInit up to the name length
+    writer.write(b"\xff\x02\x00" + struct.pack("!IIIB", 1, 100, 100, 1))
+    async with asyncio.timeout(TIMEOUT):
+        while await reader.read(65536):
+            pass  # the gateway closes the connection
+    writer.close()
+    assert any("never asked for them" in r.getMessage() for r in caplog.records)
+    v = await viewer(rig)
+    try:
+        serial = await v.open("serial0")
+        await v.pump(lambda: DEFAULT_BANNER in v.seen(serial))
+    finally:
+        await v.close()
