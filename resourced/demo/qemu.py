@@ -527,7 +527,10 @@ class QemuGuest:
         """Wait until something (e.g. the gateway) is attached to chardev `label`."""
         try:
             async with asyncio.timeout(timeout):
-                while not await self.chardev_connected(label):
+                # QEMU tells of its chardevs only when asked: poll QMP.
+                while True:
+                    if await self.chardev_connected(label):
+                        return
                     await asyncio.sleep(_POLL_INTERVAL)
         except TimeoutError:
             raise GuestError(f"nothing attached to chardev {label} within {timeout:g} s") from None

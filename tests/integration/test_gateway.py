@@ -8,6 +8,7 @@ banner lands in the gateway's history.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -392,10 +393,8 @@ async def test_pty_console(make_rig: MakeRig) -> None:
         async with asyncio.timeout(TIMEOUT):
             while b"to the pty side" not in received:
                 await asyncio.sleep(0.02)
-                try:
+                with contextlib.suppress(BlockingIOError):
                     received += os.read(master, 4096)
-                except BlockingIOError:
-                    pass
     finally:
         await v.close()
         os.close(master)
