@@ -374,6 +374,7 @@ async def test_pty_console(make_rig: MakeRig) -> None:
     rig = await make_rig()
     master, slave = os.openpty()
     tty.setraw(master)
+    os.set_blocking(master, False)
     slave_path = os.ttyname(slave)
     os.close(slave)
     v = await viewer(rig)
