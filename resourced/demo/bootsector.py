@@ -232,6 +232,13 @@ def _assemble(banner: bytes, divisor: int) -> bytes:
     a.rel8("banner_next")
     a.label("banner_done")
 
+    # Hide the text-mode cursor: a blinking cursor would make two screenshots of
+    # the same screen differ by when they were taken.
+    a.op(0xB4, 0x01)  # mov ah, 0x01     (BIOS: set cursor shape)
+    a.op(0xB9)  # mov cx, 0x2000   (start line bit 5 set: cursor off)
+    a.word(0x2000)
+    a.op(0xCD, 0x10)  # int 0x10
+
     # Wake on received data: UART "data available" interrupt, IRQ4 unmasked.
     a.op(0xBA)  # mov dx, COM1+1 (IER)
     a.word(_COM1_IER)
