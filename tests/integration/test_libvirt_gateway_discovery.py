@@ -9,11 +9,14 @@ Every wait polls a condition under a generous deadline.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import stat
+import sys
 import tempfile
 import time
 import uuid
@@ -28,6 +31,8 @@ import pytest
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
 from resourced.demo.bootsector import build_boot_sector
 from resourced.gateway.libvirt import NoSuchGuest, lookup_domain
+from resourced.rfb.aio import connect
+from resourced.rfb.consoles import ConsoleData, ConsoleOpened, Consoles, ConsolesAnnounced
 from tests.libvirtd import (
     SYSTEM_URI,
     LibvirtdUnavailable,
@@ -254,3 +259,55 @@ def test_qemu_conf_edit_is_idempotent_and_respects_existing_settings(tmp_path: P
         'user = "root"',
         'group = "root"',
     ]
+
+
+async def test_gateway_command_fronts_a_libvirt_domain(
+    running_domain: RunningDomain, domain_dir: Path
+) -> None:
+    """`resourced-gateway --libvirt qemu:///system --domain NAME`: VNC socket, its
+    password and the serial consoles all come from libvirt; a viewer types on
+    serial0 through the gateway and the guest echoes."""
+    listen = domain_dir / "gw.sock"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.gateway",
+        "--libvirt",
+        SYSTEM_URI,
+        "--domain",
+        running_domain.name,
+        "--listen",
+        f"unix:{listen}",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    log = b""
+    try:
+        assert process.stderr is not None
+        async with asyncio.timeout(IO_TIMEOUT):
+            while b"listening on unix:" not in log:
+                line = await process.stderr.readline()
+                assert line, f"the gateway exited early: {log.decode()}"
+                log += line
+        consoles = Consoles()
+        client = await connect(f"unix:{listen}", extensions=[consoles], timeout=IO_TIMEOUT)
+        seen = b""
+        async with client, asyncio.timeout(IO_TIMEOUT):
+            while b"via libvirt" not in seen:
+                event = await client.next_event()
+                if isinstance(event, ConsolesAnnounced):
+                    names = sorted(c.name for c in event.consoles)
+                    assert names == ["serial0", "serial1"]  # unix and pty serials
+                    serial0 = consoles.by_name("serial0")
+                    assert serial0 is not None
+                    consoles.open(serial0.console_id, history=False)
+                elif isinstance(event, ConsoleOpened):
+                    consoles.write(event.console_id, b"via libvirt")
+                elif isinstance(event, ConsoleData):
+                    seen += event.data
+                client.flush()
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(IO_TIMEOUT):
+            _, err = await process.communicate()
+    assert process.returncode == 0, (log + err).decode()
