@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from resourced.errors import ConfigurationError, ConnectionClosed, HandshakeTimeout
-from resourced.rfb.connection import ClientConnection, Message
+from resourced.rfb.connection import ClientConnection, Message, State
 from resourced.rfb.events import Connected, ServerClosed
 
 READ_SIZE = 256 * 1024
@@ -152,6 +152,9 @@ class RfbClient:
                 return event
             if self._closed:
                 raise ConnectionClosed("the connection is closed")
+            if self.connection.state is State.CLOSED:
+                # ServerClosed was handed out already: nothing more will come.
+                raise ConnectionClosed(f"{self.address}: the server closed the connection")
             try:
                 data = await self._reader.read(READ_SIZE)
             except OSError:

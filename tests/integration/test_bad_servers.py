@@ -22,6 +22,7 @@ from resourced.errors import (
     SecurityNegotiationFailed,
 )
 from resourced.rfb.aio import RfbClient, connect
+from resourced.rfb.events import ServerClosed
 from resourced.rfb.pixelformat import RGBX8888
 from resourced.rfb.qemu import AudioData, QemuAudio
 
@@ -225,3 +226,18 @@ async def test_good_data_before_garbage_is_delivered(
         with pytest.raises(RemoteProtocolError, match="unknown server message type 99"):
             await collect()
     assert received == [b"\x01\x00\x02\x00"]
+
+
+async def test_reading_past_server_close_raises(serve: Callable[[Script], Awaitable[str]]) -> None:
+    """After ServerClosed, asking for more is an error, not a busy loop on EOF."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await none_handshake(reader, writer)
+
+    client = await connect(await serve(script), timeout=10)
+    async with client:
+        async with asyncio.timeout(10):
+            assert isinstance(await client.next_event(), ServerClosed)
+        with pytest.raises(ConnectionClosed, match="closed the connection"):
+            async with asyncio.timeout(10):
+                await client.next_event()

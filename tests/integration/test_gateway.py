@@ -27,7 +27,12 @@ from resourced.audio import analyse
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
 from resourced.demo.bootsector import DEFAULT_BANNER, tone_frequency
 from resourced.demo.qemu import QemuGuest
-from resourced.errors import AuthenticationFailed, TlsError
+from resourced.errors import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    RemoteProtocolError,
+    TlsError,
+)
 from resourced.gateway.gateway import Gateway, GatewayConfig
 from resourced.rfb.aio import RfbClient, connect
 from resourced.rfb.consoles import (
@@ -40,6 +45,7 @@ from resourced.rfb.consoles import (
     Consoles,
     ConsolesAnnounced,
 )
+from resourced.rfb.events import ServerClosed
 from resourced.rfb.qemu import AudioData, QemuAudio
 from resourced.rfb.server import ServerSecurity
 from resourced.rfb.tls import TlsCredentials
@@ -70,6 +76,7 @@ async def make_rig(make_guest: MakeGuest, guest_dir: Path) -> AsyncIterator[Make
         history: int = 64 * 1024,
         guest_options: dict[str, Any] | None = None,
         tcp: bool = False,
+        **config_options: Any,
     ) -> Rig:
         guest = await make_guest(start_paused=True, **(guest_options or {}))
         consoles = [
@@ -85,7 +92,13 @@ async def make_rig(make_guest: MakeGuest, guest_dir: Path) -> AsyncIterator[Make
         else:
             upstream = f"unix:{guest.vnc_path}"
         gateway = Gateway(
-            GatewayConfig(upstream=upstream, security=security, consoles=consoles, history=history)
+            GatewayConfig(
+                upstream=upstream,
+                security=security,
+                consoles=consoles,
+                history=history,
+                **config_options,
+            )
         )
         gateways.append(gateway)
         await gateway.start()
@@ -520,3 +533,51 @@ async def test_gvnccapture_sees_the_same_display(make_rig: MakeRig, tmp_path: Pa
     width, height = struct.unpack("!II", direct[16:24])
     assert (width, height) == (720, 400)  # VGA text mode
     assert through == direct
+
+
+class _Flag(logging.Handler):
+    """Sets an event when a log record containing `text` is emitted."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = asyncio.Event()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.messages.append(message)
+        if self.text in message:
+            self.event.set()
+
+
+async def test_viewer_that_stops_reading_is_dropped(make_rig: MakeRig) -> None:
+    """Memory per viewer is bounded: a viewer that takes audio but never reads is
+    throttled, then disconnected with a logged reason; others carry on."""
+    rig = await make_rig(write_high_water=64 * 1024, slow_client_timeout=2.0)
+    flag = _Flag("viewer stopped reading")
+    logger = logging.getLogger("resourced.gateway")
+    logger.addHandler(flag)
+    try:
+        stuck = await connect(rig.address, extensions=[QemuAudio()], timeout=TIMEOUT)
+        # Let the audio ack arrive and enable audio, then never read again.
+        async with asyncio.timeout(TIMEOUT):
+            while not isinstance(await stuck.next_event(), AudioData):
+                pass
+        await asyncio.wait_for(flag.event.wait(), TIMEOUT)
+        # The stuck viewer, reading again, finds the connection closed behind what
+        # was queued for it.
+        with pytest.raises((ConnectionClosed, RemoteProtocolError)):  # noqa: PT012
+            async with asyncio.timeout(TIMEOUT):
+                while not isinstance(await stuck.next_event(), ServerClosed):
+                    pass
+                await stuck.next_event()
+        healthy = await viewer(rig)
+        try:
+            serial = await healthy.open("serial0")
+            await healthy.pump(lambda: DEFAULT_BANNER in healthy.seen(serial))
+        finally:
+            await healthy.close()
+        await stuck.close()
+    finally:
+        logger.removeHandler(flag)
