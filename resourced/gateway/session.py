@@ -111,8 +111,8 @@ class Session:
         self.upstream: RfbClient | None = None
         self.consoles_enabled = False
         self._open: dict[int, _OpenConsole] = {}
-        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._drain_waiter: asyncio.Task[None] | None = None
         writer.transport.set_write_buffer_limits(high=self.config.write_high_water)
 
     # --- lifecycle --------------------------------------------------------------
@@ -136,9 +136,10 @@ class Session:
             await self._cleanup()
 
     def shutdown(self) -> None:
-        self._closing = True
         for task in self._tasks:
             task.cancel()
+        if self._drain_waiter is not None:
+            self._drain_waiter.cancel()
         self._writer.close()
 
     async def _cleanup(self) -> None:
@@ -339,6 +340,9 @@ class Session:
         console = self._open.get(console_id)
         if console is None or self._writer.is_closing():
             return
+        if self._viewer_behind():
+            self._pump_after_drain()
+            return
         hub = console.hub
         try:
             while console.credit > 0 and console.offset < hub.total:
@@ -351,6 +355,27 @@ class Session:
         except Overrun as err:
             log.warning("viewer %s: %s; console closed", self.peer, err)
             self._close_console(console_id, CloseReason.OVERRUN, str(err))
+
+    def _viewer_behind(self) -> bool:
+        return self._writer.transport.get_write_buffer_size() > self.config.write_high_water
+
+    def _pump_after_drain(self) -> None:
+        """Console output waits while the viewer is behind: memory stays bounded even
+        for a viewer that granted a huge window and stopped reading."""
+        if self._drain_waiter is None or self._drain_waiter.done():
+            self._drain_waiter = asyncio.get_running_loop().create_task(self._drain_then_pump())
+
+    async def _drain_then_pump(self) -> None:
+        try:
+            await self._drain()
+        except ResourcedError as err:
+            log.warning("viewer %s: %s; disconnected", self.peer, err)
+            self.shutdown()
+            return
+        except (ConnectionError, OSError):
+            return
+        for console_id in list(self._open):
+            self._pump(console_id)
 
     def _console_input(self, console_id: int, console: _OpenConsole, data: bytes) -> None:
         if len(data) > console.input_credit:
