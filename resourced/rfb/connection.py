@@ -654,8 +654,6 @@ def _check_size(width: int, height: int) -> None:
         )
 
 
-
-
 class _UpdateInProgress:
     """A FramebufferUpdate whose rectangles are still arriving."""
 

@@ -36,6 +36,8 @@ VERSION = 1
 MAX_CONSOLE_DATA = 65536
 #: Most consoles a server may announce over a connection's lifetime at once.
 MAX_CONSOLES = 256
+#: Most consoles announced (HELLO + ADDED) over one connection's lifetime.
+MAX_ANNOUNCEMENTS = 65536
 #: Longest CLOSED message text.
 MAX_CLOSE_MESSAGE = 1024
 #: Credit is a u32; the sum granted and not yet used may not exceed it.
@@ -239,7 +241,8 @@ class ConsoleClosed:
     message: str = ""
 
     def serialize(self) -> bytes:
-        text = self.message.encode()[:MAX_CLOSE_MESSAGE]
+        # Cut at a character boundary, not in the middle of one.
+        text = self.message.encode()[:MAX_CLOSE_MESSAGE].decode(errors="ignore").encode()
         return (
             _server_head(ConsoleServerOp.CLOSED)
             + u32(self.console_id)
@@ -435,6 +438,7 @@ class _Console:
         "consumed",
         "history_left",
         "info",
+        "max_data",
         "receive_credit",
         "send_credit",
         "state",
@@ -450,6 +454,7 @@ class _Console:
         self.consumed = 0  # received since we last granted credit
         self.history_left = 0
         self.auto_credit = True
+        self.max_data = MAX_CONSOLE_DATA  # largest DATA we said we accept
 
 
 class Consoles(Extension):
@@ -470,6 +475,8 @@ class Consoles(Extension):
         self.version = 0
         self.server_max_data = 0
         self._consoles: dict[int, _Console] = {}
+        # Ids are never reused on a connection: remember every one (bounded).
+        self._announced_ids: set[int] = set()
 
     # --- queries --------------------------------------------------------------
 
@@ -520,6 +527,7 @@ class Consoles(Extension):
         console.receive_credit = window
         console.consumed = 0
         console.auto_credit = auto_credit
+        console.max_data = max_data
         self.connection.send(ConsoleOpen(console_id, window, max_data, history))
 
     def close(self, console_id: int) -> None:
@@ -581,10 +589,13 @@ class Consoles(Extension):
         return console
 
     def _add(self, info: ConsoleInfo) -> None:
-        if info.console_id in self._consoles:
+        if info.console_id in self._announced_ids:
             raise RemoteProtocolError(f"console id {info.console_id} announced twice")
         if len(self._consoles) >= MAX_CONSOLES:
             raise RemoteProtocolError(f"more than {MAX_CONSOLES} consoles")
+        if len(self._announced_ids) >= MAX_ANNOUNCEMENTS:
+            raise RemoteProtocolError(f"more than {MAX_ANNOUNCEMENTS} consoles announced")
+        self._announced_ids.add(info.console_id)
         self._consoles[info.console_id] = _Console(info)
 
     def _on_hello(self, message: ConsolesAnnounced) -> list[Any]:
@@ -638,12 +649,24 @@ class Consoles(Extension):
         console.receive_credit -= size
         if console.state is _State.CLOSING:
             return []
+        if size > console.max_data:
+            raise RemoteProtocolError(
+                f"console {console.info.name}: DATA of {size} bytes beyond the "
+                f"max_data of {console.max_data} we announced"
+            )
         console.consumed += size
-        history = console.history_left > 0
-        console.history_left = max(0, console.history_left - size)
+        events: list[Any] = [message]
+        if console.history_left:
+            # history_length counts bytes: one DATA may end the replay and start
+            # the live output.
+            replayed = min(console.history_left, size)
+            console.history_left -= replayed
+            events = [replace(message, data=message.data[:replayed], history=True)]
+            if replayed < size:
+                events.append(replace(message, data=message.data[replayed:]))
         if console.auto_credit and console.consumed >= console.window // 2:
             self.grant(message.console_id)
-        return [replace(message, history=history)] if history else [message]
+        return events
 
     def _on_closed(self, message: ConsoleClosed) -> list[Any]:
         console = self._known(message.console_id, "CLOSED")
