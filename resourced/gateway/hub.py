@@ -33,6 +33,12 @@ READ_SIZE = 64 * 1024
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 #: Input held for a host end that is down, at most (clients hold the rest).
 MAX_PENDING_INPUT = 1024 * 1024
+#: Output kept beyond the ring for readers that are behind: the most one read
+#: from the event loop brings (asyncio reads Unix sockets 256 KiB at a time).
+READ_SLACK = 256 * 1024
+#: How long a reader a whole ring behind may hold the console back before it is
+#: left to overrun (seconds).
+DEFAULT_STALL_TIMEOUT = 5.0
 
 
 class Overrun(ResourcedError):
@@ -59,9 +65,17 @@ class ConsoleHub:
         self._listeners: set[Listener] = set()
         self._drain_waiters: set[Listener] = set()
         self._pending_input = bytearray()
-        self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.Transport | None = None
         self._pty_fd: int | None = None
+        # Back-pressure: where each reader is, readers given up on, and whether
+        # reading from the host end is paused.
+        self._positions: dict[Listener, int] = {}
+        self._given_up: set[Listener] = set()
+        self._paused = False
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self.stall_timeout = DEFAULT_STALL_TIMEOUT
         self._pty_out = bytearray()
+        self._pty_reader: Callable[[], None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._connected_event = asyncio.Event()
@@ -89,18 +103,104 @@ class ConsoleHub:
 
     def _received(self, data: bytes) -> None:
         self._ring += data
-        if len(self._ring) > self.ring_size:
-            del self._ring[: len(self._ring) - self.ring_size]
         self.total += len(data)
+        # Keep the ring's worth, and beyond it what a reader still needs, up to
+        # one read's slack: reading pauses once a reader is a ring behind, but
+        # one chunk from the event loop can be larger than the ring.
+        keep = self.ring_size
+        slowest = self._slowest()
+        if slowest is not None:
+            keep = min(max(keep, self.total - slowest), self.ring_size + READ_SLACK)
+        if len(self._ring) > keep:
+            del self._ring[: len(self._ring) - keep]
         self._notify(self._listeners)
+        self._check_pressure()
 
-    def subscribe(self, listener: Listener) -> None:
-        """Call `listener(hub)` whenever output arrives or the host end changes state."""
+    def subscribe(self, listener: Listener, position: int | None = None) -> None:
+        """Call `listener(hub)` whenever output arrives or the host end changes state.
+
+        A listener that also reads output reports how far it got with
+        `advance()`; reading from the host end pauses while such a reader is a
+        whole ring behind (the way a serial line is flow-controlled), for at most
+        `stall_timeout` seconds, after which that reader is left to overrun.
+        """
         self._listeners.add(listener)
+        if position is not None:
+            self._positions[listener] = position
+            self._check_pressure()
 
     def unsubscribe(self, listener: Listener) -> None:
         self._listeners.discard(listener)
         self._drain_waiters.discard(listener)
+        self._positions.pop(listener, None)
+        self._given_up.discard(listener)
+        self._check_pressure()
+
+    def advance(self, listener: Listener, position: int) -> None:
+        """A reader has taken output up to absolute offset `position`."""
+        if listener in self._positions:
+            self._positions[listener] = position
+            if listener in self._given_up and self.total - position < self.ring_size // 2:
+                self._given_up.discard(listener)  # caught up after all
+            if self._paused:
+                self._check_pressure()
+
+    def _slowest(self) -> int | None:
+        behind = [p for listener, p in self._positions.items() if listener not in self._given_up]
+        return min(behind) if behind else None
+
+    def _check_pressure(self) -> None:
+        slowest = self._slowest()
+        if slowest is None or self.total - slowest < self.ring_size // 2:
+            self._set_paused(False)
+        elif self.total - slowest >= self.ring_size:
+            self._set_paused(True)
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused:
+            return
+        self._paused = paused
+        if paused:
+            loop = asyncio.get_running_loop()
+            self._stall_timer = loop.call_later(self.stall_timeout, self._stall_expired)
+            self._apply_pause()
+        else:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+                self._stall_timer = None
+            self._apply_pause()
+
+    def _stall_expired(self) -> None:
+        self._stall_timer = None
+        slowest = self._slowest()
+        laggards = {
+            listener
+            for listener, p in self._positions.items()
+            if slowest is not None and self.total - p >= self.ring_size // 2
+        }
+        log.warning(
+            "console %s: %d reader(s) stalled it for %g s; going on without them",
+            self.name,
+            len(laggards),
+            self.stall_timeout,
+        )
+        self._given_up |= laggards
+        self._paused = False
+        self._apply_pause()
+        self._check_pressure()
+
+    def _apply_pause(self) -> None:
+        if self._transport is not None:
+            if self._paused:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
+        elif self._pty_fd is not None:
+            loop = asyncio.get_running_loop()
+            if self._paused:
+                loop.remove_reader(self._pty_fd)
+            elif self._pty_reader is not None:
+                loop.add_reader(self._pty_fd, self._pty_reader)
 
     def _notify(self, listeners: set[Listener]) -> None:
         for listener in list(listeners):
@@ -115,14 +215,14 @@ class ConsoleHub:
     def input_backlog(self) -> int:
         """Input bytes accepted but not yet handed to the host end's kernel buffer."""
         backlog = len(self._pending_input) + len(self._pty_out)
-        if self._writer is not None:
-            backlog += self._writer.transport.get_write_buffer_size()
+        if self._transport is not None:
+            backlog += self._transport.get_write_buffer_size()
         return backlog
 
     def write(self, data: bytes) -> None:
         """Pass client input on (or hold it while the host end is down)."""
-        if self._writer is not None:
-            self._writer.write(data)
+        if self._transport is not None:
+            self._transport.write(data)
         elif self._pty_fd is not None:
             self._pty_out += data
             self._flush_pty()
@@ -138,16 +238,6 @@ class ConsoleHub:
             listener(self)
         else:
             self._drain_waiters.add(listener)
-            if self._writer is not None:
-                asyncio.get_running_loop().create_task(self._wait_drain())
-
-    async def _wait_drain(self) -> None:
-        writer = self._writer
-        if writer is None:
-            return
-        with contextlib.suppress(ConnectionError, OSError):
-            await writer.drain()
-        self._check_drained()
 
     def _check_drained(self) -> None:
         if self.input_backlog == 0 and self._drain_waiters:
@@ -212,19 +302,25 @@ class ConsoleHub:
             attempt += 1
 
     async def _run_unix(self) -> None:
-        reader, writer = await asyncio.open_unix_connection(self.spec.endpoint.path)
-        self._writer = writer
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_unix_connection(
+            lambda: _ChardevProtocol(self), self.spec.endpoint.path
+        )
+        # No write buffering threshold: "drained" then means really empty, which
+        # is when clients get their input credit back.
+        transport.set_write_buffer_limits(high=0)
+        self._transport = transport
         log.info("console %s: attached to %s", self.name, self.spec.endpoint)
         self._set_connected(True)
         if self._pending_input:
-            writer.write(bytes(self._pending_input))
+            transport.write(bytes(self._pending_input))
             self._pending_input.clear()
+        self._apply_pause()
         try:
-            while data := await reader.read(READ_SIZE):
-                self._received(data)
+            await protocol.closed
         finally:
-            self._writer = None
-            writer.close()
+            self._transport = None
+            transport.close()
 
     async def _run_pty(self) -> None:
         fd = os.open(self.spec.endpoint.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
@@ -252,9 +348,11 @@ class ConsoleHub:
             self._received(data)
 
         self._pty_fd = fd
+        self._pty_reader = readable
         self._pty_out += self._pending_input
         self._pending_input.clear()
-        loop.add_reader(fd, readable)
+        if not self._paused:
+            loop.add_reader(fd, readable)
         log.info("console %s: attached to %s", self.name, self.spec.endpoint)
         self._set_connected(True)
         self._flush_pty()
@@ -264,6 +362,7 @@ class ConsoleHub:
             loop.remove_reader(fd)
             loop.remove_writer(fd)
             self._pty_fd = None
+            self._pty_reader = None
             os.close(fd)
 
     def _flush_pty(self) -> None:
@@ -288,6 +387,34 @@ class ConsoleHub:
             self._check_drained()
 
     def _disconnect(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+
+class _ChardevProtocol(asyncio.Protocol):
+    """Feeds a hub straight from the event loop's callbacks: no task wake-up per
+    chunk, which is most of a keystroke's round trip."""
+
+    def __init__(self, hub: ConsoleHub) -> None:
+        self.hub = hub
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.hub._received(data)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            if exc is None:
+                self.closed.set_result(None)
+            else:
+                self.closed.set_exception(exc)
+
+    def pause_writing(self) -> None:
+        pass  # the hub looks at the buffer size itself
+
+    def resume_writing(self) -> None:
+        self.hub._check_drained()

@@ -325,7 +325,7 @@ class Session:
 
         console.listener = listener
         self._open[console_id] = console
-        hub.subscribe(listener)
+        hub.subscribe(listener, offset)
         self._send(ConsoleOpened(console_id, console.input_credit, hub.total - offset))
         self._pump(console_id)
 
@@ -345,11 +345,14 @@ class Session:
             return
         hub = console.hub
         try:
+            start = console.offset
             while console.credit > 0 and console.offset < hub.total:
                 chunk = hub.read(console.offset, min(console.credit, console.max_data))
                 self._send(ConsoleData(console_id, chunk))
                 console.offset += len(chunk)
                 console.credit -= len(chunk)
+            if console.offset != start:
+                hub.advance(console.listener, console.offset)
             if console.offset < hub.oldest:
                 raise Overrun(f"console {hub.name}: the viewer fell behind by more than the ring")
         except Overrun as err:
@@ -388,7 +391,9 @@ class Session:
         console.hub.write(data)
 
         def drained(_hub: ConsoleHub) -> None:
-            if self._open.get(console_id) is not console or console.returning == 0:
+            # Credit goes back in batches of half the window: the viewer always
+            # keeps at least that much, and a keystroke costs no CREDIT message.
+            if self._open.get(console_id) is not console or console.returning < INPUT_WINDOW // 2:
                 return
             amount, console.returning = console.returning, 0
             console.input_credit += amount
