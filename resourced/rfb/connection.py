@@ -5,7 +5,8 @@ version and security handshake (None, VNC Authentication, VeNCrypt with TLS via
 `resourced.rfb.tls`), ClientInit/ServerInit, then server messages. It never
 touches a socket or a clock: feed it with `receive_data()` (b"" for EOF), pull
 events with `next_event()` / `events()`, queue messages with `send()` and write
-out `data_to_send()`. Every state and what it waits for is in `_HANDLERS`.
+out `data_to_send()`. Every state and what it waits for is in `ClientConnection.handlers`;
+the byte plumbing shared with the server side is `resourced.rfb._engine`.
 
 It is not a framebuffer: rectangle bodies are framed, bounds-checked and handed
 on still encoded.
@@ -15,9 +16,7 @@ from __future__ import annotations
 
 import enum
 import re
-import struct
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from resourced.errors import (
@@ -25,11 +24,11 @@ from resourced.errors import (
     ConnectionClosed,
     LocalProtocolError,
     RemoteProtocolError,
-    ResourcedError,
     SecurityNegotiationFailed,
     TlsError,
 )
 from resourced.rfb._buffer import NeedData, Reader, u8, u32
+from resourced.rfb._engine import Engine
 from resourced.rfb.constants import (
     MAX_FRAMEBUFFER_DIMENSION,
     MAX_REASON_LENGTH,
@@ -114,7 +113,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class ClientConnection:
+class ClientConnection(Engine):
     """One RFB client session, sans-IO.
 
     Credentials and policy: `password` (VNC auth, VeNCrypt *Vnc), `username` (for
@@ -126,6 +125,10 @@ class ClientConnection:
     `auto_setup` sends SetPixelFormat/SetEncodings after ServerInit; a proxy turns
     it off and sends its own client's.
     """
+
+    peer = "server"
+    TLS_HANDSHAKE = State.TLS_HANDSHAKE
+    CLOSED = State.CLOSED
 
     def __init__(
         self,
@@ -163,7 +166,7 @@ class ClientConnection:
             for sub in ext.server_subtypes:
                 self._claim(self._by_subtype, sub, ext, "QEMU submessage")
 
-        self.state = State.PROTOCOL_VERSION
+        super().__init__(State.PROTOCOL_VERSION)
         self.version: tuple[int, int] | None = None
         self.security_type: SecurityType | None = None
         self.vencrypt_subtype: VeNCryptSubtype | None = None
@@ -172,16 +175,8 @@ class ClientConnection:
         self.pixel_format: PixelFormat | None = None
         self.name = ""
 
-        self._raw_in = bytearray()  # bytes from the wire not yet through TLS
-        self._buf = bytearray()  # plaintext protocol bytes not yet parsed
-        self._out = bytearray()  # bytes for the wire
-        self._tls: TlsLayer | None = None
-        self._tls_starting: tuple[Any, str | None, str] | None = None
-        self._tls_eof_sent = False
-        self._eof = False
-        self._events: deque[Any] = deque()
+        self._tls_params: tuple[Any, str | None, str] | None = None
         self._update: _UpdateInProgress | None = None
-        self._failed: Exception | None = None
 
     @staticmethod
     def _claim(table: dict[int, Extension], key: int, ext: Extension, what: str) -> None:
@@ -192,25 +187,6 @@ class ClientConnection:
         table[key] = ext
 
     # ------------------------------------------------------------------ I/O face
-
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the wire; b"" means the peer closed."""
-        if self._eof:
-            if data:
-                raise LocalProtocolError("data received after EOF")
-            return
-        if data:
-            self._raw_in += data
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the wire, in order; empties the queue."""
-        if self._tls is not None:
-            self._out += self._tls.data_to_send()
-        out = bytes(self._out)
-        self._out.clear()
-        return out
 
     def send(self, message: Message) -> None:
         """Queue a client message (only once connected).
@@ -233,7 +209,7 @@ class ClientConnection:
 
     @property
     def tls_version(self) -> str | None:
-        return self._tls.version if self._tls is not None else None
+        return self._tls.version if isinstance(self._tls, TlsLayer) else None
 
     @property
     def security_description(self) -> str:
@@ -249,92 +225,7 @@ class ClientConnection:
         pending = self._update.buffered if self._update else 0
         return len(self._raw_in) + len(self._buf) + pending
 
-    def next_event(self) -> Any | None:
-        """The next event, or None when more data is needed.
-
-        Raises `RemoteProtocolError` (or a `SecurityError`) when the server broke
-        the protocol or refused us; the connection is then closed for good.
-        """
-        if self._failed is not None:
-            raise self._failed
-        try:
-            return self._next_event()
-        except LocalProtocolError:
-            raise
-        except ResourcedError as err:
-            self._fail(err)
-            raise
-        except (struct.error, IndexError, ValueError, UnicodeError) as err:
-            # A parser met bytes it could not make sense of in a way no explicit
-            # check caught; it is still the peer's fault, and still must not leak.
-            wrapped = RemoteProtocolError(f"malformed data from the server ({self.state.value})")
-            wrapped.__cause__ = err
-            self._fail(wrapped)
-            raise wrapped from err
-
-    def events(self) -> Iterator[Any]:
-        """Every event available now."""
-        while (event := self.next_event()) is not None:
-            yield event
-
     # ------------------------------------------------------------------ internals
-
-    def _fail(self, err: Exception) -> None:
-        self._failed = err
-        self.state = State.CLOSED
-
-    def _write(self, data: bytes) -> None:
-        if self._tls is not None:
-            self._tls.send(data)
-            self._out += self._tls.data_to_send()
-        else:
-            self._out += data
-
-    def _pump_tls(self) -> None:
-        if self._tls is None:
-            if self._raw_in:
-                self._buf += self._raw_in
-                self._raw_in.clear()
-            return
-        if self._raw_in or self._eof:
-            data = bytes(self._raw_in)
-            self._raw_in.clear()
-            if data:
-                self._buf += self._tls.receive(data)
-            if self._eof and not data and not self._tls_eof_sent:
-                self._tls_eof_sent = True
-                self._buf += self._tls.receive(b"")
-            self._out += self._tls.data_to_send()
-            if self.state is State.TLS_HANDSHAKE and self._tls.handshake_done:
-                self._after_tls_handshake()
-
-    def _next_event(self) -> Any | None:
-        while True:
-            if self._events:
-                return self._events.popleft()
-            if self.state is State.CLOSED:
-                return None
-            self._pump_tls()
-            if self._events:
-                continue
-            if self.state is State.TLS_HANDSHAKE:
-                if self._eof:
-                    raise TlsError("the server closed the connection during the TLS handshake")
-                return None
-            reader = Reader(self._buf)
-            try:
-                produced = _HANDLERS[self.state](self, reader)
-            except NeedData:
-                if self._eof:
-                    self._at_eof()
-                    continue
-                return None
-            finally:
-                reader.release()
-            del self._buf[: reader.pos]
-            self._events.extend(produced)
-            if self._tls_starting is not None:
-                self._start_tls()
 
     def _at_eof(self) -> None:
         if self.state is State.CONNECTED and not self._buf and self._update is None:
@@ -474,20 +365,20 @@ class ClientConnection:
             name, describe = creds.server_name, creds.describe()
         else:
             context, name, describe = anonymous_context(), None, "nothing (anonymous TLS)"
-        self._tls_starting = (context, name, describe)
+        self._tls_params = (context, name, describe)
+        self._tls_starting = True
         self.state = State.TLS_HANDSHAKE
         return []
 
     def _start_tls(self) -> None:
-        assert self._tls_starting is not None
-        context, name, describe = self._tls_starting
-        self._tls_starting = None
-        # Every byte after the acceptance is TLS: put what was already buffered
-        # as plaintext back in front of the raw input.
-        self._raw_in[:0] = self._buf
-        self._buf.clear()
+        assert self._tls_params is not None
+        context, name, describe = self._tls_params
+        self._tls_params = None
         self._tls = TlsLayer(context, name, describe)
         self._out += self._tls.data_to_send()
+
+    def _eof_in_tls_handshake(self) -> TlsError:
+        return TlsError("the server closed the connection during the TLS handshake")
 
     def _after_tls_handshake(self) -> None:
         assert self.vencrypt_subtype is not None
@@ -671,7 +562,7 @@ class _UpdateInProgress:
         return self.buffered_bytes
 
 
-_HANDLERS = {
+ClientConnection.handlers = {
     State.PROTOCOL_VERSION: ClientConnection._on_version,
     State.SECURITY_TYPES: ClientConnection._on_security_types,
     State.SECURITY_TYPE_33: ClientConnection._on_security_type_33,

@@ -7,7 +7,8 @@ X509Vnc with a TLS server handshake over `ssl.SSLObject` memory BIOs), reads
 ClientInit, lets the gateway send ServerInit, then frames every client message
 into an event. Like `ClientConnection` it is bytes in, events out: feed it with
 `receive_data()` (b"" for EOF), pull events with `next_event()` / `events()`,
-write out `data_to_send()`. Every state and what it waits for is in `_HANDLERS`.
+write out `data_to_send()`. Every state and what it waits for is in `ServerConnection.handlers`;
+the byte plumbing shared with the client side is `resourced.rfb._engine`.
 
 It is not a VNC server: it keeps no framebuffer, encodes no pixels and never
 answers a client message on its own; the gateway forwards or answers them, and
@@ -27,9 +28,7 @@ import hmac
 import os
 import re
 import ssl
-import struct
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -40,11 +39,11 @@ from resourced.errors import (
     ConnectionClosed,
     LocalProtocolError,
     RemoteProtocolError,
-    ResourcedError,
     SecurityNegotiationFailed,
     TlsError,
 )
 from resourced.rfb._buffer import NeedData, Reader, u8, u16, u32
+from resourced.rfb._engine import Engine
 from resourced.rfb.constants import (
     MAX_SCREENS,
     MAX_SERVER_NAME_LENGTH,
@@ -382,7 +381,7 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class ServerConnection:
+class ServerConnection(Engine):
     """One RFB server session facing a viewer, sans-IO.
 
     `security` says what viewers must present. `random_bytes` makes VNC
@@ -396,6 +395,10 @@ class ServerConnection:
     leave the connection CLOSED for good; whatever the viewer must still be told
     (a failed SecurityResult, a TLS alert) is already in `data_to_send()`.
     """
+
+    peer = "client"
+    TLS_HANDSHAKE = State.TLS_HANDSHAKE
+    CLOSED = State.CLOSED
 
     def __init__(
         self,
@@ -415,7 +418,7 @@ class ServerConnection:
                 raise ConfigurationError(f"QEMU submessage {subtype} does not fit a byte")
             self._qemu_parsers[subtype] = parser
 
-        self._state = State.PROTOCOL_VERSION
+        super().__init__(State.PROTOCOL_VERSION)
         self._version: tuple[int, int] | None = None
         self._security_type: SecurityType | None = None
         self._vencrypt_subtype: VeNCryptSubtype | None = None
@@ -425,22 +428,9 @@ class ServerConnection:
         #: The encodings of the client's last SetEncodings.
         self.encodings: tuple[int, ...] = ()
 
-        self._raw_in = bytearray()  # bytes from the wire not yet through TLS
-        self._buf = bytearray()  # plaintext protocol bytes not yet parsed
-        self._out = bytearray()  # bytes for the wire
-        self._tls: _ServerTls | None = None
-        self._tls_starting = False
-        self._tls_eof_sent = False
-        self._eof = False
-        self._events: deque[Any] = deque()
-        self._failed: Exception | None = None
         self._out += SERVER_VERSION
 
     # ------------------------------------------------------------------ I/O face
-
-    @property
-    def state(self) -> State:
-        return self._state
 
     @property
     def version(self) -> tuple[int, int] | None:
@@ -457,45 +447,24 @@ class ServerConnection:
 
     @property
     def tls_version(self) -> str | None:
-        return self._tls.version if self._tls is not None else None
+        return self._tls.version if isinstance(self._tls, _ServerTls) else None
 
     @property
     def peer_certificate(self) -> dict[str, Any] | None:
         """The client's verified certificate (as `SSLSocket.getpeercert()` gives it)."""
-        return self._tls.peer_certificate if self._tls is not None else None
+        return self._tls.peer_certificate if isinstance(self._tls, _ServerTls) else None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events (for memory accounting)."""
         return len(self._raw_in) + len(self._buf)
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the wire; b"" means the peer closed."""
-        if self._eof:
-            if data:
-                raise LocalProtocolError("data received after EOF")
-            return
-        if data:
-            # Once closed nothing is parsed any more, so nothing need be kept.
-            if self._state is not State.CLOSED:
-                self._raw_in += data
-        else:
-            self._eof = True
-
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the wire, in order; empties the queue."""
-        if self._tls is not None:
-            self._out += self._tls.data_to_send()
-        out = bytes(self._out)
-        self._out.clear()
-        return out
-
     def send_server_init(
         self, width: int, height: int, pixel_format: PixelFormat, name: str
     ) -> None:
         """Send ServerInit (rfbproto 7.3.2); only after `ClientInitReceived`."""
-        if self._state is not State.CLIENT_INIT_RECEIVED:
-            raise LocalProtocolError(f"cannot send ServerInit: {self._state.value}")
+        if self.state is not State.CLIENT_INIT_RECEIVED:
+            raise LocalProtocolError(f"cannot send ServerInit: {self.state.value}")
         if not (0 <= width <= 0xFFFF and 0 <= height <= 0xFFFF):
             raise LocalProtocolError(f"ServerInit: {width}x{height} does not fit 16 bits")
         encoded = name.encode("utf-8")
@@ -506,7 +475,7 @@ class ServerConnection:
             u16(width) + u16(height) + pixel_format.serialize() + u32(len(encoded)) + encoded
         )
         self.pixel_format = pixel_format
-        self._state = State.CONNECTED
+        self.state = State.CONNECTED
 
     def send_raw(self, data: bytes) -> None:
         """Queue whole, already serialized server messages (only once connected).
@@ -514,118 +483,29 @@ class ServerConnection:
         Nothing is checked: the gateway forwards QEMU's messages and inserts its
         own, and must keep them whole and in order.
         """
-        if self._state is not State.CONNECTED:
-            raise LocalProtocolError(f"cannot send server messages: {self._state.value}")
+        if self.state is not State.CONNECTED:
+            raise LocalProtocolError(f"cannot send server messages: {self.state.value}")
         self._write(data)
 
     def close(self) -> None:
         """We are closing: queue a TLS close_notify if TLS is up; no more events."""
-        if self._tls is not None and self._tls.handshake_done:
+        if isinstance(self._tls, _ServerTls) and self._tls.handshake_done:
             self._tls.close()
-        self._state = State.CLOSED
-
-    def next_event(self) -> Any | None:
-        """The next event, or None when more data is needed.
-
-        Raises `RemoteProtocolError` (or a `SecurityError`, or `ConnectionClosed`)
-        when the client broke the protocol, failed to authenticate or left; the
-        connection is then closed for good.
-        """
-        if self._failed is not None:
-            raise self._failed
-        try:
-            return self._next_event()
-        except LocalProtocolError:
-            raise
-        except ResourcedError as err:
-            self._fail(err)
-            raise
-        except (struct.error, IndexError, ValueError, UnicodeError) as err:
-            # A parser met bytes it could not make sense of in a way no explicit
-            # check caught; it is still the peer's fault, and still must not leak.
-            wrapped = RemoteProtocolError(f"malformed data from the client ({self._state.value})")
-            wrapped.__cause__ = err
-            self._fail(wrapped)
-            raise wrapped from err
-
-    def events(self) -> Iterator[Any]:
-        """Every event available now."""
-        while (event := self.next_event()) is not None:
-            yield event
+        self.state = State.CLOSED
 
     # ------------------------------------------------------------------ internals
 
-    def _fail(self, err: Exception) -> None:
-        self._failed = err
-        self._state = State.CLOSED
-        # Nothing will be parsed any more; what remains is only a liability.
-        self._raw_in.clear()
-        self._buf.clear()
-
-    def _write(self, data: bytes) -> None:
-        if self._tls is not None:
-            self._tls.send(data)
-            self._out += self._tls.data_to_send()
-        else:
-            self._out += data
-
-    def _pump_tls(self) -> None:
-        if self._tls is None:
-            if self._raw_in:
-                self._buf += self._raw_in
-                self._raw_in.clear()
-            return
-        if self._raw_in or (self._eof and not self._tls_eof_sent):
-            data = bytes(self._raw_in)
-            self._raw_in.clear()
-            if data:
-                self._buf += self._tls.receive(data)
-            if self._eof and not self._tls_eof_sent:
-                self._tls_eof_sent = True
-                self._buf += self._tls.receive(b"")
-            self._out += self._tls.data_to_send()
-            if self._state is State.TLS_HANDSHAKE and self._tls.handshake_done:
-                self._after_tls_handshake()
-
-    def _next_event(self) -> Any | None:
-        while True:
-            if self._events:
-                return self._events.popleft()
-            if self._state is State.CLOSED:
-                return None
-            self._pump_tls()
-            if self._events:
-                continue
-            if self._state is State.TLS_HANDSHAKE:
-                if self._eof:
-                    raise ConnectionClosed("the client closed the connection in the TLS handshake")
-                return None
-            reader = Reader(self._buf)
-            try:
-                produced = _HANDLERS[self._state](self, reader)
-            except NeedData:
-                if self._eof:
-                    self._at_eof()
-                    continue
-                return None
-            finally:
-                reader.release()
-            del self._buf[: reader.pos]
-            self._events.extend(produced)
-            if self._tls_starting:
-                self._start_tls()
-
     def _at_eof(self) -> None:
-        if self._state is State.CONNECTED and not self._buf:
-            self._state = State.CLOSED
+        if self.state is State.CONNECTED and not self._buf:
+            self.state = State.CLOSED
             self._events.append(ClientClosed())
             return
-        if self._state is State.CONNECTED:
+        if self.state is State.CONNECTED:
             raise RemoteProtocolError(
                 "the client closed the connection in the middle of a message "
                 f"({len(self._buf)} bytes of it received)"
             )
-        raise ConnectionClosed(f"the client closed the connection while {self._state.value}")
+        raise ConnectionClosed(f"the client closed the connection while {self.state.value}")
 
     def _write_failure(self, reason: str) -> None:
         """SecurityResult failed; 3.8 alone carries a reason (rfbproto 7.1.3)."""
@@ -651,7 +531,7 @@ class ServerConnection:
         else:
             types = self._security.offered_types()
             self._write(u8(len(types)) + bytes(types))
-            self._state = State.SECURITY_TYPE
+            self.state = State.SECURITY_TYPE
         return []
 
     def _offer_33(self) -> None:
@@ -683,12 +563,12 @@ class ServerConnection:
             # 3.8 sends a SecurityResult even for None (rfbproto 7.2.1); 3.3/3.7 do not.
             if self._version == (3, 8):
                 self._write(u32(SecurityResult.OK))
-            self._state = State.CLIENT_INIT
+            self.state = State.CLIENT_INIT
         elif choice is SecurityType.VNC_AUTH:
             self._send_challenge()
         elif choice is SecurityType.VENCRYPT:
             self._write(u8(0) + u8(2))
-            self._state = State.VENCRYPT_VERSION
+            self.state = State.VENCRYPT_VERSION
         else:  # pragma: no cover - offered_types offers only the above
             raise LocalProtocolError(f"security type {choice.name} not implemented")
 
@@ -698,7 +578,7 @@ class ServerConnection:
             raise LocalProtocolError(f"random_bytes gave {len(challenge)} bytes, not 16")
         self._challenge = challenge
         self._write(challenge)
-        self._state = State.VNC_AUTH_RESPONSE
+        self.state = State.VNC_AUTH_RESPONSE
 
     def _on_vnc_response(self, r: Reader) -> list[Any]:
         response = r.take(VNC_AUTH_CHALLENGE_SIZE)
@@ -710,7 +590,7 @@ class ServerConnection:
             self._write_failure(AUTH_FAILED_REASON)
             raise AuthenticationFailed("the client's VNC password was wrong")
         self._write(u32(SecurityResult.OK))
-        self._state = State.CLIENT_INIT
+        self.state = State.CLIENT_INIT
         return []
 
     def _on_vencrypt_version(self, r: Reader) -> list[Any]:
@@ -722,7 +602,7 @@ class ServerConnection:
             )
         subtypes = self._security.offered_subtypes()
         self._write(u8(0) + u8(len(subtypes)) + b"".join(u32(s) for s in subtypes))
-        self._state = State.VENCRYPT_SUBTYPE
+        self.state = State.VENCRYPT_SUBTYPE
         return []
 
     def _on_vencrypt_subtype(self, r: Reader) -> list[Any]:
@@ -737,17 +617,15 @@ class ServerConnection:
         self._vencrypt_subtype = VeNCryptSubtype(number)
         self._write(u8(1))
         self._tls_starting = True
-        self._state = State.TLS_HANDSHAKE
+        self.state = State.TLS_HANDSHAKE
         return []
 
     def _start_tls(self) -> None:
-        self._tls_starting = False
         assert self._security.tls_context is not None
-        # Every byte after the acceptance is TLS: put what was already buffered
-        # as plaintext back in front of the raw input.
-        self._raw_in[:0] = self._buf
-        self._buf.clear()
         self._tls = _ServerTls(self._security.tls_context)
+
+    def _eof_in_tls_handshake(self) -> ConnectionClosed:
+        return ConnectionClosed("the client closed the connection in the TLS handshake")
 
     def _after_tls_handshake(self) -> None:
         if self._vencrypt_subtype is VeNCryptSubtype.X509_VNC:
@@ -755,11 +633,11 @@ class ServerConnection:
         else:
             # VeNCrypt always ends in a SecurityResult, whatever the version.
             self._write(u32(SecurityResult.OK))
-            self._state = State.CLIENT_INIT
+            self.state = State.CLIENT_INIT
 
     def _on_client_init(self, r: Reader) -> list[Any]:
         shared = r.u8()
-        self._state = State.CLIENT_INIT_RECEIVED
+        self.state = State.CLIENT_INIT_RECEIVED
         return [ClientInitReceived(bool(shared))]
 
     def _on_before_server_init(self, r: Reader) -> list[Any]:
@@ -797,7 +675,7 @@ class ServerConnection:
         return [message]
 
 
-_HANDLERS = {
+ServerConnection.handlers = {
     State.PROTOCOL_VERSION: ServerConnection._on_version,
     State.SECURITY_TYPE: ServerConnection._on_security_type,
     State.VNC_AUTH_RESPONSE: ServerConnection._on_vnc_response,

@@ -1,0 +1,195 @@
+"""The byte engine both sides of RFB share: wire bytes in, events out, bytes out.
+
+`Engine` owns the buffers (raw input, TLS, plaintext, output), runs the handler
+of the current state over the plaintext until it needs more bytes, queues the
+events they produce, turns unexpected parser failures into the peer's protocol
+error, and sends through TLS once it is up. `ClientConnection` and
+`ServerConnection` supply the states, the handlers and a few hooks. No I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar, Protocol
+
+from resourced.errors import LocalProtocolError, RemoteProtocolError, ResourcedError
+from resourced.rfb._buffer import NeedData, Reader
+
+
+class TlsSession(Protocol):
+    """What the engine needs of a TLS layer (client or server side)."""
+
+    handshake_done: bool
+
+    def receive(self, data: bytes) -> bytes: ...
+
+    def send(self, plaintext: bytes) -> None: ...
+
+    def data_to_send(self) -> bytes: ...
+
+
+class Engine(ABC):
+    """Base of the client and server connections (see the module docstring)."""
+
+    #: Who is at the other end, for messages ("server" or "client").
+    peer: ClassVar[str]
+    #: One handler per state; a handler reads from the `Reader` (raising `NeedData`
+    #: before changing anything when the message is incomplete) and returns events.
+    handlers: ClassVar[Mapping[Any, Callable[[Any, Reader], list[Any]]]]
+    #: The states with no handler: waiting for TLS, and closed.
+    TLS_HANDSHAKE: ClassVar[enum.Enum]
+    CLOSED: ClassVar[enum.Enum]
+
+    def __init__(self, state: enum.Enum) -> None:
+        self.state: Any = state
+        self._raw_in = bytearray()  # bytes from the wire not yet through TLS
+        self._buf = bytearray()  # plaintext protocol bytes not yet parsed
+        self._out = bytearray()  # bytes for the wire
+        self._tls: TlsSession | None = None
+        self._tls_starting = False  # a handler accepted TLS: start it after this message
+        self._tls_eof_sent = False
+        self._eof = False
+        self._events: deque[Any] = deque()
+        self._failed: Exception | None = None
+
+    # ------------------------------------------------------------------ I/O face
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the wire; b"" means the peer closed."""
+        if self._eof:
+            if data:
+                raise LocalProtocolError("data received after EOF")
+            return
+        if data:
+            # Once closed nothing is parsed any more, so nothing need be kept.
+            if self.state is not self.CLOSED:
+                self._raw_in += data
+        else:
+            self._eof = True
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the wire, in order; empties the queue."""
+        if self._tls is not None:
+            self._out += self._tls.data_to_send()
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> Any | None:
+        """The next event, or None when more data is needed.
+
+        Raises `RemoteProtocolError` (or a `SecurityError`, or `ConnectionClosed`)
+        when the peer broke the protocol, failed or refused authentication, or
+        left; the connection is then closed for good.
+        """
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._next_event()
+        except LocalProtocolError:
+            raise
+        except ResourcedError as err:
+            self._fail(err)
+            raise
+        except (struct.error, IndexError, ValueError, UnicodeError) as err:
+            # A parser met bytes it could not make sense of in a way no explicit
+            # check caught; it is still the peer's fault, and still must not leak.
+            wrapped = RemoteProtocolError(
+                f"malformed data from the {self.peer} ({self.state.value})"
+            )
+            self._fail(wrapped)
+            raise wrapped from err
+
+    def events(self) -> Iterator[Any]:
+        """Every event available now."""
+        while (event := self.next_event()) is not None:
+            yield event
+
+    # ------------------------------------------------------------------ hooks
+
+    @abstractmethod
+    def _start_tls(self) -> None:
+        """Create `self._tls` (a handler set `_tls_starting`)."""
+
+    @abstractmethod
+    def _after_tls_handshake(self) -> None:
+        """The TLS handshake finished: move on to the inner authentication."""
+
+    @abstractmethod
+    def _eof_in_tls_handshake(self) -> ResourcedError:
+        """The error for a peer that closed in the middle of the TLS handshake."""
+
+    @abstractmethod
+    def _at_eof(self) -> None:
+        """The peer closed and the current state's handler needs more bytes."""
+
+    # ------------------------------------------------------------------ internals
+
+    def _fail(self, err: Exception) -> None:
+        self._failed = err
+        self.state = self.CLOSED
+        # Nothing will be parsed any more; what remains is only a liability.
+        self._raw_in.clear()
+        self._buf.clear()
+
+    def _write(self, data: bytes) -> None:
+        if self._tls is not None:
+            self._tls.send(data)
+            self._out += self._tls.data_to_send()
+        else:
+            self._out += data
+
+    def _pump_tls(self) -> None:
+        if self._tls is None:
+            if self._raw_in:
+                self._buf += self._raw_in
+                self._raw_in.clear()
+            return
+        if self._raw_in or (self._eof and not self._tls_eof_sent):
+            data = bytes(self._raw_in)
+            self._raw_in.clear()
+            if data:
+                self._buf += self._tls.receive(data)
+            if self._eof and not self._tls_eof_sent:
+                self._tls_eof_sent = True
+                self._buf += self._tls.receive(b"")
+            self._out += self._tls.data_to_send()
+            if self.state is self.TLS_HANDSHAKE and self._tls.handshake_done:
+                self._after_tls_handshake()
+
+    def _next_event(self) -> Any | None:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self.state is self.CLOSED:
+                return None
+            self._pump_tls()
+            if self._events:
+                continue
+            if self.state is self.TLS_HANDSHAKE:
+                if self._eof:
+                    raise self._eof_in_tls_handshake()
+                return None
+            reader = Reader(self._buf)
+            try:
+                produced = self.handlers[self.state](self, reader)
+            except NeedData:
+                if self._eof:
+                    self._at_eof()
+                    continue
+                return None
+            finally:
+                reader.release()
+            del self._buf[: reader.pos]
+            self._events.extend(produced)
+            if self._tls_starting:
+                self._tls_starting = False
+                # Every byte after the acceptance is TLS: what was buffered as
+                # plaintext goes back in front of the raw input.
+                self._raw_in[:0] = self._buf
+                self._buf.clear()
+                self._start_tls()
