@@ -10,9 +10,7 @@ and the client talking to a real `ServerConnection` in memory.
 
 from __future__ import annotations
 
-import tracemalloc
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -48,6 +46,7 @@ from resourced.rfb.pixelformat import RGBX8888
 from resourced.rfb.server import ClientInitReceived, ServerConnection, ServerSecurity
 
 from . import wire
+from .wire import traced_peak
 
 MAX_U32 = 0xFFFFFFFF
 MIB = 1024 * 1024
@@ -982,23 +981,6 @@ def test_a_half_received_message_changes_nothing() -> None:
 # ---------------------------------------------------------------------------
 # 3. Fuzz: any bytes after HELLO give events or RemoteProtocolError, bounded memory
 # ---------------------------------------------------------------------------
-
-
-@contextmanager
-def traced_peak() -> Iterator[list[int]]:
-    """The peak of traced allocations inside the block, above its start."""
-    result = [0]
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        yield result
-        result[0] = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        if started:
-            tracemalloc.stop()
 
 
 fuzz_ids = st.one_of(st.sampled_from([1, 2, 3, 0, 7]), u32s)

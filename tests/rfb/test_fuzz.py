@@ -10,9 +10,6 @@
 
 from __future__ import annotations
 
-import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -52,6 +49,7 @@ from resourced.rfb.security import TlsMode
 from resourced.rfb.tls import TlsCredentials
 
 from . import wire
+from .wire import traced_peak
 
 WIDTH, HEIGHT = 64, 48
 MIB = 1024 * 1024
@@ -77,23 +75,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-
-
-@contextmanager
-def traced_peak() -> Iterator[list[int]]:
-    """Measure the peak of traced allocations inside the block, above its start."""
-    result = [0]
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        yield result
-        result[0] = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        if started:
-            tracemalloc.stop()
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -12,9 +12,6 @@ SetDesktopSize / xvp dataclasses round-trip.
 from __future__ import annotations
 
 import ssl
-import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +78,7 @@ from tests.certs import Pki, make_pki
 
 from . import wire
 from .test_handshake import VNC_VECTORS, password_for_des_key
+from .wire import traced_peak
 
 WIDTH, HEIGHT = 64, 48
 NAME = "gateway test"
@@ -920,23 +918,6 @@ client_noise = st.one_of(
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(data)})
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True) if b > a]
-
-
-@contextmanager
-def traced_peak() -> Iterator[list[int]]:
-    """Measure the peak of traced allocations inside the block, above its start."""
-    result = [0]
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        yield result
-        result[0] = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        if started:
-            tracemalloc.stop()
 
 
 @settings(FUZZ, max_examples=2000)

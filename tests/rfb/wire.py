@@ -13,7 +13,9 @@ whole, one byte at a time, or followed by the start of the next message.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+import tracemalloc
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from resourced.rfb.connection import ClientConnection, State
@@ -258,3 +260,20 @@ def connected(*, width: int = 64, height: int = 48, **options: Any) -> ClientCon
     conn = ClientConnection(**options)
     handshake(conn, width=width, height=height)
     return conn
+
+
+@contextmanager
+def traced_peak() -> Iterator[list[int]]:
+    """Measure the peak of traced allocations inside the block, above its start."""
+    result = [0]
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        yield result
+        result[0] = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if started:
+            tracemalloc.stop()
