@@ -733,30 +733,20 @@ async def open_gateway_probe(address: str, label: str, timeout: float) -> Gatewa
 
 
 def libvirt_domain_xml(name: str, image: Path) -> str:
-    return f"""\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>16</memory>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <boot dev='fd'/>
-  </os>
-  <devices>
-    <disk type='file' device='floppy'>
-      <driver name='qemu' type='raw'/>
-      <source file='{image}'/>
-      <target dev='fda' bus='fdc'/>
-    </disk>
+    from tests.libvirtd import demo_domain_xml
+
+    return demo_domain_xml(
+        name,
+        image,
+        """\
     <serial type='pty'>
       <target port='0'/>
     </serial>
     <console type='pty'>
       <target type='serial' port='0'/>
     </console>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+    <memballoon model='none'/>""",
+    )
 
 
 def ensure_libvirt() -> Any:

@@ -164,3 +164,26 @@ def ensure_libvirtd(timeout: float = START_TIMEOUT) -> None:
         + "\n".join(log)
         + f"\n--- tail of {LIBVIRTD_LOG} ---\n{_log_tail(LIBVIRTD_LOG)}"
     )
+
+
+def demo_domain_xml(name: str, image: Path, devices: str) -> str:
+    """A transient TCG domain booting the demo boot sector from `image` (a floppy),
+    with `devices` (XML elements) added to its `<devices>`."""
+    return f"""\
+<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>16</memory>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <boot dev='fd'/>
+  </os>
+  <devices>
+    <disk type='file' device='floppy'>
+      <driver name='qemu' type='raw'/>
+      <source file='{image}'/>
+      <target dev='fda' bus='fdc'/>
+    </disk>
+{devices}
+  </devices>
+</domain>
+"""

@@ -36,6 +36,7 @@ from resourced.rfb.consoles import ConsoleData, ConsoleOpened, Consoles, Console
 from tests.libvirtd import (
     SYSTEM_URI,
     LibvirtdUnavailable,
+    demo_domain_xml,
     ensure_libvirtd,
     ensure_qemu_runs_as_root,
 )
@@ -74,20 +75,10 @@ def domain_dir() -> Iterator[Path]:
 
 
 def domain_xml(name: str, image: Path, serial_socket: Path) -> str:
-    return f"""\
-<domain type='qemu'>
-  <name>{name}</name>
-  <memory unit='MiB'>16</memory>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <boot dev='fd'/>
-  </os>
-  <devices>
-    <disk type='file' device='floppy'>
-      <driver name='qemu' type='raw'/>
-      <source file='{image}'/>
-      <target dev='fda' bus='fdc'/>
-    </disk>
+    return demo_domain_xml(
+        name,
+        image,
+        f"""\
     <serial type='unix'>
       <source mode='bind' path='{serial_socket}'/>
       <target port='0'/>
@@ -100,10 +91,8 @@ def domain_xml(name: str, image: Path, serial_socket: Path) -> str:
     </graphics>
     <video>
       <model type='vga'/>
-    </video>
-  </devices>
-</domain>
-"""
+    </video>""",
+    )
 
 
 @pytest.fixture
