@@ -57,6 +57,7 @@ from resourced.rfb.messages import CLIENT_PARSERS, QemuKeyEvent, SetEncodings, S
 from resourced.rfb.pixelformat import PixelFormat
 from resourced.rfb.qemu import parse_client_audio
 from resourced.rfb.security import VNC_AUTH_CHALLENGE_SIZE, vnc_auth_response
+from resourced.rfb.tls import read_available
 
 #: The version we announce; clients answer with the one they will speak.
 SERVER_VERSION = b"RFB 003.008\n"
@@ -308,24 +309,8 @@ class _ServerTls:
             self._handshake()
             if not self.handshake_done:
                 return b""
-        chunks = []
-        while True:
-            try:
-                chunk = self._obj.read(65536)
-            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
-                break
-            except ssl.SSLEOFError:
-                # EOF without close_notify, as many viewers leave. RFB messages are
-                # self-delimiting, so the connection still tells a cut inside a
-                # message (an error) from one between messages (no worse than the
-                # viewer closing the socket).
-                break
-            except ssl.SSLError as err:
-                raise TlsError(f"TLS error: {err.reason or err}") from err
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        # Many viewers leave without close_notify: that is an end, not an error.
+        return read_available(self._obj, eof_ends_stream=True)
 
     def _handshake(self) -> None:
         try:

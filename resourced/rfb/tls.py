@@ -137,6 +137,31 @@ def anonymous_context() -> ssl.SSLContext:
     return ctx
 
 
+def read_available(obj: ssl.SSLObject, *, eof_ends_stream: bool) -> bytes:
+    """All plaintext an SSLObject can give now (both sides of VeNCrypt use it).
+
+    `eof_ends_stream`: treat a transport EOF without close_notify as the end of
+    the stream rather than an error (RFB messages are self-delimiting, so a cut
+    inside a message is still caught above).
+    """
+    chunks = []
+    while True:
+        try:
+            chunk = obj.read(65536)
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            break
+        except ssl.SSLEOFError as err:
+            if eof_ends_stream:
+                break
+            raise TlsError(f"TLS error: {err.reason or err}") from err
+        except ssl.SSLError as err:
+            raise TlsError(f"TLS error: {err.reason or err}") from err
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class TlsLayer:
     """A TLS client session over memory buffers (no I/O).
 
@@ -196,20 +221,7 @@ class TlsLayer:
             if self._eof:
                 raise TlsError("the server closed the connection during the TLS handshake")
             return b""
-        chunks = []
-        while True:
-            try:
-                chunk = self._obj.read(65536)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                break
-            except ssl.SSLError as err:
-                raise TlsError(f"TLS error: {err.reason or err}") from err
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return read_available(self._obj, eof_ends_stream=False)
 
     def send(self, plaintext: bytes) -> None:
         if not self.handshake_done:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from resourced.errors import ResourcedError
 from resourced.gateway.gateway import Gateway, GatewayConfig
 from resourced.rfb.aio import connect
+from resourced.rfb.constants import SecurityType
 from resourced.rfb.pixelformat import RGBX8888
 from resourced.rfb.server import ClientInitReceived, ServerConnection, ServerSecurity
 
@@ -59,7 +60,8 @@ async def viewer_handshake(path: str) -> tuple[asyncio.StreamReader, asyncio.Str
     assert await reader.readexactly(12) == b"RFB 003.008\n"
     writer.write(b"RFB 003.008\n")
     count = (await reader.readexactly(1))[0]
-    assert 1 in await reader.readexactly(count)
+    offered = await reader.readexactly(count)
+    assert SecurityType.NONE in offered
     writer.write(b"\x01")
     assert await reader.readexactly(4) == b"\0\0\0\0"
     writer.write(b"\x01")
