@@ -29,6 +29,11 @@ class TlsSession(Protocol):
 
     def send(self, plaintext: bytes) -> None: ...
 
+    @property
+    def pending_input(self) -> int:
+        """Bytes received and not yet parsed (a transport pauses reading when this grows)."""
+        return len(self._raw_in) + len(self._buf)
+
     def data_to_send(self) -> bytes: ...
 
 
