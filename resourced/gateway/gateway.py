@@ -93,25 +93,19 @@ class Gateway:
                 return
         raise ConfigurationError(f"no console named {name}")
 
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        session = Session(self, reader, writer)
-        self.sessions.add(session)
-        try:
-            await session.run()
-        finally:
-            self.sessions.discard(session)
-
     async def listen_unix(self, path: str) -> asyncio.Server:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        server = await asyncio.start_unix_server(self._on_client, path)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: Session(self), path)
         self._unix_paths.append(path)
         self._servers.append(server)
         log.info("gateway: listening on unix:%s", path)
         return server
 
     async def listen_tcp(self, host: str, port: int) -> asyncio.Server:
-        server = await asyncio.start_server(self._on_client, host, port)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Session(self), host, port)
         self._servers.append(server)
         log.info("gateway: listening on %s:%d", host, port)
         return server

@@ -12,7 +12,6 @@ with per-console credit so a console nobody reads stalls nothing else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -57,9 +56,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 256 * 1024
 #: Input a viewer may have in flight per console before the host end takes it.
 INPUT_WINDOW = 64 * 1024
+#: Unparsed input from a viewer still in its handshake before reading pauses.
+MAX_HANDSHAKE_INPUT = 64 * 1024
 
 #: Pseudo-encodings that change only how the server encodes, never what it frames.
 _HINT_ENCODINGS = frozenset(range(-32, -22)) | frozenset(range(-256, -246))
@@ -93,27 +93,110 @@ class _OpenConsole:
         self.listener: Any = None
 
 
-class Session:
-    """A viewer connection, relayed to QEMU, with consoles added."""
+class Session(asyncio.Protocol):
+    """A viewer connection, relayed to QEMU, with consoles added.
 
-    def __init__(
-        self, gateway: Gateway, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    It is the viewer socket's asyncio protocol: once the handshake is done, a
+    viewer's message is parsed and passed on (to QEMU, or to a console's host
+    end) straight from the socket's read callback, and QEMU's messages and
+    console output reach the viewer from theirs, with no task wake-up on the
+    way. A task (`run`) holds the lifecycle: handshake, upstream connection,
+    then waiting for the end.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.config = gateway.config
-        self._reader = reader
-        self._writer = writer
-        peer = writer.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket peer"
+        self.peer = "unknown peer"
         self.server = ServerConnection(
             self.config.security, qemu_parsers={QemuClientSubtype.CONSOLE: parse_client_message}
         )
         self.upstream: RfbClient | None = None
         self.consoles_enabled = False
         self._open: dict[int, _OpenConsole] = {}
-        self._tasks: list[asyncio.Task[None]] = []
-        self._drain_waiter: asyncio.Task[None] | None = None
-        writer.transport.set_write_buffer_limits(high=self.config.write_high_water)
+        self._transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self._done: asyncio.Future[None] = loop.create_future()
+        self._lost: asyncio.Future[None] = loop.create_future()
+        self._input_waiter: asyncio.Future[None] | None = None
+        self._viewer_eof = False
+        self._relaying = False
+        self._write_paused = False
+        self._slow_timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # --- asyncio.Protocol (the viewer's socket) ----------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket peer"
+        transport.set_write_buffer_limits(high=self.config.write_high_water)
+        self.gateway.sessions.add(self)
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        self.server.receive_data(data)
+        self._viewer_input()
+
+    def eof_received(self) -> bool:
+        self._viewer_eof = True
+        self.server.receive_data(b"")
+        self._viewer_input()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._lost.done():
+            self._lost.set_result(None)
+        if exc is not None:
+            self._finish(exc)
+        elif not self._viewer_eof:
+            self._viewer_eof = True
+            self.server.receive_data(b"")
+            self._viewer_input()
+        self._finish(None)
+
+    def pause_writing(self) -> None:
+        """The viewer is more than `write_high_water` behind: stop reading QEMU, and
+        give the viewer `slow_client_timeout` to catch up."""
+        self._write_paused = True
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+        loop = asyncio.get_running_loop()
+        self._slow_timer = loop.call_later(self.config.slow_client_timeout, self._viewer_too_slow)
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
+            self._slow_timer = None
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+        for console_id in list(self._open):
+            self._pump(console_id)
+
+    def _viewer_too_slow(self) -> None:
+        self._slow_timer = None
+        queued = self._transport.get_write_buffer_size() if self._transport is not None else 0
+        self._finish(
+            ResourcedError(
+                f"viewer stopped reading ({queued} bytes queued "
+                f"for {self.config.slow_client_timeout:g} s)"
+            )
+        )
+
+    def _viewer_input(self) -> None:
+        if self._relaying:
+            try:
+                self._from_viewer()
+            except ResourcedError as err:
+                self._finish(err)
+            return
+        if self.server.pending_input > MAX_HANDSHAKE_INPUT and self._transport is not None:
+            self._transport.pause_reading()  # a viewer talking past its handshake waits
+        if self._input_waiter is not None and not self._input_waiter.done():
+            self._input_waiter.set_result(None)
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -121,64 +204,73 @@ class Session:
         try:
             shared = await self._handshake()
             await self._connect_upstream(shared)
-            async with asyncio.TaskGroup() as group:
-                self._tasks = [
-                    group.create_task(self._from_viewer()),
-                    group.create_task(self._from_qemu()),
-                ]
-        except* ResourcedError as errors:
-            for err in errors.exceptions:
-                log.warning("viewer %s: %s; disconnected", self.peer, err)
-        except* OSError as lost:
-            for reason in lost.exceptions:
-                log.info("viewer %s: connection lost (%s)", self.peer, reason)
+            self._start_relay()
+            await self._done
+        except ResourcedError as err:
+            log.warning("viewer %s: %s; disconnected", self.peer, err)
+        except OSError as lost:
+            log.info("viewer %s: connection lost (%s)", self.peer, lost)
         finally:
             await self._cleanup()
 
+    def _finish(self, error: BaseException | None) -> None:
+        """The session ends: `run` logs `error` (if any) and cleans up."""
+        if self._done.done():
+            return
+        if error is None:
+            self._done.set_result(None)
+        else:
+            self._done.set_exception(error)
+        if self._input_waiter is not None and not self._input_waiter.done():
+            self._input_waiter.set_result(None)
+
     def shutdown(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        if self._drain_waiter is not None:
-            self._drain_waiter.cancel()
-        self._writer.close()
+        self._finish(None)
+        if self._transport is not None:
+            self._transport.close()
 
     async def _cleanup(self) -> None:
+        if self._slow_timer is not None:
+            self._slow_timer.cancel()
         for console in self._open.values():
             console.hub.unsubscribe(console.listener)
         self._open.clear()
         self._flush()
         if self.upstream is not None:
             await self.upstream.close()
-        self._writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.wait_closed()
+        if self._transport is not None:
+            self._transport.close()
+            await self._lost
+        self.gateway.sessions.discard(self)
 
     async def _handshake(self) -> bool:
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 while True:
-                    for event in self._events():
-                        if isinstance(event, ClientInitReceived):
-                            return event.shared
-                    data = await self._reader.read(READ_SIZE)
-                    self.server.receive_data(data)
+                    try:
+                        while (event := self.server.next_event()) is not None:
+                            if isinstance(event, ClientInitReceived):
+                                return event.shared
+                    finally:
+                        self._flush()
+                    if self._done.done():
+                        self._done.result()  # raises the error that ended it
+                        raise ResourcedError("closed during the handshake")
+                    if self._viewer_eof:
+                        raise ResourcedError("the viewer left during the handshake")
+                    self._input_waiter = asyncio.get_running_loop().create_future()
+                    await self._input_waiter
         except TimeoutError:
             raise ResourcedError(
                 f"handshake not finished within {self.config.handshake_timeout:g} s"
             ) from None
-
-    def _events(self) -> list[Any]:
-        """Drain the server connection's events, always flushing what it wants sent
-        (a failed authentication's SecurityResult goes out before the error)."""
-        events: list[Any] = []
-        try:
-            while (event := self.server.next_event()) is not None:
-                events.append(event)
         finally:
-            self._flush()
-        return events
+            self._input_waiter = None
 
     async def _connect_upstream(self, shared: bool) -> None:
+        # What the viewer sends meanwhile waits in the kernel, not here.
+        assert self._transport is not None
+        self._transport.pause_reading()
         try:
             self.upstream = await connect(
                 self.config.upstream,
@@ -196,67 +288,72 @@ class Session:
         self._flush()
         log.info("viewer %s: connected to %s (%s)", self.peer, self.config.upstream, conn.name)
 
+    def _start_relay(self) -> None:
+        assert self.upstream is not None
+        assert self._transport is not None
+        if self._done.done():
+            return
+        self._relaying = True
+        self.upstream.dispatch_to(self._from_qemu).add_done_callback(self._upstream_ended)
+        if self._write_paused:
+            self.upstream.pause_reading()
+        if not self._transport.is_closing():
+            self._transport.resume_reading()
+        self._viewer_input()  # whatever arrived while QEMU was being reached
+
+    def _upstream_ended(self, ended: asyncio.Future[None]) -> None:
+        error = ended.exception()
+        if error is None:
+            self._finish(ResourcedError("QEMU closed the VNC connection"))
+        else:
+            self._finish(error)
+
     # --- output to the viewer -------------------------------------------------
 
     def _flush(self) -> None:
         data = self.server.data_to_send()
-        if data and not self._writer.is_closing():
-            self._writer.write(data)
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
 
     def _send(self, message: Message) -> None:
         self.server.send_raw(message.serialize())
         self._flush()
 
-    async def _drain(self) -> None:
-        """Wait while the viewer is behind; give up on a viewer that stopped reading."""
-        transport = self._writer.transport
-        if transport.get_write_buffer_size() <= self.config.write_high_water:
-            return
-        try:
-            async with asyncio.timeout(self.config.slow_client_timeout):
-                await self._writer.drain()
-        except TimeoutError:
-            raise ResourcedError(
-                f"viewer stopped reading ({transport.get_write_buffer_size()} bytes queued "
-                f"for {self.config.slow_client_timeout:g} s)"
-            ) from None
-
     # --- QEMU -> viewer -----------------------------------------------------------
 
-    async def _from_qemu(self) -> None:
-        assert self.upstream is not None
-        while True:
-            event = await self.upstream.next_event()
-            if isinstance(
-                event, FramebufferUpdate | SetColourMapEntries | Bell | ServerCutText | AudioData
-            ):
-                self._send(event)
-            elif isinstance(event, AudioBegin):
-                self.server.send_raw(audio_server_message(QemuAudioServerOp.BEGIN))
-                self._flush()
-            elif isinstance(event, AudioEnd):
-                self.server.send_raw(audio_server_message(QemuAudioServerOp.END))
-                self._flush()
-            elif isinstance(event, ServerClosed):
-                raise ResourcedError("QEMU closed the VNC connection")
-            await self._drain()
+    def _from_qemu(self, event: Any) -> None:
+        if isinstance(
+            event, FramebufferUpdate | SetColourMapEntries | Bell | ServerCutText | AudioData
+        ):
+            self._send(event)
+        elif isinstance(event, AudioBegin):
+            self.server.send_raw(audio_server_message(QemuAudioServerOp.BEGIN))
+            self._flush()
+        elif isinstance(event, AudioEnd):
+            self.server.send_raw(audio_server_message(QemuAudioServerOp.END))
+            self._flush()
+        elif isinstance(event, ServerClosed):
+            raise ResourcedError("QEMU closed the VNC connection")
 
     # --- viewer -> QEMU -----------------------------------------------------------
 
-    async def _from_viewer(self) -> None:
-        assert self.upstream is not None
-        while True:
-            data = await self._reader.read(READ_SIZE)
-            self.server.receive_data(data)
-            for event in self._events():
-                if isinstance(event, ClientClosed):
+    def _from_viewer(self) -> None:
+        upstream = self.upstream
+        assert upstream is not None
+        server = self.server
+        try:
+            while (event := server.next_event()) is not None:
+                if isinstance(event, ConsoleWrite):
+                    self._on_console_message(event)
+                elif isinstance(event, ClientClosed):
                     log.info("viewer %s: closed the connection", self.peer)
                     self.shutdown()
                     return
-                self._on_viewer_message(event)
-            self.upstream.flush()
-            if not data:
-                return
+                else:
+                    self._on_viewer_message(event)
+        finally:
+            self._flush()
+            upstream.flush()
 
     def _on_viewer_message(self, message: Any) -> None:
         assert self.upstream is not None
@@ -338,10 +435,9 @@ class Session:
     def _pump(self, console_id: int) -> None:
         """Send what the hub has and the viewer's credit allows."""
         console = self._open.get(console_id)
-        if console is None or self._writer.is_closing():
-            return
-        if self._viewer_behind():
-            self._pump_after_drain()
+        if console is None or self._write_paused or self._transport is None:
+            return  # a viewer that is behind gets more when it catches up (resume_writing)
+        if self._transport.is_closing():
             return
         hub = console.hub
         try:
@@ -359,27 +455,6 @@ class Session:
             log.warning("viewer %s: %s; console closed", self.peer, err)
             self._close_console(console_id, CloseReason.OVERRUN, str(err))
 
-    def _viewer_behind(self) -> bool:
-        return self._writer.transport.get_write_buffer_size() > self.config.write_high_water
-
-    def _pump_after_drain(self) -> None:
-        """Console output waits while the viewer is behind: memory stays bounded even
-        for a viewer that granted a huge window and stopped reading."""
-        if self._drain_waiter is None or self._drain_waiter.done():
-            self._drain_waiter = asyncio.get_running_loop().create_task(self._drain_then_pump())
-
-    async def _drain_then_pump(self) -> None:
-        try:
-            await self._drain()
-        except ResourcedError as err:
-            log.warning("viewer %s: %s; disconnected", self.peer, err)
-            self.shutdown()
-            return
-        except (ConnectionError, OSError):
-            return
-        for console_id in list(self._open):
-            self._pump(console_id)
-
     def _console_input(self, console_id: int, console: _OpenConsole, data: bytes) -> None:
         if len(data) > console.input_credit:
             raise RemoteProtocolError(
@@ -389,6 +464,8 @@ class Session:
         console.input_credit -= len(data)
         console.returning += len(data)
         console.hub.write(data)
+        if console.returning < INPUT_WINDOW // 2:
+            return  # a keystroke costs no CREDIT message, and no drain watch
 
         def drained(_hub: ConsoleHub) -> None:
             # Credit goes back in batches of half the window: the viewer always

@@ -29,11 +29,6 @@ class TlsSession(Protocol):
 
     def send(self, plaintext: bytes) -> None: ...
 
-    @property
-    def pending_input(self) -> int:
-        """Bytes received and not yet parsed (a transport pauses reading when this grows)."""
-        return len(self._raw_in) + len(self._buf)
-
     def data_to_send(self) -> bytes: ...
 
 
@@ -75,6 +70,11 @@ class Engine(ABC):
                 self._raw_in += data
         else:
             self._eof = True
+
+    @property
+    def pending_input(self) -> int:
+        """Bytes received and not yet parsed (a transport pauses reading when this grows)."""
+        return len(self._raw_in) + len(self._buf)
 
     def data_to_send(self) -> bytes:
         """Bytes to write to the wire, in order; empties the queue."""

@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,35 +99,91 @@ def _port(number: int) -> int:
     return number
 
 
-async def _open(address: Address) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+#: A client nobody is reading from stops reading the socket once this much is unparsed.
+MAX_UNPARSED = 4 * READ_SIZE
+#: Bytes queued for the server before `drain()` waits.
+WRITE_HIGH_WATER = 256 * 1024
+
+EventHandler = Callable[[Any], None]
+
+
+async def _open(address: Address, client: RfbClient) -> None:
+    loop = asyncio.get_running_loop()
     try:
         if address.kind == "tcp":
-            return await asyncio.open_connection(address.host, address.port, limit=READ_SIZE)
-        if address.kind == "unix":
-            return await asyncio.open_unix_connection(address.path, limit=READ_SIZE)
-        sock = socket.socket(fileno=os.dup(address.fd))
-        sock.setblocking(False)
-        return await asyncio.open_connection(sock=sock, limit=READ_SIZE)
+            await loop.create_connection(lambda: client, address.host, address.port)
+        elif address.kind == "unix":
+            await loop.create_unix_connection(lambda: client, address.path)
+        else:
+            sock = socket.socket(fileno=os.dup(address.fd))
+            sock.setblocking(False)
+            try:
+                await loop.create_connection(lambda: client, sock=sock)
+            except BaseException:
+                sock.close()
+                raise
     except OSError as err:
         raise ConnectionClosed(f"cannot connect to {address}: {err.strerror or err}") from err
 
 
-class RfbClient:
-    """A connected RFB client over an asyncio stream."""
+class RfbClient(asyncio.Protocol):
+    """A connected RFB client: an asyncio protocol feeding a sans-IO `ClientConnection`.
 
-    def __init__(
-        self,
-        connection: ClientConnection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        address: Address,
-    ) -> None:
+    Events come out one of two ways. `next_event()` (or `async for`) pulls them:
+    the socket is read only as far as the caller keeps up. `dispatch_to(handler)`
+    pushes them instead: each event goes to `handler` straight from the socket's
+    read callback, with no task wake-up in between, which is what a relay wants
+    for keystroke latency; the handler applies back-pressure with
+    `pause_reading()` / `resume_reading()`.
+    """
+
+    def __init__(self, connection: ClientConnection, address: Address) -> None:
         self.connection = connection
         self.address = address
         self.info: Connected | None = None
-        self._reader = reader
-        self._writer = writer
-        self._closed = False
+        self._transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self._lost: asyncio.Future[None] = loop.create_future()
+        self._data_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._handler: EventHandler | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._closed = False  # close() was called
+        self._eof = False  # end of input was fed to the connection
+        self._write_paused = False
+        self._paused_by_user = False
+        self._paused_for_buffer = False
+
+    # --- asyncio.Protocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.connection.receive_data(data)
+        self._input_arrived()
+
+    def eof_received(self) -> bool:
+        self._feed_eof()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # A reset ends the stream like EOF; the core says whether it came mid-message.
+        self._feed_eof()
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._wake_drain()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drain()
+
+    # --- sending -------------------------------------------------------------
 
     def send(self, message: Message) -> None:
         """Queue a message and hand it to the transport (see `drain` for back-pressure)."""
@@ -136,15 +192,35 @@ class RfbClient:
 
     def flush(self) -> None:
         data = self.connection.data_to_send()
-        if data and not self._closed:
-            self._writer.write(data)
+        if data and not self._closed and self._transport is not None:
+            self._transport.write(data)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Bytes handed to the transport that the kernel has not taken yet."""
+        if self._transport is None or self._transport.is_closing():
+            return 0
+        return self._transport.get_write_buffer_size()
 
     async def drain(self) -> None:
+        """Flush, then wait while more than `WRITE_HIGH_WATER` bytes are queued."""
         self.flush()
-        await self._writer.drain()
+        while self._write_paused and not self._lost.done():
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+        if self._lost.done() and not self._closed:
+            raise ConnectionClosed(f"{self.address}: the connection was lost")
+
+    def _wake_drain(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # --- receiving: pull ---------------------------------------------------------
 
     async def next_event(self) -> Any:
         """The next event; `ServerClosed` once, then `ConnectionClosed` is raised."""
+        if self._handler is not None:
+            raise RuntimeError("events are being dispatched to a handler")
         while True:
             event = self.connection.next_event()
             self.flush()
@@ -152,14 +228,36 @@ class RfbClient:
                 return event
             if self._closed:
                 raise ConnectionClosed("the connection is closed")
-            if self.connection.state is State.CLOSED:
+            if self.connection.state is State.CLOSED or self._eof:
                 # ServerClosed was handed out already: nothing more will come.
                 raise ConnectionClosed(f"{self.address}: the server closed the connection")
-            try:
-                data = await self._reader.read(READ_SIZE)
-            except OSError:
-                data = b""  # a reset ends the stream like EOF; the core says if mid-message
-            self.connection.receive_data(data)
+            await self._wait_input()
+
+    async def _wait_input(self) -> None:
+        if self._paused_for_buffer:
+            self._paused_for_buffer = False
+            self._apply_reading()
+        self._data_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._data_waiter
+        finally:
+            self._data_waiter = None
+
+    def _input_arrived(self) -> None:
+        if self._handler is not None:
+            self._dispatch()
+            return
+        if self.connection.pending_input > MAX_UNPARSED and not self._paused_for_buffer:
+            self._paused_for_buffer = True
+            self._apply_reading()
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_result(None)
+
+    def _feed_eof(self) -> None:
+        if not self._eof:
+            self._eof = True
+            self.connection.receive_data(b"")
+            self._input_arrived()
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         while True:
@@ -167,6 +265,63 @@ class RfbClient:
             yield event
             if isinstance(event, ServerClosed):
                 return
+
+    # --- receiving: push -----------------------------------------------------------
+
+    def dispatch_to(self, handler: EventHandler) -> asyncio.Future[None]:
+        """From now on, hand every event to `handler` as soon as it is parsed.
+
+        Events already parsed go first, from the event loop's next turn. Returns a
+        future that completes when the connection ends: with None after the
+        handler was given `ServerClosed` or the client was closed, with the
+        exception when the server broke the protocol or the handler raised (the
+        connection is then closed).
+        """
+        if self._handler is not None:
+            raise RuntimeError("events are already dispatched to a handler")
+        self._handler = handler
+        self._finished = asyncio.get_running_loop().create_future()
+        if self._closed:
+            self._finished.set_result(None)
+        else:
+            asyncio.get_running_loop().call_soon(self._dispatch)
+        return self._finished
+
+    def _dispatch(self) -> None:
+        handler, finished = self._handler, self._finished
+        if handler is None or finished is None or finished.done():
+            return
+        try:
+            while (event := self.connection.next_event()) is not None:
+                handler(event)
+            self.flush()
+        except Exception as err:  # the protocol's error, or the handler's: both end it
+            finished.set_exception(err)
+            self._abort()
+            return
+        if self.connection.state is State.CLOSED or self._closed:
+            finished.set_result(None)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the server until `resume_reading()` (back-pressure)."""
+        self._paused_by_user = True
+        self._apply_reading()
+
+    def resume_reading(self) -> None:
+        self._paused_by_user = False
+        self._apply_reading()
+
+    def _apply_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        paused = self._paused_by_user or self._paused_for_buffer
+        if paused and transport.is_reading():
+            transport.pause_reading()
+        elif not paused and not transport.is_reading():
+            transport.resume_reading()
+
+    # --- handshake and close ------------------------------------------------------
 
     async def handshake(self, timeout: float = DEFAULT_HANDSHAKE_TIMEOUT) -> Connected:
         """Run the handshake; events other than `Connected` stay queued in order."""
@@ -180,24 +335,36 @@ class RfbClient:
                         return event
                     if event is not None:  # pragma: no cover - nothing precedes Connected
                         continue
-                    data = await self._reader.read(READ_SIZE)
-                    self.connection.receive_data(data)
+                    if self._eof:  # pragma: no cover - the core raises at EOF mid-handshake
+                        raise ConnectionClosed(f"{self.address}: closed during the handshake")
+                    await self._wait_input()
         except TimeoutError:
             raise HandshakeTimeout(
                 f"the RFB handshake with {self.address} did not finish within {timeout:g} s "
                 f"({self.connection.state.value})"
             ) from None
 
+    def _abort(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+
     async def close(self) -> None:
         if self._closed:
+            if self._transport is not None:
+                await self._lost
             return
         self._closed = True
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+        if self._transport is None:
+            return
         with contextlib.suppress(OSError):
             data = self.connection.data_to_send()
-            if data:
-                self._writer.write(data)
-            self._writer.close()
-            await self._writer.wait_closed()
+            if data and not self._transport.is_closing():
+                self._transport.write(data)
+        self._transport.close()
+        await self._lost
 
     async def __aenter__(self) -> RfbClient:
         return self
@@ -223,12 +390,12 @@ async def connect(
     if address.kind == "tcp":
         connection_options.setdefault("server_name", address.host)
     connection = ClientConnection(**connection_options)
+    client = RfbClient(connection, address)
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await _open(address)
+            await _open(address, client)
     except TimeoutError:
         raise HandshakeTimeout(f"connecting to {address} timed out after {timeout:g} s") from None
-    client = RfbClient(connection, reader, writer, address)
     try:
         await client.handshake(timeout)
     except BaseException:
