@@ -392,16 +392,22 @@ class ConsoleHub:
             self._transport = None
 
 
-class _ChardevProtocol(asyncio.Protocol):
+class _ChardevProtocol(asyncio.BufferedProtocol):
     """Feeds a hub straight from the event loop's callbacks: no task wake-up per
     chunk, which is most of a keystroke's round trip."""
 
     def __init__(self, hub: ConsoleHub) -> None:
         self.hub = hub
+        # recv_into one buffer: a fresh 256 KiB bytes object per read would cost
+        # an mmap and munmap each time.
+        self._view = memoryview(bytearray(READ_SLACK))
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def data_received(self, data: bytes) -> None:
-        self.hub._received(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.hub._received(bytes(self._view[:nbytes]))
 
     def eof_received(self) -> bool:
         return False  # close the transport

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 INPUT_WINDOW = 64 * 1024
 #: Unparsed input from a viewer still in its handshake before reading pauses.
 MAX_HANDSHAKE_INPUT = 64 * 1024
+READ_SIZE = 256 * 1024
 
 #: Pseudo-encodings that change only how the server encodes, never what it frames.
 _HINT_ENCODINGS = frozenset(range(-32, -22)) | frozenset(range(-256, -246))
@@ -93,7 +94,7 @@ class _OpenConsole:
         self.listener: Any = None
 
 
-class Session(asyncio.Protocol):
+class Session(asyncio.BufferedProtocol):
     """A viewer connection, relayed to QEMU, with consoles added.
 
     It is the viewer socket's asyncio protocol: once the handshake is done, a
@@ -115,6 +116,7 @@ class Session(asyncio.Protocol):
         self.consoles_enabled = False
         self._open: dict[int, _OpenConsole] = {}
         self._transport: asyncio.Transport | None = None
+        self._view = memoryview(bytearray(READ_SIZE))  # recv_into: no allocation per read
         loop = asyncio.get_running_loop()
         self._done: asyncio.Future[None] = loop.create_future()
         self._lost: asyncio.Future[None] = loop.create_future()
@@ -125,7 +127,7 @@ class Session(asyncio.Protocol):
         self._slow_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
-    # --- asyncio.Protocol (the viewer's socket) ----------------------------------------
+    # --- asyncio.BufferedProtocol (the viewer's socket) ----------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -136,8 +138,11 @@ class Session(asyncio.Protocol):
         self.gateway.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self.run())
 
-    def data_received(self, data: bytes) -> None:
-        self.server.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.server.receive_data(self._view[:nbytes])
         self._viewer_input()
 
     def eof_received(self) -> bool:

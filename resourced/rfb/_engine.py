@@ -58,8 +58,12 @@ class Engine(ABC):
 
     # ------------------------------------------------------------------ I/O face
 
-    def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the wire; b"" means the peer closed."""
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes from the wire; b"" means the peer closed.
+
+        The bytes are copied: the caller may reuse its buffer (a transport's
+        `recv_into` buffer) as soon as this returns.
+        """
         if self._eof:
             if data:
                 raise LocalProtocolError("data received after EOF")

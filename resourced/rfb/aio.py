@@ -126,7 +126,7 @@ async def _open(address: Address, client: RfbClient) -> None:
         raise ConnectionClosed(f"cannot connect to {address}: {err.strerror or err}") from err
 
 
-class RfbClient(asyncio.Protocol):
+class RfbClient(asyncio.BufferedProtocol):
     """A connected RFB client: an asyncio protocol feeding a sans-IO `ClientConnection`.
 
     Events come out one of two ways. `next_event()` (or `async for`) pulls them:
@@ -142,6 +142,10 @@ class RfbClient(asyncio.Protocol):
         self.address = address
         self.info: Connected | None = None
         self._transport: asyncio.Transport | None = None
+        # The socket is read into this one buffer (recv_into): a fresh 256 KiB
+        # bytes object per read would cost an mmap and munmap each time, which
+        # is most of a keystroke's cost here.
+        self._view = memoryview(bytearray(READ_SIZE))
         loop = asyncio.get_running_loop()
         self._lost: asyncio.Future[None] = loop.create_future()
         self._data_waiter: asyncio.Future[None] | None = None
@@ -154,15 +158,18 @@ class RfbClient(asyncio.Protocol):
         self._paused_by_user = False
         self._paused_for_buffer = False
 
-    # --- asyncio.Protocol ------------------------------------------------------
+    # --- asyncio.BufferedProtocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
-    def data_received(self, data: bytes) -> None:
-        self.connection.receive_data(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.connection.receive_data(self._view[:nbytes])
         self._input_arrived()
 
     def eof_received(self) -> bool:
