@@ -62,6 +62,7 @@ from resourced.demo.bootsector import DEFAULT_BANNER, build_boot_sector
 from resourced.demo.qemu import GuestConfig, QemuGuest
 from resourced.gateway.gateway import Gateway, GatewayConfig
 from resourced.rfb.aio import RfbClient, connect
+from resourced.rfb.connection import ClientConnection
 from resourced.rfb.consoles import (
     ConsoleClosed,
     ConsoleData,
@@ -100,6 +101,8 @@ BULK_ABSOLUTE_TARGET = 100.0  # MB/s
 # Row keys, in table order.
 DIRECT = "direct"
 GATEWAY = "gateway"
+RELAY = "relay"
+GATEWAY_BLOCKING = "gateway_blocking"
 LIBVIRT_STREAM = "libvirt_stream"
 VIRSH = "virsh"
 
@@ -211,13 +214,16 @@ class Results:
     def targets(self) -> list[dict[str, Any]]:
         """Each target with the measured value and PASS/MISS (and the stretch goal)."""
         out: list[dict[str, Any]] = []
-        direct, gateway = self.rtt.get(DIRECT), self.rtt.get(GATEWAY)
-        if direct is not None and gateway is not None:
+        direct = self.rtt.get(DIRECT)
+        for key, who in ((GATEWAY, "gateway"), (GATEWAY_BLOCKING, "gateway, blocking client")):
+            gateway = self.rtt.get(key)
+            if direct is None or gateway is None:
+                continue
             for name, fraction in (("p50", 0.50), ("p99", 0.99)):
                 ratio = gateway.percentile_us(fraction) / direct.percentile_us(fraction)
                 out.append(
                     {
-                        "target": f"echo RTT {name}: gateway <= {RTT_TARGET}x direct "
+                        "target": f"echo RTT {name}: {who} <= {RTT_TARGET}x direct "
                         f"(stretch {RTT_STRETCH}x)",
                         "value": round(ratio, 2),
                         "result": "PASS" if ratio <= RTT_TARGET else "MISS",
@@ -367,6 +373,14 @@ class SocketProbe(EchoProbe):
         self.sock.close()
 
 
+class RelayProbe(SocketProbe):
+    """The same blocking socket, through socat relaying to the chardev: what any one
+    extra process in the path costs on this machine, with no protocol at all."""
+
+    key = RELAY
+    label = "socat relay (one C process hop)"
+
+
 class GatewayProbe(EchoProbe):
     """Our RFB client with `Consoles`, through the gateway."""
 
@@ -395,6 +409,74 @@ class GatewayProbe(EchoProbe):
 
     async def _release(self) -> None:
         await self.client.close()
+
+
+class BlockingGatewayProbe(EchoProbe):
+    """Our sans-IO client core (`ClientConnection` + `Consoles`) over a blocking
+    socket, through the same gateway: timed like the direct socket, so the
+    difference is the gateway's alone (the asyncio client adds its own cost)."""
+
+    key = GATEWAY_BLOCKING
+    label = "resourced gateway, blocking client"
+
+    def __init__(self, address: Path, console: str, timeout: float) -> None:
+        super().__init__()
+        self.consoles = Consoles()
+        self.connection = ClientConnection(extensions=[self.consoles])
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.buffer = memoryview(bytearray(DIRECT_READ_SIZE))
+        self.console_id = -1
+        self._console = console
+
+    def _send_pending(self) -> None:
+        data = self.connection.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def _next_event(self) -> Any:
+        while (event := self.connection.next_event()) is None:
+            self._send_pending()
+            count = self.sock.recv_into(self.buffer)
+            if not count:
+                raise BenchError("the gateway closed the connection")
+            self.connection.receive_data(self.buffer[:count])
+        self._send_pending()
+        return event
+
+    def open(self, address: Path) -> None:
+        """Handshake, open the console, read the guest's banner (blocking)."""
+        self.sock.connect(str(address))
+        while not self.consoles.announced:
+            self._next_event()
+        info = self.consoles.by_name(self._console)
+        if info is None:
+            raise BenchError(f"the gateway does not announce {self._console}")
+        self.console_id = info.console_id
+        self.consoles.open(info.console_id)
+        seen = b""
+        while DEFAULT_BANNER not in seen:
+            event = self._next_event()
+            if isinstance(event, ConsoleData) and event.console_id == self.console_id:
+                seen += event.data
+            elif isinstance(event, ConsoleClosed) and event.console_id == self.console_id:
+                raise BenchError(f"the gateway closed {self._console}: {event.reason.name}")
+
+    async def sample(self, byte: int) -> int:
+        start = time.perf_counter_ns()
+        if self.consoles.write(self.console_id, bytes((byte,))) != 1:
+            raise BenchError("no console credit left for one byte")
+        self._send_pending()
+        while True:
+            event = self._next_event()
+            if isinstance(event, ConsoleData) and event.console_id == self.console_id:
+                if self._check(event.data, byte):
+                    return time.perf_counter_ns() - start
+            elif isinstance(event, ConsoleClosed) and event.console_id == self.console_id:
+                raise BenchError(f"the gateway closed the console: {event.reason.name}")
+
+    async def _release(self) -> None:
+        self.sock.close()
 
 
 class LibvirtStreamProbe(EchoProbe):
@@ -500,13 +582,14 @@ async def start_guest(workdir: Path, timeout: float) -> QemuGuest:
     return guest
 
 
-async def open_direct(guest: QemuGuest, timeout: float) -> SocketProbe:
-    """Connect to the paused guest's COM1 socket, boot it, read its banner."""
+async def open_direct(guest: QemuGuest, timeout: float, path: Path | None = None) -> socket.socket:
+    """Connect to the paused guest's COM1 socket (or to `path`, which leads to it),
+    boot the guest, read its banner."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        await loop.sock_connect(sock, str(guest.serial_path))
+        await loop.sock_connect(sock, str(path or guest.serial_path))
         await guest.wait_chardev_connected("serial0", timeout)
         await guest.resume()
         seen = b""
@@ -519,7 +602,35 @@ async def open_direct(guest: QemuGuest, timeout: float) -> SocketProbe:
     except BaseException:
         sock.close()
         raise
-    return SocketProbe(sock, timeout)
+    return sock
+
+
+async def open_relay(guest: QemuGuest, workdir: Path, rig: Rig, timeout: float) -> RelayProbe:
+    """socat between a Unix socket of ours and the guest's COM1 (it connects on accept)."""
+    socat = shutil.which("socat")
+    if socat is None:
+        raise BenchError("socat is not installed")
+    listen = workdir / "relay.sock"
+    process = await asyncio.create_subprocess_exec(
+        socat,
+        f"UNIX-LISTEN:{listen}",
+        f"UNIX-CONNECT:{guest.serial_path}",
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    async def stop() -> None:
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
+
+    rig.on_close(stop)
+    async with asyncio.timeout(timeout):
+        while not await asyncio.to_thread(os.path.exists, listen):
+            if process.returncode is not None:
+                raise BenchError(f"socat exited with status {process.returncode}")
+            await asyncio.sleep(0.02)
+    return RelayProbe(await open_direct(guest, timeout, listen), timeout)
 
 
 class GatewayProcess:
@@ -625,7 +736,12 @@ class GatewayHandle:
 
 
 async def start_gateway(
-    guest: QemuGuest, peer_path: Path, workdir: Path, options: Options, rig: Rig
+    guest: QemuGuest,
+    peer_path: Path,
+    workdir: Path,
+    options: Options,
+    rig: Rig,
+    second: QemuGuest | None = None,
 ) -> GatewayHandle:
     """Start the gateway in front of `guest` (serial0) and the peer (bulk0); boot the
     guest once the gateway holds its COM1."""
@@ -637,6 +753,14 @@ async def start_gateway(
             ),
             ConsoleSpec("bulk0", ConsoleKind.CHANNEL, Endpoint(EndpointType.UNIX, str(peer_path))),
         ]
+        if second is not None:
+            consoles.append(
+                ConsoleSpec(
+                    "serial1",
+                    ConsoleKind.SERIAL,
+                    Endpoint(EndpointType.UNIX, str(second.serial_path)),
+                )
+            )
         config = GatewayConfig(
             upstream=f"unix:{guest.vnc_path}",
             security=ServerSecurity(allow_none=True),
@@ -663,6 +787,7 @@ async def start_gateway(
                 f"serial0=unix:{guest.serial_path}",
                 "--console",
                 f"bulk0:channel=unix:{peer_path}",
+                *([] if second is None else ["--console", f"serial1=unix:{second.serial_path}"]),
                 *(
                     []
                     if options.gateway_history is None
@@ -682,8 +807,10 @@ async def start_gateway(
         cpu = process.cpu_seconds
     else:
         raise BenchError(f"unknown gateway mode {options.gateway_mode!r}")
-    await guest.wait_chardev_connected("serial0", options.timeout)
-    await guest.resume()
+    for booting in (guest, second):
+        if booting is not None:
+            await booting.wait_chardev_connected("serial0", options.timeout)
+            await booting.resume()
     return GatewayHandle(f"unix:{listen}", label, cpu)
 
 
@@ -1100,25 +1227,46 @@ async def run_benchmark(options: Options) -> Results:
     os.chmod(workdir, 0o755)  # the libvirt domains' QEMU reads its image from here
     rig = Rig()
     try:
-        log(f"work directory {workdir}; starting two demo guests (TCG)")
-        direct_guest, gateway_guest = await asyncio.gather(
-            start_guest(workdir / "a", options.timeout),
-            start_guest(workdir / "b", options.timeout),
+        guests = 4 if options.rtt else 2
+        log(f"work directory {workdir}; starting {guests} demo guests (TCG)")
+        started = await asyncio.gather(
+            *(start_guest(workdir / name, options.timeout) for name in "abcd"[:guests])
         )
-        rig.on_close(direct_guest.stop)
-        rig.on_close(gateway_guest.stop)
+        for guest in started:
+            rig.on_close(guest.stop)
+        direct_guest, gateway_guest = started[:2]
         peer_path = workdir / "peer.sock"
         await start_peer(peer_path, rig, options.timeout)
 
-        direct = await open_direct(direct_guest, options.timeout)
+        direct = SocketProbe(await open_direct(direct_guest, options.timeout), options.timeout)
         rig.on_close(direct.close)
-        handle = await start_gateway(gateway_guest, peer_path, workdir, options, rig)
+        handle = await start_gateway(
+            gateway_guest,
+            peer_path,
+            workdir,
+            options,
+            rig,
+            second=started[3] if options.rtt else None,
+        )
         gateway = await open_gateway_probe(handle.address, handle.label, options.timeout)
         rig.on_close(gateway.close)
         probes: list[EchoProbe] = [direct, gateway]
+        if options.rtt:
+            try:
+                relay = await open_relay(started[2], workdir, rig, options.timeout)
+            except BenchError as err:
+                results.unavailable["relay"] = str(err)
+            else:
+                rig.on_close(relay.close)
+                probes.insert(1, relay)
+            blocking = BlockingGatewayProbe(Path(handle.address[5:]), "serial1", options.timeout)
+            rig.on_close(blocking.close)
+            await asyncio.to_thread(blocking.open, Path(handle.address[5:]))
+            probes.insert(2, blocking)
         results.notes.append(
-            "direct and gateway echo paths use two identical demo guests (a chardev socket "
-            "takes one client, and the gateway holds its guest's); samples are interleaved "
+            "each echo path has a demo guest of its own, all identical (a chardev socket "
+            "takes one client; the gateway fronts two, serial0 for the asyncio client and "
+            "serial1 for the blocking one); samples are interleaved "
             f"in blocks of {options.block}, after {options.warmup} discarded warm-up samples "
             "per path"
         )
@@ -1197,7 +1345,7 @@ def format_table(results: Results) -> str:
     lines.append("")
     lines.append(f"{head:<{width}}{'p50 us':>9}{'p99 us':>9}{'mean us':>10}   vs direct p50/p99")
     direct = results.rtt.get(DIRECT)
-    for key in (DIRECT, GATEWAY, LIBVIRT_STREAM, VIRSH):
+    for key in (DIRECT, RELAY, GATEWAY_BLOCKING, GATEWAY, LIBVIRT_STREAM, VIRSH):
         r = results.rtt.get(key)
         if r is None:
             continue
@@ -1212,8 +1360,9 @@ def format_table(results: Results) -> str:
             f"{r.label:<{width}}{s['p50_us']:>9.1f}{s['p99_us']:>9.1f}{s['mean_us']:>10.1f}"
             f"   {ratio}"
         )
-    if "libvirt" in results.unavailable:
-        lines.append(f"libvirt: not available ({results.unavailable['libvirt']})")
+    for what in ("relay", "libvirt"):
+        if what in results.unavailable:
+            lines.append(f"{what}: not available ({results.unavailable[what]})")
     for direction, title in (
         ("to_client", "console -> client"),
         ("to_console", "client -> console"),

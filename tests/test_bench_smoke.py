@@ -17,7 +17,9 @@ import pytest
 from bench.console_bench import (
     DIRECT,
     GATEWAY,
+    GATEWAY_BLOCKING,
     MIB,
+    RELAY,
     Options,
     format_table,
     run_benchmark,
@@ -40,7 +42,7 @@ async def test_every_path_gives_sane_figures() -> None:
     )
     results = await run_benchmark(options)
 
-    assert set(results.rtt) == {DIRECT, GATEWAY}
+    assert set(results.rtt) == {DIRECT, RELAY, GATEWAY_BLOCKING, GATEWAY}
     for rtt in results.rtt.values():
         assert len(rtt.samples_ns) == 20
         assert all(sample > 0 for sample in rtt.samples_ns)
