@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from resourced.errors import RemoteProtocolError, ResourcedError
 from resourced.gateway.hub import ConsoleHub, Overrun
@@ -130,11 +130,11 @@ class Session(asyncio.BufferedProtocol):
     # --- asyncio.BufferedProtocol (the viewer's socket) ----------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        peer = transport.get_extra_info("peername")
+        # A stream transport (uvloop's are not subclasses of asyncio.Transport).
+        self._transport = cast(asyncio.Transport, transport)
+        peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket peer"
-        transport.set_write_buffer_limits(high=self.config.write_high_water)
+        self._transport.set_write_buffer_limits(high=self.config.write_high_water)
         self.gateway.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self.run())
 
