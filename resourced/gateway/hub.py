@@ -3,11 +3,20 @@
 A `ConsoleHub` keeps the connection to a QEMU character device (a chardev Unix
 socket QEMU listens on, or a PTY) open for as long as the gateway runs, whether
 or not any client has the console open, reconnecting if it drops. Output goes
-into a ring buffer of recent bytes, addressed by absolute offsets, so that each
+into a ring of recent bytes, addressed by absolute offsets, so that each
 subscriber reads at its own pace from its own offset (fan-out without copies per
 client) and a late subscriber can replay history. Input from clients is written
 through, and buffered (bounded by the credit clients were given) while the host
 end is down.
+
+The ring is the list of chunks as they came from the host end (immutable `bytes`
+objects, not copied into a buffer), each with the absolute offset just past it.
+Trimming drops whole chunks from the front; the oldest chunk still held may
+begin before `oldest` (its first bytes are no longer readable, but are not
+copied away either). So a chunk costs no copy on its way in, and a reader that
+is caught up gets the very chunk object back from `read()`. Runs of tiny chunks
+(keystroke echoes) are joined once every reader has had them, so that their
+bookkeeping does not cost many times their size.
 
 It knows nothing of RFB: sessions subscribe to it and translate.
 """
@@ -21,7 +30,8 @@ import logging
 import os
 import termios
 import tty
-from collections.abc import Callable
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable
 
 from resourced.consoles import ConsoleSpec, EndpointType
 from resourced.errors import ResourcedError
@@ -29,13 +39,27 @@ from resourced.errors import ResourcedError
 log = logging.getLogger(__name__)
 
 DEFAULT_RING_SIZE = 64 * 1024
+#: Most bytes one read from a PTY brings.
 READ_SIZE = 64 * 1024
+#: Most bytes one read from a chardev socket brings: asyncio's selector transport
+#: reads `max_size` bytes at a time (256 KiB), and the hub sets it to this.
+UNIX_READ_SIZE = 256 * 1024
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 #: Input held for a host end that is down, at most (clients hold the rest).
 MAX_PENDING_INPUT = 1024 * 1024
 #: Output kept beyond the ring for readers that are behind: the most one read
-#: from the event loop brings (asyncio reads Unix sockets 256 KiB at a time).
-READ_SLACK = 256 * 1024
+#: from the host end brings (reading pauses once a reader is a ring behind, but
+#: the chunk that took it there is already in).
+READ_SLACK = max(READ_SIZE, UNIX_READ_SIZE)
+#: Chunks dropped from the ring's front are forgotten in batches of at least this
+#: many (a list's front cannot be deleted from in O(1)).
+_COMPACT_AT = 64
+#: Every this many new chunks, if together they are at most `_MERGE_MAX` bytes
+#: (keystroke echoes, a slow UART), they are joined into one: a chunk costs some
+#: 100 bytes of bookkeeping, and a ring of one-byte chunks should not cost 100
+#: times its size. A reader that keeps up has had them by then.
+_MERGE_RUN = 64
+_MERGE_MAX = 4096
 #: How long a reader a whole ring behind may hold the console back before it is
 #: left to overrun (seconds).
 DEFAULT_STALL_TIMEOUT = 5.0
@@ -49,7 +73,17 @@ Listener = Callable[["ConsoleHub"], None]
 
 
 class ConsoleHub:
-    """A console's host end with its ring of recent output."""
+    """A console's host end with its ring of recent output.
+
+    The ring keeps at least the newest `ring_size` bytes (all of them while
+    fewer came), and beyond that what the slowest reader not given up on still
+    needs, up to `ring_size + READ_SLACK` bytes: `oldest` is exact to the byte.
+    It is trimmed once the listeners have been told of a chunk, so by where the
+    readers are after reading it. In memory it holds those bytes plus the part
+    of its oldest chunk that is already before `oldest`, so at most
+    `ring_size + READ_SLACK` plus one chunk (as received, or up to `_MERGE_MAX`
+    bytes of small ones joined).
+    """
 
     def __init__(self, console_id: int, spec: ConsoleSpec, ring_size: int = DEFAULT_RING_SIZE):
         if ring_size <= 0:
@@ -57,12 +91,22 @@ class ConsoleHub:
         self.console_id = console_id
         self.spec = spec
         self.ring_size = ring_size
-        self._ring = bytearray()
+        # The ring: chunks as received, and the absolute offset just past each.
+        # Entries before `_head` were dropped (and set to b"" to free them).
+        self._chunks: list[bytes] = []
+        self._ends: list[int] = []
+        self._head = 0
+        self._oldest = 0
+        #: Chunks from this index on have not been considered for `_merge()`.
+        self._merge_from = 0
         #: Absolute offset just past the newest byte ever received.
         self.total = 0
         self.connected = False
         self.last_error: str | None = None
         self._listeners: set[Listener] = set()
+        #: `_listeners` as a tuple, called in turn on output (a snapshot, so that
+        #: a listener may unsubscribe while being called, with no copy per chunk).
+        self._to_notify: tuple[Listener, ...] = ()
         self._drain_waiters: set[Listener] = set()
         self._pending_input = bytearray()
         self._transport: asyncio.Transport | None = None
@@ -89,32 +133,114 @@ class ConsoleHub:
     @property
     def oldest(self) -> int:
         """Absolute offset of the oldest byte still in the ring."""
-        return self.total - len(self._ring)
+        return self._oldest
 
     def read(self, offset: int, limit: int) -> bytes:
-        """Up to `limit` bytes from absolute `offset`; `Overrun` if already dropped."""
-        if offset < self.oldest:
+        """Up to `limit` bytes from absolute `offset`; `Overrun` if already dropped.
+
+        Costs no copy when the bytes asked for are exactly one chunk as received
+        (what a reader that keeps up asks for), one when they lie within a chunk.
+        """
+        if offset < self._oldest:
             raise Overrun(
                 f"console {self.name}: output from offset {offset} was dropped "
-                f"(the ring of {self.ring_size} bytes now starts at {self.oldest})"
+                f"(the ring of {self.ring_size} bytes now starts at {self._oldest})"
             )
-        start = offset - self.oldest
-        return bytes(self._ring[start : start + limit])
+        total = self.total
+        if offset >= total or limit <= 0:
+            return b""
+        chunks = self._chunks
+        chunk = chunks[-1]
+        start = offset - total + len(chunk)  # `offset` within the newest chunk
+        if start >= 0:  # a reader that keeps up: no search
+            return chunk[start : start + limit]  # the chunk itself if it is all of it
+        ends = self._ends
+        first = bisect_right(ends, offset, self._head)  # the chunk holding `offset`
+        chunk = chunks[first]
+        end = ends[first]
+        start = offset - end + len(chunk)
+        stop = offset + limit
+        if stop <= end:
+            return chunk[start : start + limit]  # the chunk itself if it is all of it
+        # It spans chunks: one copy, by join.
+        count = len(ends)
+        last = bisect_left(ends, stop, first + 1)  # the chunk holding the last byte
+        if last == count:
+            last -= 1
+            tail: bytes | memoryview = chunks[last]
+        else:
+            tail = memoryview(chunks[last])[: stop - ends[last] + len(chunks[last])]
+        return b"".join((memoryview(chunk)[start:], *chunks[first + 1 : last], tail))
 
     def _received(self, data: bytes) -> None:
-        self._ring += data
-        self.total += len(data)
-        # Keep the ring's worth, and beyond it what a reader still needs, up to
-        # one read's slack: reading pauses once a reader is a ring behind, but
-        # one chunk from the event loop can be larger than the ring.
-        keep = self.ring_size
-        slowest = self._slowest()
-        if slowest is not None:
-            keep = min(max(keep, self.total - slowest), self.ring_size + READ_SLACK)
-        if len(self._ring) > keep:
-            del self._ring[: len(self._ring) - keep]
-        self._notify(self._listeners)
-        self._check_pressure()
+        if type(data) is not bytes:
+            data = bytes(data)  # `read()` hands chunks out: they must be immutable
+        total = self.total + len(data)
+        self.total = total
+        self._chunks.append(data)
+        self._ends.append(total)
+        for listener in self._to_notify:  # `_notify()`, inline: this is the hot path
+            try:
+                listener(self)
+            except Exception:  # one bad subscriber must not stop the console
+                log.exception("console %s: subscriber failed", self.name)
+        # The readers have read and said how far they got. Keep the ring's worth,
+        # and beyond it what a reader still needs, up to one read's slack: reading
+        # pauses once a reader is a ring behind, but one chunk from the event loop
+        # can be larger than the ring.
+        positions = self._positions
+        if not positions:
+            slowest = None
+        elif not self._given_up:
+            slowest = min(positions.values())
+        else:
+            slowest = self._slowest()
+        ring_size = self.ring_size
+        keep_from = total - ring_size
+        if slowest is not None and slowest < keep_from:
+            keep_from = max(slowest, keep_from - READ_SLACK)
+        if keep_from > self._oldest:
+            self._oldest = keep_from
+            ends = self._ends
+            head = self._head
+            if ends[head] <= keep_from:  # whole chunks to drop (never the newest)
+                chunks = self._chunks
+                while ends[head] <= keep_from:
+                    chunks[head] = b""
+                    head += 1
+                if head >= _COMPACT_AT and head * 2 >= len(ends):
+                    del chunks[:head]
+                    del ends[:head]
+                    self._merge_from = max(self._merge_from - head, 0)
+                    head = 0
+                self._head = head
+        if len(self._ends) - self._merge_from >= _MERGE_RUN:
+            self._merge()
+        # `_check_pressure()`, inline, with the `slowest` already found.
+        if slowest is None or total - slowest < ring_size // 2:
+            if self._paused:
+                self._set_paused(False)
+        elif total - slowest >= ring_size and not self._paused:
+            self._set_paused(True)
+
+    def _merge(self) -> None:
+        """Join the chunks from `_merge_from` on into one, if they are small."""
+        chunks = self._chunks
+        ends = self._ends
+        first = max(self._merge_from, self._head)
+        count = len(ends)
+        if count - first < 2:
+            self._merge_from = first
+        elif ends[-1] - ends[first] + len(chunks[first]) <= _MERGE_MAX:
+            chunks[first:] = [b"".join(chunks[first:])]
+            ends[first:] = [ends[-1]]
+            self._merge_from = first + 1
+        else:
+            self._merge_from = count
+
+    def _held(self) -> int:
+        """Bytes the ring holds in memory (at least `total - oldest`)."""
+        return sum(map(len, self._chunks))  # those dropped are b"" until compacted
 
     def subscribe(self, listener: Listener, position: int | None = None) -> None:
         """Call `listener(hub)` whenever output arrives or the host end changes state.
@@ -125,12 +251,14 @@ class ConsoleHub:
         `stall_timeout` seconds, after which that reader is left to overrun.
         """
         self._listeners.add(listener)
+        self._to_notify = tuple(self._listeners)
         if position is not None:
             self._positions[listener] = position
             self._check_pressure()
 
     def unsubscribe(self, listener: Listener) -> None:
         self._listeners.discard(listener)
+        self._to_notify = tuple(self._listeners)
         self._drain_waiters.discard(listener)
         self._positions.pop(listener, None)
         self._given_up.discard(listener)
@@ -140,13 +268,15 @@ class ConsoleHub:
         """A reader has taken output up to absolute offset `position`."""
         if listener in self._positions:
             self._positions[listener] = position
-            if listener in self._given_up and self.total - position < self.ring_size // 2:
-                self._given_up.discard(listener)  # caught up after all
+            given_up = self._given_up
+            if given_up and listener in given_up and self.total - position < self.ring_size // 2:
+                given_up.discard(listener)  # caught up after all
             if self._paused:
                 self._check_pressure()
 
     def _slowest(self) -> int | None:
-        behind = [p for listener, p in self._positions.items() if listener not in self._given_up]
+        given_up = self._given_up
+        behind = [p for listener, p in self._positions.items() if listener not in given_up]
         return min(behind) if behind else None
 
     def _check_pressure(self) -> None:
@@ -202,8 +332,9 @@ class ConsoleHub:
             elif self._pty_reader is not None:
                 loop.add_reader(self._pty_fd, self._pty_reader)
 
-    def _notify(self, listeners: set[Listener]) -> None:
-        for listener in list(listeners):
+    def _notify(self, listeners: Iterable[Listener]) -> None:
+        """Call each of `listeners` (a snapshot: a set may change meanwhile)."""
+        for listener in tuple(listeners):
             try:
                 listener(self)
             except Exception:  # one bad subscriber must not stop the console
@@ -278,7 +409,7 @@ class ConsoleHub:
             self._connected_event.set()
         else:
             self._connected_event.clear()
-        self._notify(self._listeners)
+        self._notify(self._to_notify)
 
     async def _run(self) -> None:
         attempt = 0
@@ -309,6 +440,10 @@ class ConsoleHub:
         # No write buffering threshold: "drained" then means really empty, which
         # is when clients get their input credit back.
         transport.set_write_buffer_limits(high=0)
+        # One read brings at most READ_SLACK bytes: pin asyncio's read size (the
+        # selector transport's `max_size`; other loops may not have one).
+        if isinstance(getattr(transport, "max_size", None), int):
+            setattr(transport, "max_size", UNIX_READ_SIZE)  # noqa: B010
         self._transport = transport
         log.info("console %s: attached to %s", self.name, self.spec.endpoint)
         self._set_connected(True)
