@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RING_SIZE = 64 * 1024
 #: Most bytes one read from a PTY brings.
 READ_SIZE = 64 * 1024
-#: Most bytes one read from a chardev socket brings: asyncio's selector transport
-#: reads `max_size` bytes at a time (256 KiB), and the hub sets it to this.
+#: Most bytes one read from a chardev socket brings (the size of the buffer the
+#: transport reads into).
 UNIX_READ_SIZE = 256 * 1024
 RECONNECT_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 #: Input held for a host end that is down, at most (clients hold the rest).
@@ -440,10 +440,6 @@ class ConsoleHub:
         # No write buffering threshold: "drained" then means really empty, which
         # is when clients get their input credit back.
         transport.set_write_buffer_limits(high=0)
-        # One read brings at most READ_SLACK bytes: pin asyncio's read size (the
-        # selector transport's `max_size`; other loops may not have one).
-        if isinstance(getattr(transport, "max_size", None), int):
-            setattr(transport, "max_size", UNIX_READ_SIZE)  # noqa: B010
         self._transport = transport
         log.info("console %s: attached to %s", self.name, self.spec.endpoint)
         self._set_connected(True)
@@ -534,8 +530,8 @@ class _ChardevProtocol(asyncio.BufferedProtocol):
     def __init__(self, hub: ConsoleHub) -> None:
         self.hub = hub
         # recv_into one buffer: a fresh 256 KiB bytes object per read would cost
-        # an mmap and munmap each time.
-        self._view = memoryview(bytearray(READ_SLACK))
+        # an mmap and munmap each time. Its size bounds one read (READ_SLACK).
+        self._view = memoryview(bytearray(UNIX_READ_SIZE))
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def get_buffer(self, sizehint: int) -> memoryview:
