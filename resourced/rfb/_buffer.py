@@ -9,6 +9,7 @@ no I/O and knows no message.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 _U8 = struct.Struct("!B")
 _U16 = struct.Struct("!H")
@@ -21,45 +22,66 @@ class NeedData(Exception):
 
 
 class Reader:
-    """A read cursor over bytes; raises `NeedData` when the bytes run out."""
+    """A read cursor over bytes; raises `NeedData` when the bytes run out.
 
-    __slots__ = ("_data", "pos")
+    Each read checks the bound itself rather than through `need()`: the parsers
+    run once per message, and a Python call per field is most of their cost.
+    """
+
+    __slots__ = ("_data", "_end", "pos")
 
     def __init__(self, data: bytes | bytearray | memoryview, pos: int = 0) -> None:
         self._data = memoryview(data)
+        self._end = len(self._data)
         self.pos = pos
 
     @property
     def remaining(self) -> int:
-        return len(self._data) - self.pos
+        return self._end - self.pos
 
     def need(self, n: int) -> None:
-        if self.pos + n > len(self._data):
+        if self.pos + n > self._end:
             raise NeedData
 
     def u8(self) -> int:
-        self.need(1)
-        (v,) = _U8.unpack_from(self._data, self.pos)
-        self.pos += 1
-        return int(v)
+        pos = self.pos
+        if pos >= self._end:
+            raise NeedData
+        self.pos = pos + 1
+        return self._data[pos]
 
     def u16(self) -> int:
-        self.need(2)
-        (v,) = _U16.unpack_from(self._data, self.pos)
-        self.pos += 2
-        return int(v)
+        pos = self.pos
+        if pos + 2 > self._end:
+            raise NeedData
+        self.pos = pos + 2
+        value: int = _U16.unpack_from(self._data, pos)[0]
+        return value
 
     def u32(self) -> int:
-        self.need(4)
-        (v,) = _U32.unpack_from(self._data, self.pos)
-        self.pos += 4
-        return int(v)
+        pos = self.pos
+        if pos + 4 > self._end:
+            raise NeedData
+        self.pos = pos + 4
+        value: int = _U32.unpack_from(self._data, pos)[0]
+        return value
 
     def s32(self) -> int:
-        self.need(4)
-        (v,) = _S32.unpack_from(self._data, self.pos)
-        self.pos += 4
-        return int(v)
+        pos = self.pos
+        if pos + 4 > self._end:
+            raise NeedData
+        self.pos = pos + 4
+        value: int = _S32.unpack_from(self._data, pos)[0]
+        return value
+
+    def unpack(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """Read the fixed-size fields of `layout` at once: one bound check, one call."""
+        pos = self.pos
+        end = pos + layout.size
+        if end > self._end:
+            raise NeedData
+        self.pos = end
+        return layout.unpack_from(self._data, pos)
 
     def release(self) -> None:
         """Drop the view so the underlying bytearray may be resized."""
@@ -67,10 +89,12 @@ class Reader:
 
     def take(self, n: int) -> bytes:
         """Return the next `n` bytes as a copy. Check `n` against a limit first."""
-        self.need(n)
-        out = bytes(self._data[self.pos : self.pos + n])
-        self.pos += n
-        return out
+        pos = self.pos
+        end = pos + n
+        if end > self._end:
+            raise NeedData
+        self.pos = end
+        return bytes(self._data[pos:end])
 
     def skip(self, n: int) -> None:
         self.need(n)

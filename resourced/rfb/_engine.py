@@ -46,15 +46,26 @@ class Engine(ABC):
 
     def __init__(self, state: enum.Enum) -> None:
         self.state: Any = state
-        self._raw_in = bytearray()  # bytes from the wire not yet through TLS
-        self._buf = bytearray()  # plaintext protocol bytes not yet parsed
-        self._out = bytearray()  # bytes for the wire
+        self._raw_in = bytearray()  # bytes from the wire for TLS to decrypt
+        # Plaintext protocol bytes; the first `_parsed` of them are parsed already.
+        # Those are dropped when more bytes arrive, not after each message: dropping
+        # the front of a bytearray can copy everything behind it, so a read that
+        # held several messages was copied again for each of them.
+        self._buf = bytearray()
+        self._parsed = 0
+        # Bytes for the wire, in the pieces they were queued in: joined only when
+        # taken, so a message written and then flushed is never copied here.
+        self._out: list[bytes] = []
         self._tls: TlsSession | None = None
         self._tls_starting = False  # a handler accepted TLS: start it after this message
         self._tls_eof_sent = False
         self._eof = False
         self._events: deque[Any] = deque()
         self._failed: Exception | None = None
+        # The handler of `_handler_state`, kept so that a message costs no lookup
+        # in `handlers` (an Enum member hashes in Python).
+        self._handler_state: Any = None
+        self._handler: Callable[[Any, Reader], list[Any]] | None = None
 
     # ------------------------------------------------------------------ I/O face
 
@@ -68,12 +79,19 @@ class Engine(ABC):
             if data:
                 raise LocalProtocolError("data received after EOF")
             return
-        if data:
-            # Once closed nothing is parsed any more, so nothing need be kept.
-            if self.state is not self.CLOSED:
-                self._raw_in += data
-        else:
+        if not data:
             self._eof = True
+        elif self.state is self.CLOSED:
+            pass  # once closed nothing is parsed any more, so nothing need be kept
+        elif self._tls is None and not self._tls_starting:
+            self._add_plaintext(data)  # no TLS: the wire carries the plaintext itself
+        else:
+            self._raw_in += data
+
+    @property
+    def pending_input(self) -> int:
+        """Bytes received and not yet parsed (a transport pauses reading when this grows)."""
+        return len(self._raw_in) + len(self._buf) - self._parsed
 
     @property
     def pending_input(self) -> int:
@@ -83,10 +101,13 @@ class Engine(ABC):
     def data_to_send(self) -> bytes:
         """Bytes to write to the wire, in order; empties the queue."""
         if self._tls is not None:
-            self._out += self._tls.data_to_send()
-        out = bytes(self._out)
-        self._out.clear()
-        return out
+            self._queue_wire(self._tls.data_to_send())
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        # join() hands a lone bytes piece back as it is, without a copy.
+        return b"".join(out)
 
     def next_event(self) -> Any | None:
         """The next event, or None when more data is needed.
@@ -144,48 +165,79 @@ class Engine(ABC):
         # Nothing will be parsed any more; what remains is only a liability.
         self._raw_in.clear()
         self._buf.clear()
+        self._parsed = 0
+
+    def _add_plaintext(self, data: bytes) -> None:
+        """Append plaintext for the handlers, first dropping what they have parsed."""
+        if self._parsed:
+            del self._buf[: self._parsed]
+            self._parsed = 0
+        self._buf += data
+
+    def _queue_wire(self, data: bytes) -> None:
+        """Queue bytes that go to the wire as they are (TLS records, or no TLS)."""
+        if data:
+            # A piece is kept until taken: it must not change in the meantime.
+            self._out.append(data if type(data) is bytes else bytes(data))
 
     def _write(self, data: bytes) -> None:
+        """Queue protocol bytes: through TLS once it is up."""
         if self._tls is not None:
             self._tls.send(data)
-            self._out += self._tls.data_to_send()
+            self._queue_wire(self._tls.data_to_send())
         else:
-            self._out += data
+            self._queue_wire(data)
 
-    def _pump_tls(self) -> None:
-        if self._tls is None:
-            if self._raw_in:
-                self._buf += self._raw_in
-                self._raw_in.clear()
-            return
+    def _pump_tls(self, tls: TlsSession) -> None:
+        """Decrypt what arrived into `_buf`; pass on EOF; queue TLS's answers."""
         if self._raw_in or (self._eof and not self._tls_eof_sent):
             data = bytes(self._raw_in)
             self._raw_in.clear()
             if data:
-                self._buf += self._tls.receive(data)
+                self._add_plaintext(tls.receive(data))
             if self._eof and not self._tls_eof_sent:
                 self._tls_eof_sent = True
-                self._buf += self._tls.receive(b"")
-            self._out += self._tls.data_to_send()
-            if self.state is self.TLS_HANDSHAKE and self._tls.handshake_done:
+                self._add_plaintext(tls.receive(b""))
+            self._queue_wire(tls.data_to_send())
+            if self.state is self.TLS_HANDSHAKE and tls.handshake_done:
                 self._after_tls_handshake()
 
+    def _parses_without_bytes(self) -> bool:
+        """Whether the current state's handler may produce something from no bytes.
+
+        Most need at least a byte, so with nothing buffered (the usual end of a
+        batch) `_next_event` does not call them just to hear `NeedData`.
+        """
+        return False
+
     def _next_event(self) -> Any | None:
+        events = self._events
         while True:
-            if self._events:
-                return self._events.popleft()
-            if self.state is self.CLOSED:
+            if events:
+                return events.popleft()
+            state = self.state
+            if state is self.CLOSED:
                 return None
-            self._pump_tls()
-            if self._events:
-                continue
-            if self.state is self.TLS_HANDSHAKE:
+            if self._tls is not None:
+                self._pump_tls(self._tls)
+                if events:
+                    continue
+                state = self.state  # the end of the TLS handshake moves it on
+            if state is self.TLS_HANDSHAKE:
                 if self._eof:
                     raise self._eof_in_tls_handshake()
                 return None
-            reader = Reader(self._buf)
+            buf = self._buf
+            parsed = self._parsed
+            if parsed == len(buf) and not self._eof and not self._parses_without_bytes():
+                return None
+            handler = self._handler
+            if handler is None or state is not self._handler_state:
+                handler = self._handler = self.handlers[state]
+                self._handler_state = state
+            reader = Reader(buf, parsed)
             try:
-                produced = self.handlers[self.state](self, reader)
+                produced = handler(self, reader)
             except NeedData:
                 if self._eof:
                     self._at_eof()
@@ -193,12 +245,13 @@ class Engine(ABC):
                 return None
             finally:
                 reader.release()
-            del self._buf[: reader.pos]
-            self._events.extend(produced)
+            self._parsed = reader.pos
+            events.extend(produced)
             if self._tls_starting:
                 self._tls_starting = False
                 # Every byte after the acceptance is TLS: what was buffered as
                 # plaintext goes back in front of the raw input.
-                self._raw_in[:0] = self._buf
-                self._buf.clear()
+                self._raw_in[:0] = buf[self._parsed :]
+                buf.clear()
+                self._parsed = 0
                 self._start_tls()

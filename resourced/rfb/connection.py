@@ -113,6 +113,13 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# Looked up once for the checks made on every message: Python 3.11 finds an enum
+# member through EnumType.__getattr__, which costs about as much as parsing a field.
+_CONNECTED = State.CONNECTED
+_FRAMEBUFFER_UPDATE = ServerMessageType.FRAMEBUFFER_UPDATE
+_QEMU_MESSAGE = ServerMessageType.QEMU
+
+
 class ClientConnection(Engine):
     """One RFB client session, sans-IO.
 
@@ -194,7 +201,7 @@ class ClientConnection(Engine):
         SetPixelFormat and SetEncodings also change how we read what the server
         sends next (rectangle sizes, which pseudo-rectangles may arrive).
         """
-        if self.state is not State.CONNECTED:
+        if self.state is not _CONNECTED:
             raise LocalProtocolError(f"cannot send {type(message).__name__}: {self.state.value}")
         data = message.serialize()
         if isinstance(message, SetPixelFormat):
@@ -223,12 +230,17 @@ class ClientConnection(Engine):
     def buffered(self) -> int:
         """Bytes received but not yet turned into events (for memory accounting)."""
         pending = self._update.buffered if self._update else 0
-        return len(self._raw_in) + len(self._buf) + pending
+        return self.pending_input + pending
 
     # ------------------------------------------------------------------ internals
 
+    def _parses_without_bytes(self) -> bool:
+        # An update ends once its count of rectangles is in, and an empty
+        # rectangle body is whole before any byte of it arrives.
+        return self._update is not None
+
     def _at_eof(self) -> None:
-        if self.state is State.CONNECTED and not self._buf and self._update is None:
+        if self.state is State.CONNECTED and not self.pending_input and self._update is None:
             self.state = State.CLOSED
             self._events.append(ServerClosed())
             return
@@ -375,7 +387,7 @@ class ClientConnection(Engine):
         context, name, describe = self._tls_params
         self._tls_params = None
         self._tls = TlsLayer(context, name, describe)
-        self._out += self._tls.data_to_send()
+        self._queue_wire(self._tls.data_to_send())
 
     def _eof_in_tls_handshake(self) -> TlsError:
         return TlsError("the server closed the connection during the TLS handshake")
@@ -456,13 +468,13 @@ class ClientConnection(Engine):
         if self._update is not None:
             return self._continue_update(r)
         kind = r.u8()
-        if kind == ServerMessageType.FRAMEBUFFER_UPDATE:
+        if kind == _FRAMEBUFFER_UPDATE:
             r.skip(1)
             count = r.u16()
             self._update = _UpdateInProgress(count)
             self._update.buffered_bytes = r.pos
             return []
-        if kind == ServerMessageType.QEMU:
+        if kind == _QEMU_MESSAGE:
             subtype = r.u8()
             ext = self._by_subtype.get(subtype)
             if ext is None:

@@ -15,6 +15,8 @@ the client's events) and `Consoles`, the client-side `Extension`. The server hal
 from __future__ import annotations
 
 import enum
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -89,6 +91,17 @@ def _server_head(op: ConsoleServerOp) -> bytes:
 
 def _client_head(op: ConsoleClientOp) -> bytes:
     return u8(ClientMessageType.QEMU) + u8(QemuClientSubtype.CONSOLE) + u8(op)
+
+
+# DATA and CREDIT, both ways, are nearly all of the traffic, so their fixed part
+# is packed, and parsed, in one call: the three type bytes, a u32 console id and
+# a u32 count (DATA's length, CREDIT's increment). Parsers start after the type bytes.
+_HEADER = struct.Struct("!3sII")
+_ID_COUNT = struct.Struct("!II")
+_SERVER_DATA = _server_head(ConsoleServerOp.DATA)
+_SERVER_CREDIT = _server_head(ConsoleServerOp.CREDIT)
+_CLIENT_DATA = _client_head(ConsoleClientOp.DATA)
+_CLIENT_CREDIT = _client_head(ConsoleClientOp.CREDIT)
 
 
 # ---------------------------------------------------------------------------
@@ -215,16 +228,11 @@ class ConsoleData:
     history: bool = False
 
     def serialize(self) -> bytes:
-        return (
-            _server_head(ConsoleServerOp.DATA)
-            + u32(self.console_id)
-            + u32(len(self.data))
-            + self.data
-        )
+        return _HEADER.pack(_SERVER_DATA, self.console_id, len(self.data)) + self.data
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleData:
-        console_id, length = r.u32(), r.u32()
+        console_id, length = r.unpack(_ID_COUNT)
         if length > MAX_CONSOLE_DATA:
             raise RemoteProtocolError(
                 f"console DATA of {length} bytes (at most {MAX_CONSOLE_DATA})"
@@ -272,11 +280,11 @@ class ConsoleCredit:
     increment: int
 
     def serialize(self) -> bytes:
-        return _server_head(ConsoleServerOp.CREDIT) + u32(self.console_id) + u32(self.increment)
+        return _HEADER.pack(_SERVER_CREDIT, self.console_id, self.increment)
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleCredit:
-        return cls(r.u32(), r.u32())
+        return cls(*r.unpack(_ID_COUNT))
 
 
 SERVER_PARSERS: dict[int, Any] = {
@@ -339,16 +347,11 @@ class ConsoleWrite:
     data: bytes
 
     def serialize(self) -> bytes:
-        return (
-            _client_head(ConsoleClientOp.DATA)
-            + u32(self.console_id)
-            + u32(len(self.data))
-            + self.data
-        )
+        return _HEADER.pack(_CLIENT_DATA, self.console_id, len(self.data)) + self.data
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleWrite:
-        console_id, length = r.u32(), r.u32()
+        console_id, length = r.unpack(_ID_COUNT)
         if length > MAX_CONSOLE_DATA:
             raise RemoteProtocolError(
                 f"console DATA of {length} bytes (at most {MAX_CONSOLE_DATA})"
@@ -378,11 +381,11 @@ class ConsoleGrant:
     increment: int
 
     def serialize(self) -> bytes:
-        return _client_head(ConsoleClientOp.CREDIT) + u32(self.console_id) + u32(self.increment)
+        return _HEADER.pack(_CLIENT_CREDIT, self.console_id, self.increment)
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleGrant:
-        return cls(r.u32(), r.u32())
+        return cls(*r.unpack(_ID_COUNT))
 
 
 ConsoleClientMessage = ConsoleOpen | ConsoleClose | ConsoleWrite | ConsoleBreak | ConsoleGrant
@@ -430,6 +433,11 @@ class _State(enum.Enum):
     OPENING = "opening"
     OPEN = "open"
     CLOSING = "closing"
+
+
+# Looked up once for the checks made on every message: Python 3.11 finds an enum
+# member through EnumType.__getattr__, which costs about as much as parsing a field.
+_OPEN = _State.OPEN
 
 
 class _Console:
@@ -540,15 +548,17 @@ class Consoles(Extension):
     def write(self, console_id: int, data: bytes) -> int:
         """Send as much of `data` as credit allows; return how many bytes went."""
         console = self._get(console_id)
-        if console.state is not _State.OPEN:
+        if console.state is not _OPEN:
             raise LocalProtocolError(f"console {console.info.name} is {console.state.value}")
-        sent = 0
-        while sent < len(data) and console.send_credit > 0:
-            size = min(len(data) - sent, console.send_credit, self.server_max_data)
-            self.connection.send(ConsoleWrite(console_id, data[sent : sent + size]))
-            console.send_credit -= size
-            sent += size
-        return sent
+        sendable = min(len(data), console.send_credit)
+        step = self.server_max_data
+        send = self.connection.send
+        for start in range(0, sendable, step):
+            # A slice of all of a bytes object is that object: no copy.
+            chunk = data[start : min(start + step, sendable)]
+            send(ConsoleWrite(console_id, chunk))
+            console.send_credit -= len(chunk)
+        return sendable
 
     def send_break(self, console_id: int) -> None:
         console = self._get(console_id)
@@ -573,14 +583,16 @@ class Consoles(Extension):
     # --- parsing --------------------------------------------------------------
 
     def parse_server_message(self, subtype: int, reader: Reader) -> list[Any]:
-        message = parse_server_message(reader)
-        if isinstance(message, ConsolesAnnounced):
-            return self._on_hello(message)
-        if not self.announced:
+        # parse_server_message() and then a dispatch on the message's type, in
+        # one step: DATA takes this path once per chunk of console output.
+        op = reader.u8()
+        parse = SERVER_PARSERS.get(op)
+        if parse is None:
+            raise RemoteProtocolError(f"console extension: unknown server operation {op}")
+        message = parse(reader)
+        if not self.announced and op != ConsoleServerOp.HELLO:
             raise RemoteProtocolError("console message before HELLO")
-        handler = _DISPATCH[type(message)]
-        events: list[Any] = handler(self, message)
-        return events
+        return _HANDLERS[op](self, message)
 
     def _known(self, console_id: int, what: str) -> _Console:
         console = self._consoles.get(console_id)
@@ -638,7 +650,8 @@ class Consoles(Extension):
 
     def _on_data(self, message: ConsoleData) -> list[Any]:
         console = self._known(message.console_id, "DATA")
-        if console.state not in (_State.OPEN, _State.CLOSING):
+        is_open = console.state is _OPEN
+        if not is_open and console.state is not _State.CLOSING:
             raise RemoteProtocolError(f"DATA for console {console.info.name}, which is not open")
         size = len(message.data)
         if size > console.receive_credit:
@@ -647,8 +660,8 @@ class Consoles(Extension):
                 f"{console.receive_credit} bytes of credit granted"
             )
         console.receive_credit -= size
-        if console.state is _State.CLOSING:
-            return []
+        if not is_open:
+            return []  # closing: counted against the credit, then dropped
         if size > console.max_data:
             raise RemoteProtocolError(
                 f"console {console.info.name}: DATA of {size} bytes beyond the "
@@ -686,11 +699,13 @@ class Consoles(Extension):
         return [message] if console.state is _State.OPEN else []
 
 
-_DISPATCH: dict[type, Any] = {
-    ConsoleAdded: Consoles._on_added,
-    ConsoleRemoved: Consoles._on_removed,
-    ConsoleOpened: Consoles._on_opened,
-    ConsoleData: Consoles._on_data,
-    ConsoleClosed: Consoles._on_closed,
-    ConsoleCredit: Consoles._on_credit,
+#: What the client does with each server operation, once parsed (see SERVER_PARSERS).
+_HANDLERS: dict[int, Callable[[Consoles, Any], list[Any]]] = {
+    ConsoleServerOp.HELLO: Consoles._on_hello,
+    ConsoleServerOp.ADDED: Consoles._on_added,
+    ConsoleServerOp.REMOVED: Consoles._on_removed,
+    ConsoleServerOp.OPENED: Consoles._on_opened,
+    ConsoleServerOp.DATA: Consoles._on_data,
+    ConsoleServerOp.CLOSED: Consoles._on_closed,
+    ConsoleServerOp.CREDIT: Consoles._on_credit,
 }

@@ -366,6 +366,12 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+# Looked up once for the checks made on every message: Python 3.11 finds an enum
+# member through EnumType.__getattr__, which costs about as much as parsing a field.
+_CONNECTED = State.CONNECTED
+_QEMU_MESSAGE = ClientMessageType.QEMU
+
+
 class ServerConnection(Engine):
     """One RFB server session facing a viewer, sans-IO.
 
@@ -413,7 +419,7 @@ class ServerConnection(Engine):
         #: The encodings of the client's last SetEncodings.
         self.encodings: tuple[int, ...] = ()
 
-        self._out += SERVER_VERSION
+        self._queue_wire(SERVER_VERSION)
 
     # ------------------------------------------------------------------ I/O face
 
@@ -442,7 +448,7 @@ class ServerConnection(Engine):
     @property
     def buffered(self) -> int:
         """Bytes received but not yet turned into events (for memory accounting)."""
-        return len(self._raw_in) + len(self._buf)
+        return self.pending_input
 
     def send_server_init(
         self, width: int, height: int, pixel_format: PixelFormat, name: str
@@ -468,7 +474,7 @@ class ServerConnection(Engine):
         Nothing is checked: the gateway forwards QEMU's messages and inserts its
         own, and must keep them whole and in order.
         """
-        if self.state is not State.CONNECTED:
+        if self.state is not _CONNECTED:
             raise LocalProtocolError(f"cannot send server messages: {self.state.value}")
         self._write(data)
 
@@ -481,14 +487,14 @@ class ServerConnection(Engine):
     # ------------------------------------------------------------------ internals
 
     def _at_eof(self) -> None:
-        if self.state is State.CONNECTED and not self._buf:
+        if self.state is State.CONNECTED and not self.pending_input:
             self.state = State.CLOSED
             self._events.append(ClientClosed())
             return
         if self.state is State.CONNECTED:
             raise RemoteProtocolError(
                 "the client closed the connection in the middle of a message "
-                f"({len(self._buf)} bytes of it received)"
+                f"({self.pending_input} bytes of it received)"
             )
         raise ConnectionClosed(f"the client closed the connection while {self.state.value}")
 
@@ -638,7 +644,7 @@ class ServerConnection(Engine):
     def _on_client_message(self, r: Reader) -> list[Any]:
         kind = r.u8()
         message: Any
-        if kind == ClientMessageType.QEMU:
+        if kind == _QEMU_MESSAGE:
             subtype = r.u8()
             parser = self._qemu_parsers.get(subtype)
             if parser is None:

@@ -647,6 +647,47 @@ def test_server_close_sends_close_notify(pki: Pki) -> None:
     assert server.next_event() is None
 
 
+def test_client_hello_in_the_same_piece_as_the_subtype(pki: Pki) -> None:
+    # A client that does not wait for the acceptance: everything after the
+    # subtype, though it arrived with it as plaintext, is TLS.
+    server = ServerConnection(ServerSecurity(tls_context=server_context(pki)))
+    feed(server, b"RFB 003.008\n" + b"\x13")
+    server.data_to_send()
+    tls = ssl.create_default_context(cafile=pki.ca_cert)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        session.do_handshake()
+    hello = outgoing.read()
+    choice = wire.vencrypt_version(0, 2) + wire.u32(VeNCryptSubtype.X509_NONE)
+    assert feed(server, choice + hello) == []
+    assert server.state is State.TLS_HANDSHAKE
+    answer = server.data_to_send()
+    plain = wire.vencrypt_ack() + wire.vencrypt_subtypes(VeNCryptSubtype.X509_NONE)
+    assert answer.startswith(plain + wire.vencrypt_accept())
+    incoming.write(answer[len(plain) + 1 :])
+    session.do_handshake()
+    feed(server, outgoing.read())
+    incoming.write(server.data_to_send())
+    assert session.read() == wire.security_result_ok()
+    assert server.state is State.CLIENT_INIT
+
+
+def test_pending_input_counts_what_is_not_parsed_yet() -> None:
+    server = connected_server()
+    key = KeyEvent(True, 0x61).serialize()
+    server.receive_data(key + key + key[:3])
+    assert server.pending_input == 2 * len(key) + 3
+    assert server.next_event() == KeyEvent(True, 0x61)
+    assert server.pending_input == len(key) + 3
+    assert server.next_event() == KeyEvent(True, 0x61)
+    assert server.next_event() is None
+    assert server.pending_input == server.buffered == 3
+    server.receive_data(key[3:])
+    assert server.next_event() == KeyEvent(True, 0x61)
+    assert server.pending_input == 0
+
+
 def test_tls_handshake_cut_short(pki: Pki) -> None:
     server = tls_server_at_vencrypt()
     feed(server, wire.vencrypt_version(0, 2) + wire.u32(260))
