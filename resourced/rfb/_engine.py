@@ -93,11 +93,6 @@ class Engine(ABC):
         """Bytes received and not yet parsed (a transport pauses reading when this grows)."""
         return len(self._raw_in) + len(self._buf) - self._parsed
 
-    @property
-    def pending_input(self) -> int:
-        """Bytes received and not yet parsed (a transport pauses reading when this grows)."""
-        return len(self._raw_in) + len(self._buf)
-
     def data_to_send(self) -> bytes:
         """Bytes to write to the wire, in order; empties the queue."""
         if self._tls is not None:
