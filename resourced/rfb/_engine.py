@@ -162,7 +162,7 @@ class Engine(ABC):
         self._buf.clear()
         self._parsed = 0
 
-    def _add_plaintext(self, data: bytes) -> None:
+    def _add_plaintext(self, data: bytes | bytearray | memoryview) -> None:
         """Append plaintext for the handlers, first dropping what they have parsed."""
         if self._parsed:
             del self._buf[: self._parsed]
