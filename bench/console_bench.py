@@ -1292,7 +1292,8 @@ async def run_benchmark(options: Options) -> Results:
             results.rtt = await measure_rtt(probes, options.samples, options.warmup, options.block)
             cpu_after = handle.cpu_seconds()
             if cpu_before is not None and cpu_after is not None:
-                echoes = options.samples + options.warmup
+                through_gateway = sum(p.key in (GATEWAY, GATEWAY_BLOCKING) for p in probes)
+                echoes = (options.samples + options.warmup) * through_gateway
                 results.gateway_cpu["us_per_echo"] = round(
                     (cpu_after - cpu_before) / echoes * 1e6, 1
                 )

@@ -348,8 +348,13 @@ class Session(asyncio.BufferedProtocol):
         server = self.server
         try:
             while (event := server.next_event()) is not None:
-                if isinstance(event, ConsoleWrite):
-                    self._on_console_message(event)
+                if type(event) is ConsoleWrite:
+                    # A keystroke: the common case goes straight to the host end.
+                    console = self._open.get(event.console_id)
+                    if console is not None:
+                        self._console_input(console, event.data)
+                    else:
+                        self._on_console_message(event)
                 elif isinstance(event, ClientClosed):
                     log.info("viewer %s: closed the connection", self.peer)
                     self.shutdown()
@@ -409,7 +414,7 @@ class Session(asyncio.BufferedProtocol):
             console.credit += message.increment
             self._pump(console_id)
         elif isinstance(message, ConsoleWrite):
-            self._console_input(console_id, console, message.data)
+            self._console_input(console, message.data)
         elif isinstance(message, ConsoleBreak):
             console.hub.send_break()
 
@@ -445,13 +450,15 @@ class Session(asyncio.BufferedProtocol):
         if self._transport.is_closing():
             return
         hub = console.hub
+        server = self.server
         try:
             start = console.offset
             while console.credit > 0 and console.offset < hub.total:
                 chunk = hub.read(console.offset, min(console.credit, console.max_data))
-                self._send(ConsoleData(console_id, chunk))
+                server.send_raw(ConsoleData.encode(console_id, chunk))
                 console.offset += len(chunk)
                 console.credit -= len(chunk)
+            self._flush()
             if console.offset != start:
                 hub.advance(console.listener, console.offset)
             if console.offset < hub.oldest:
@@ -460,7 +467,7 @@ class Session(asyncio.BufferedProtocol):
             log.warning("viewer %s: %s; console closed", self.peer, err)
             self._close_console(console_id, CloseReason.OVERRUN, str(err))
 
-    def _console_input(self, console_id: int, console: _OpenConsole, data: bytes) -> None:
+    def _console_input(self, console: _OpenConsole, data: bytes) -> None:
         if len(data) > console.input_credit:
             raise RemoteProtocolError(
                 f"console {console.hub.name}: {len(data)} bytes of input beyond the "
@@ -471,6 +478,7 @@ class Session(asyncio.BufferedProtocol):
         console.hub.write(data)
         if console.returning < INPUT_WINDOW // 2:
             return  # a keystroke costs no CREDIT message, and no drain watch
+        console_id = console.hub.console_id
 
         def drained(_hub: ConsoleHub) -> None:
             # Credit goes back in batches of half the window: the viewer always
