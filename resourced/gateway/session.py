@@ -56,8 +56,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Input a viewer may have in flight per console before the host end takes it.
-INPUT_WINDOW = 64 * 1024
+#: Input a viewer may have in flight per console before the host end takes it
+#: (credit comes back in halves as the host end drains: a bulk upload's pipeline).
+INPUT_WINDOW = 256 * 1024
+#: Bytes queued for a viewer before console output waits for it to drain: small,
+#: so console output goes to the socket from the hub's chunks, not through
+#: another copy into the transport's buffer. Display and audio wait only past
+#: the configured `write_high_water`.
+CONSOLE_HIGH_WATER = 256 * 1024
 #: Unparsed input from a viewer still in its handshake before reading pauses.
 MAX_HANDSHAKE_INPUT = 64 * 1024
 READ_SIZE = 256 * 1024
@@ -123,7 +129,8 @@ class Session(asyncio.BufferedProtocol):
         self._input_waiter: asyncio.Future[None] | None = None
         self._viewer_eof = False
         self._relaying = False
-        self._write_paused = False
+        self._write_paused = False  # the viewer's transport is above its high-water mark
+        self._upstream_held = False  # ...and above write_high_water: QEMU is not read
         self._slow_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -134,7 +141,9 @@ class Session(asyncio.BufferedProtocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix socket peer"
-        self._transport.set_write_buffer_limits(high=self.config.write_high_water)
+        self._transport.set_write_buffer_limits(
+            high=min(CONSOLE_HIGH_WATER, self.config.write_high_water)
+        )
         self.gateway.sessions.add(self)
         self._task = asyncio.get_running_loop().create_task(self.run())
 
@@ -163,21 +172,34 @@ class Session(asyncio.BufferedProtocol):
         self._finish(None)
 
     def pause_writing(self) -> None:
-        """The viewer is more than `write_high_water` behind: stop reading QEMU, and
-        give the viewer `slow_client_timeout` to catch up."""
+        """More than `CONSOLE_HIGH_WATER` is queued for the viewer: console output
+        waits (it stays in the hubs, not in our buffers)."""
         self._write_paused = True
-        if self.upstream is not None:
-            self.upstream.pause_reading()
-        loop = asyncio.get_running_loop()
-        self._slow_timer = loop.call_later(self.config.slow_client_timeout, self._viewer_too_slow)
+        self._check_viewer_backlog()
+
+    def _check_viewer_backlog(self) -> None:
+        """Past `write_high_water`, stop reading QEMU too, and give the viewer
+        `slow_client_timeout` to catch up."""
+        if self._upstream_held or self._transport is None:
+            return
+        if self._transport.get_write_buffer_size() > self.config.write_high_water:
+            self._upstream_held = True
+            if self.upstream is not None:
+                self.upstream.pause_reading()
+            loop = asyncio.get_running_loop()
+            self._slow_timer = loop.call_later(
+                self.config.slow_client_timeout, self._viewer_too_slow
+            )
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._slow_timer is not None:
-            self._slow_timer.cancel()
-            self._slow_timer = None
-        if self.upstream is not None:
-            self.upstream.resume_reading()
+        if self._upstream_held:
+            self._upstream_held = False
+            if self._slow_timer is not None:
+                self._slow_timer.cancel()
+                self._slow_timer = None
+            if self.upstream is not None:
+                self.upstream.resume_reading()
         for console_id in list(self._open):
             self._pump(console_id)
 
@@ -300,7 +322,7 @@ class Session(asyncio.BufferedProtocol):
             return
         self._relaying = True
         self.upstream.dispatch_to(self._from_qemu).add_done_callback(self._upstream_ended)
-        if self._write_paused:
+        if self._upstream_held:
             self.upstream.pause_reading()
         if not self._transport.is_closing():
             self._transport.resume_reading()
@@ -339,6 +361,8 @@ class Session(asyncio.BufferedProtocol):
             self._flush()
         elif isinstance(event, ServerClosed):
             raise ResourcedError("QEMU closed the VNC connection")
+        if self._write_paused:
+            self._check_viewer_backlog()
 
     # --- viewer -> QEMU -----------------------------------------------------------
 
@@ -453,12 +477,12 @@ class Session(asyncio.BufferedProtocol):
         server = self.server
         try:
             start = console.offset
-            while console.credit > 0 and console.offset < hub.total:
+            while console.credit > 0 and console.offset < hub.total and not self._write_paused:
                 chunk = hub.read(console.offset, min(console.credit, console.max_data))
                 server.send_raw(ConsoleData.encode(console_id, chunk))
                 console.offset += len(chunk)
                 console.credit -= len(chunk)
-            self._flush()
+                self._flush()  # may pause writing: the rest waits in the hub
             if console.offset != start:
                 hub.advance(console.listener, console.offset)
             if console.offset < hub.oldest:
