@@ -34,8 +34,10 @@ from resourced.errors import (
     TlsError,
 )
 from resourced.gateway.gateway import Gateway, GatewayConfig
+from resourced.gateway.session import CONSOLE_HIGH_WATER
 from resourced.rfb.aio import RfbClient, connect
 from resourced.rfb.consoles import (
+    MAX_CONSOLE_DATA,
     CloseReason,
     ConsoleAdded,
     ConsoleClosed,
@@ -581,3 +583,50 @@ async def test_viewer_that_stops_reading_is_dropped(make_rig: MakeRig) -> None:
         await stuck.close()
     finally:
         logger.removeHandler(flag)
+
+
+async def test_console_output_for_a_stalled_viewer_waits_in_the_hub(make_rig: MakeRig) -> None:
+    """A viewer that stops reading while a console floods it: the gateway queues at
+    most CONSOLE_HIGH_WATER (plus one message) for it, QEMU's display is not held
+    back for that, the hub stops reading the host end, and once the viewer reads
+    again every byte arrives, in order."""
+    rig = await make_rig()
+    peer_path = str(rig.guest.workdir / "flood.sock")
+    payload = bytes(range(251)) * (4 * 1024 * 1024 // 251)  # ~4 MiB, not a power of two
+    peer_writers: list[asyncio.StreamWriter] = []
+
+    async def on_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_writers.append(writer)
+        await reader.readexactly(1)  # the viewer's "go"
+        writer.write(payload)
+        await writer.drain()
+
+    server = await asyncio.start_unix_server(on_peer, peer_path)
+    v = await viewer(rig)
+    try:
+        await v.pump(lambda: v.consoles.announced)
+        spec = ConsoleSpec("flood0", ConsoleKind.CHANNEL, Endpoint(EndpointType.UNIX, peer_path))
+        hub = await rig.gateway.add_console(spec)
+        hub.stall_timeout = TIMEOUT  # this reader comes back: it must not be given up on
+        await v.pump(lambda: v.consoles.by_name("flood0") is not None)
+        flood = await v.open("flood0", window=8 * 1024 * 1024, history=False)
+        (session,) = rig.gateway.sessions
+        v.client.pause_reading()
+        v.write(flood, b"!")
+        async with asyncio.timeout(TIMEOUT):
+            while not hub._paused:  # noqa: ASYNC110 (a hub offers no event for this)
+                await asyncio.sleep(0.01)
+        assert session._transport is not None
+        queued = session._transport.get_write_buffer_size()
+        assert queued <= CONSOLE_HIGH_WATER + MAX_CONSOLE_DATA + 16
+        assert not session._upstream_held  # display and audio still flow to it
+        assert hub.total < len(payload)  # the rest waits in the peer and the kernel
+        v.client.resume_reading()
+        await v.pump(lambda: len(v.output.get(flood, b"")) >= len(payload))
+        assert v.output[flood] == payload
+        assert flood not in v.closed
+    finally:
+        await v.close()
+        server.close()
+        for writer in peer_writers:
+            writer.close()
