@@ -1,9 +1,10 @@
 """asyncio transports for the RFB client: TCP, Unix socket, or an already-connected fd.
 
 This is the one module of `resourced.rfb` that does I/O. `connect()` opens the
-transport, runs the handshake under a timeout and returns an `RfbClient`, which
-shovels bytes between the socket and a sans-IO `ClientConnection` and hands its
-events out as an async iterator. It holds no protocol decision.
+transport, runs the handshake under a timeout and returns an `RfbClient`: the
+socket's asyncio protocol, which feeds a sans-IO `ClientConnection` and hands its
+events out, pulled (`next_event`, `async for`) or pushed from the read callback
+(`dispatch_to`). It holds no protocol decision.
 """
 
 from __future__ import annotations
