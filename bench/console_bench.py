@@ -611,25 +611,8 @@ async def open_relay(guest: QemuGuest, workdir: Path, rig: Rig, timeout: float) 
     if socat is None:
         raise BenchError("socat is not installed")
     listen = workdir / "relay.sock"
-    process = await asyncio.create_subprocess_exec(
-        socat,
-        f"UNIX-LISTEN:{listen}",
-        f"UNIX-CONNECT:{guest.serial_path}",
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    async def stop() -> None:
-        if process.returncode is None:
-            process.terminate()
-        await process.wait()
-
-    rig.on_close(stop)
-    async with asyncio.timeout(timeout):
-        while not await asyncio.to_thread(os.path.exists, listen):
-            if process.returncode is not None:
-                raise BenchError(f"socat exited with status {process.returncode}")
-            await asyncio.sleep(0.02)
+    argv = [socat, f"UNIX-LISTEN:{listen}", f"UNIX-CONNECT:{guest.serial_path}"]
+    await start_listener(argv, listen, "socat", rig, timeout, stderr=subprocess.DEVNULL)
     return RelayProbe(await open_direct(guest, timeout, listen), timeout)
 
 
@@ -704,15 +687,11 @@ class Rig:
             raise first
 
 
-async def start_peer(path: Path, rig: Rig, timeout: float) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.peer",
-        str(path),
-        stdin=subprocess.DEVNULL,
-        cwd=REPO_ROOT,
-    )
+async def start_listener(
+    argv: list[str], path: Path, what: str, rig: Rig, timeout: float, **options: Any
+) -> None:
+    """Run `argv` until the rig closes; return once it listens on the Unix socket `path`."""
+    process = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, **options)
 
     async def stop() -> None:
         if process.returncode is None:
@@ -723,8 +702,13 @@ async def start_peer(path: Path, rig: Rig, timeout: float) -> None:
     async with asyncio.timeout(timeout):
         while not await asyncio.to_thread(os.path.exists, path):
             if process.returncode is not None:
-                raise BenchError(f"the socket peer exited with {process.returncode}")
+                raise BenchError(f"{what} exited with status {process.returncode}")
             await asyncio.sleep(0.02)
+
+
+async def start_peer(path: Path, rig: Rig, timeout: float) -> None:
+    argv = [sys.executable, "-m", "bench.peer", str(path)]
+    await start_listener(argv, path, "the socket peer", rig, timeout, cwd=REPO_ROOT)
 
 
 @dataclass
