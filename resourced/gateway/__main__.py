@@ -8,8 +8,11 @@ unix:/run/vm/ser.sock,server=on,wait=off -monitor unix:/run/vm/mon.sock,server=o
         --console serial0=unix:/run/vm/ser.sock --console monitor=unix:/run/vm/mon.sock
 
 or, for a libvirt guest, `--libvirt qemu:///system --domain NAME` instead of
-`--vnc` and `--console`. SIGHUP re-reads the libvirt domain (consoles added or
-removed since are published or withdrawn).
+`--vnc` and `--console`. The gateway then follows the domain through libvirt's
+events (`resourced.gateway.watch`): when it is started again (new PTY paths, a
+new VNC socket or port) or a console device is plugged in or out, it re-reads
+the domain's XML, points viewers from then on at the new VNC server, and
+publishes or withdraws consoles. SIGHUP re-reads it on demand.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from resourced.consoles import ConsoleSpec, parse_console_option
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import Gateway, GatewayConfig
 from resourced.gateway.hub import DEFAULT_RING_SIZE
+from resourced.gateway.libvirt import DomainResources
+from resourced.gateway.watch import DomainWatcher
 from resourced.rfb.server import ServerSecurity
 
 log = logging.getLogger("resourced.gateway")
@@ -113,7 +118,12 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
 def _from_libvirt(uri: str, domain: str) -> tuple[str, str | None, list[ConsoleSpec]]:
     from resourced.gateway.libvirt import lookup_domain
 
-    resources = lookup_domain(uri, domain)
+    return _upstream_and_consoles(lookup_domain(uri, domain), domain)
+
+
+def _upstream_and_consoles(
+    resources: DomainResources, domain: str
+) -> tuple[str, str | None, list[ConsoleSpec]]:
     if resources.vnc is None:
         raise ConfigurationError(f"domain {domain} has no VNC graphics")
     vnc = resources.vnc
@@ -148,6 +158,12 @@ async def run(args: argparse.Namespace) -> None:
         history=args.history,
     )
     gateway = Gateway(config)
+    watcher: DomainWatcher | None = None
+    if args.libvirt:
+        # Started after the first lookup: from here on libvirt's calls go
+        # through the watcher's thread, where libvirt's event loop runs.
+        watcher = DomainWatcher(args.libvirt, args.domain, lambda: _reload(gateway, args, watcher))
+        watcher.start()
     await gateway.start()
     try:
         for address in args.listen:
@@ -166,20 +182,35 @@ async def run(args: argparse.Namespace) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        if args.libvirt:
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload(gateway, args)))
+        if watcher is not None:
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: loop.create_task(_reload(gateway, args, watcher))
+            )
         await stop.wait()
     finally:
+        if watcher is not None:
+            await watcher.close()
         await gateway.close()
 
 
-async def _reload(gateway: Gateway, args: argparse.Namespace) -> None:
-    """Publish consoles the libvirt domain gained, withdraw those it lost."""
-    try:
-        _, _, found = _from_libvirt(args.libvirt, args.domain)
-    except ResourcedError as err:
-        log.warning("gateway: reload failed: %s", err)
+async def _reload(
+    gateway: Gateway, args: argparse.Namespace, watcher: DomainWatcher | None
+) -> None:
+    """Follow the libvirt domain: where its VNC server now is (for viewers from now
+    on), and the consoles it gained or lost (a restart gives PTYs new paths)."""
+    if watcher is None:
         return
+    try:
+        address, password, found = _upstream_and_consoles(await watcher.lookup(), args.domain)
+    except ResourcedError as err:
+        log.info("gateway: domain %s not usable now (%s); keeping what we have", args.domain, err)
+        return
+    config = gateway.config
+    if not args.vnc and address != config.upstream:
+        log.info("gateway: domain %s's VNC server is now at %s", args.domain, address)
+        config.upstream = address
+    if not args.vnc_password_file:
+        config.upstream_password = password
     fixed = {parse_console_option(text).name for text in args.console}
     current = {hub.name: hub.spec for hub in gateway.hubs.values()}
     wanted = {spec.name: spec for spec in found}

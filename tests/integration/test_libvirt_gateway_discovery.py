@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,14 @@ from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
 from resourced.demo.bootsector import build_boot_sector
 from resourced.gateway.libvirt import NoSuchGuest, lookup_domain
 from resourced.rfb.aio import connect
-from resourced.rfb.consoles import ConsoleData, ConsoleOpened, Consoles, ConsolesAnnounced
+from resourced.rfb.consoles import (
+    ConsoleAdded,
+    ConsoleData,
+    ConsoleOpened,
+    ConsoleRemoved,
+    Consoles,
+    ConsolesAnnounced,
+)
 from tests.libvirtd import (
     SYSTEM_URI,
     LibvirtdUnavailable,
@@ -300,3 +308,170 @@ async def test_gateway_command_fronts_a_libvirt_domain(
         async with asyncio.timeout(IO_TIMEOUT):
             _, err = await process.communicate()
     assert process.returncode == 0, (log + err).decode()
+
+
+class GatewayProcess:
+    """`python -m resourced.gateway --libvirt ... --domain NAME`, with its log read
+    as it comes (the log is how the tests see what the gateway decided)."""
+
+    def __init__(self, domain: str, listen: Path) -> None:
+        self.domain = domain
+        self.listen = listen
+        self.lines: list[str] = []
+        self.process: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "resourced.gateway",
+            "--libvirt",
+            SYSTEM_URI,
+            "--domain",
+            self.domain,
+            "--listen",
+            f"unix:{self.listen}",
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.get_running_loop().create_task(self._read_log())
+        await self.logged("listening on unix:")
+        await self.logged("through libvirt events")
+
+    async def _read_log(self) -> None:
+        assert self.process is not None
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.lines.append(line.decode(errors="replace"))
+
+    async def logged(self, text: str, start: int = 0) -> int:
+        """Wait until a line from `start` on contains `text`; the index after it."""
+        async with asyncio.timeout(IO_TIMEOUT):
+            while True:
+                for index in range(start, len(self.lines)):
+                    if text in self.lines[index]:
+                        return index + 1
+                if self.process is not None and self.process.returncode is not None:
+                    pytest.fail(f"the gateway exited: {''.join(self.lines)}")
+                await asyncio.sleep(0.05)
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(number)
+
+    async def stop(self) -> None:
+        """SIGTERM; it must exit with status 0."""
+        if self.process is None:
+            return
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(IO_TIMEOUT):
+            await self.process.wait()
+            if self._reader is not None:
+                await self._reader
+        assert self.process.returncode == 0, "".join(self.lines)
+
+
+async def test_gateway_follows_the_domain_through_a_restart(
+    running_domain: RunningDomain, system_conn: Any, domain_dir: Path
+) -> None:
+    """No SIGHUP: libvirt's events tell the gateway that the domain was destroyed
+    and started again. Viewers from then on reach the new QEMU (its VNC socket is a
+    new path) and type on serial0 again; the consoles are re-read from the new XML."""
+    before = lookup_domain(SYSTEM_URI, running_domain.name)
+    gateway = GatewayProcess(running_domain.name, domain_dir / "gw.sock")
+    recreated: Any = None
+    try:
+        await gateway.start()
+        mark = len(gateway.lines)
+        await asyncio.to_thread(system_conn.lookupByName(running_domain.name).destroy)
+        xml = domain_xml(running_domain.name, domain_dir / "boot.img", running_domain.serial_socket)
+        recreated = await asyncio.to_thread(system_conn.createXML, xml, 0)
+        after = await asyncio.to_thread(lookup_domain, SYSTEM_URI, running_domain.name)
+        assert after.vnc is not None
+        assert before.vnc is not None
+        assert after.vnc.socket_path != before.vnc.socket_path  # libvirt's per-run directory
+        await gateway.logged(f"VNC server is now at unix:{after.vnc.socket_path}", mark)
+        await gateway.logged("reloaded consoles from libvirt", mark)
+
+        consoles = Consoles()
+        client = await connect(f"unix:{gateway.listen}", extensions=[consoles], timeout=IO_TIMEOUT)
+        seen = b""
+        async with client, asyncio.timeout(IO_TIMEOUT):
+            while consoles.by_name("serial0") is None:
+                await client.next_event()
+            assert sorted(c.name for c in consoles.consoles) == ["serial0", "serial1"]
+            serial0 = consoles.by_name("serial0")
+            assert serial0 is not None
+            consoles.open(serial0.console_id, history=False)
+            client.flush()
+            # The new guest may still be in its BIOS, which swallows what reaches its
+            # UART: type until the boot sector is there to echo.
+            while b"after the restart" not in seen:
+                if consoles.is_open(serial0.console_id):
+                    consoles.write(serial0.console_id, b"after the restart")
+                    client.flush()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        while b"after the restart" not in seen:
+                            event = await client.next_event()
+                            if isinstance(event, ConsoleData):
+                                seen += event.data
+                            client.flush()
+        new_pty = {spec.name: spec for spec in after.consoles}["serial1"].endpoint.path
+        await gateway.logged(f"console serial1: attached to pty:{new_pty}", mark)
+    finally:
+        if recreated is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                await asyncio.to_thread(recreated.destroy)
+        await gateway.stop()
+
+
+USB_SERIAL = "<serial type='pty'><target type='usb-serial' port='2'/></serial>"
+
+
+def usb_serial_alias(domain: Any) -> str:
+    """The alias libvirt gave the plugged USB serial port (what unplugging names)."""
+    root = ET.fromstring(domain.XMLDesc(0))
+    for serial in root.iterfind("./devices/serial"):
+        target, alias = serial.find("target"), serial.find("alias")
+        if target is not None and target.get("type") == "usb-serial" and alias is not None:
+            return str(alias.get("name"))
+    raise AssertionError("no USB serial port in the live XML")
+
+
+async def test_gateway_publishes_hot_plugged_consoles(
+    running_domain: RunningDomain, system_conn: Any, domain_dir: Path
+) -> None:
+    """A serial port plugged into the running domain (a USB serial adapter on a PTY)
+    reaches a connected viewer as ADDED, with no SIGHUP; unplugged, as REMOVED.
+    SIGHUP still re-reads the domain on demand."""
+    gateway = GatewayProcess(running_domain.name, domain_dir / "gw.sock")
+    domain = system_conn.lookupByName(running_domain.name)
+    try:
+        await gateway.start()
+        consoles = Consoles()
+        client = await connect(f"unix:{gateway.listen}", extensions=[consoles], timeout=IO_TIMEOUT)
+        async with client, asyncio.timeout(IO_TIMEOUT):
+            while not consoles.announced:
+                await client.next_event()
+            assert sorted(c.name for c in consoles.consoles) == ["serial0", "serial1"]
+            await asyncio.to_thread(
+                domain.attachDeviceFlags, USB_SERIAL, libvirt.VIR_DOMAIN_AFFECT_LIVE
+            )
+            while not isinstance(event := await client.next_event(), ConsoleAdded):
+                pass
+            assert event.info.name == "serial2"
+            assert consoles.by_name("serial2") is not None
+            await asyncio.to_thread(
+                domain.detachDeviceAlias, usb_serial_alias(domain), libvirt.VIR_DOMAIN_AFFECT_LIVE
+            )
+            while not isinstance(event := await client.next_event(), ConsoleRemoved):
+                pass
+            assert event.console_id not in {c.console_id for c in consoles.consoles}
+            assert consoles.by_name("serial2") is None
+        mark = len(gateway.lines)
+        gateway.signal(signal.SIGHUP)
+        await gateway.logged("reloaded consoles from libvirt", mark)
+    finally:
+        await gateway.stop()
