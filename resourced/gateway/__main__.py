@@ -183,9 +183,7 @@ async def run(args: argparse.Namespace) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if watcher is not None:
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: loop.create_task(_reload(gateway, args, watcher))
-            )
+            loop.add_signal_handler(signal.SIGHUP, watcher.refresh)
         await stop.wait()
     finally:
         if watcher is not None:

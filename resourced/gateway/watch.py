@@ -24,8 +24,13 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from resourced.errors import ConfigurationError
-from resourced.gateway.libvirt import DomainResources, _libvirt, _message, lookup_domain
+from resourced.gateway.libvirt import (
+    DomainResources,
+    LibvirtError,
+    _libvirt,
+    _message,
+    lookup_domain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,6 @@ class DomainWatcher:
         self._on_change = on_change
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._follow_future: concurrent.futures.Future[None] | None = None
         self._task: asyncio.Future[None] | None = None
         self._conn: Any = None
@@ -60,8 +64,6 @@ class DomainWatcher:
         self._pending: asyncio.TimerHandle | None = None
         self._running: asyncio.Task[None] | None = None
         self._again = False
-        #: How many times `on_change` has been called (tests wait on this).
-        self.changes = 0
 
     # --- on the gateway's loop ------------------------------------------------------
 
@@ -92,6 +94,10 @@ class DomainWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._running
 
+    def refresh(self) -> None:
+        """Look at the domain again now (SIGHUP), in turn with the events."""
+        self._changed()
+
     def _changed(self) -> None:
         """Debounce: one `on_change` per burst, and never two at once."""
         if self._pending is not None:
@@ -110,7 +116,6 @@ class DomainWatcher:
     async def _change(self) -> None:
         while True:
             self._again = False
-            self.changes += 1
             try:
                 await self._on_change()
             except Exception:  # the next event tries again; the gateway carries on
@@ -132,7 +137,7 @@ class DomainWatcher:
             while True:
                 try:
                     self._connect()
-                except ConfigurationError as err:
+                except LibvirtError as err:
                     delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
                     if attempt == 0:
                         log.warning("gateway: %s; trying again in %g s", err, delay)
@@ -155,7 +160,7 @@ class DomainWatcher:
         try:
             conn = libvirt.open(self.uri)
         except libvirt.libvirtError as error:
-            raise ConfigurationError(
+            raise LibvirtError(
                 f"cannot connect to libvirt at {self.uri}: {_message(error)}"
             ) from None
         self._lost = asyncio.get_running_loop().create_future()
@@ -175,7 +180,7 @@ class DomainWatcher:
             with contextlib.suppress(libvirt.libvirtError):
                 conn.close()
             self._callbacks.clear()
-            raise ConfigurationError(
+            raise LibvirtError(
                 f"cannot register for events at {self.uri}: {_message(error)}"
             ) from None
         self._conn = conn
