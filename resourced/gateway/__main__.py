@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import grp
 import logging
 import signal
 import ssl
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from resourced.consoles import ConsoleSpec, parse_console_option
 from resourced.errors import ConfigurationError, ResourcedError
-from resourced.gateway.gateway import Gateway, GatewayConfig
+from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
 from resourced.gateway.hub import DEFAULT_RING_SIZE
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
@@ -50,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         help="where viewers connect: unix:PATH or HOST:PORT (repeatable)",
+    )
+    parser.add_argument(
+        "--socket-mode",
+        type=_octal_mode,
+        default=DEFAULT_SOCKET_MODE,
+        metavar="MODE",
+        help=f"permissions of unix: listening sockets, in octal (default {DEFAULT_SOCKET_MODE:o}: "
+        "the owner only; 660 lets --socket-group in)",
+    )
+    parser.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="group of unix: listening sockets (a name or a number)",
     )
     parser.add_argument(
         "--console",
@@ -115,6 +129,27 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
     return ServerSecurity(vnc_password=password, tls_context=context, allow_none=not secured)
 
 
+def _octal_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"mode {text} is outside 0..777")
+    return mode
+
+
+def _group_id(name: str | None) -> int | None:
+    if name is None:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigurationError(f"no group named {name!r}") from None
+
+
 def _from_libvirt(uri: str, domain: str) -> tuple[str, str | None, list[ConsoleSpec]]:
     from resourced.gateway.libvirt import lookup_domain
 
@@ -166,9 +201,10 @@ async def run(args: argparse.Namespace) -> None:
         watcher.start()
     await gateway.start()
     try:
+        group = _group_id(args.socket_group)
         for address in args.listen:
             if address.startswith("unix:"):
-                await gateway.listen_unix(address[5:])
+                await gateway.listen_unix(address[5:], mode=args.socket_mode, group=group)
             else:
                 host, _, port = address.rpartition(":")
                 if not host or not port.isdigit():

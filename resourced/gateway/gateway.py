@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ from resourced.rfb.consoles import ConsoleInfo
 from resourced.rfb.server import ServerSecurity
 
 log = logging.getLogger(__name__)
+
+#: Who may connect to a Unix socket the gateway listens on: its owner only.
+DEFAULT_SOCKET_MODE = 0o600
 
 
 @dataclass
@@ -93,14 +97,37 @@ class Gateway:
                 return
         raise ConfigurationError(f"no console named {name}")
 
-    async def listen_unix(self, path: str) -> asyncio.Server:
+    async def listen_unix(
+        self, path: str, *, mode: int = DEFAULT_SOCKET_MODE, group: int | None = None
+    ) -> asyncio.Server:
+        """Listen on a Unix socket with permissions `mode` and group `group` (a gid).
+
+        Connecting needs write permission on the socket, so `mode` says who may
+        be a viewer. The socket is bound with no permissions for anyone but the
+        owner and only then opened up, so nobody can connect in between.
+        """
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: Session(self), path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            umask = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(umask)
+            if group is not None:
+                os.chown(path, -1, group)
+            os.chmod(path, mode)
+            loop = asyncio.get_running_loop()
+            server = await loop.create_unix_server(lambda: Session(self), sock=sock)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
         self._unix_paths.append(path)
         self._servers.append(server)
-        log.info("gateway: listening on unix:%s", path)
+        log.info("gateway: listening on unix:%s (mode %04o)", path, mode)
         return server
 
     async def listen_tcp(self, host: str, port: int) -> asyncio.Server:
