@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import tempfile
 import time
@@ -475,3 +476,67 @@ async def test_gateway_publishes_hot_plugged_consoles(
         await gateway.logged("reloaded consoles from libvirt", mark)
     finally:
         await gateway.stop()
+
+
+def stop_libvirtd() -> None:
+    """SIGTERM the running libvirtd and wait until it is gone (domains keep running:
+    libvirtd finds its QEMUs again when it starts)."""
+    pids = [
+        int(pid)
+        for pid in subprocess.run(
+            ["pgrep", "-x", "libvirtd"], capture_output=True, text=True, check=False
+        ).stdout.split()
+    ]
+    assert pids, "no libvirtd process to stop"
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), "libvirtd to exit")
+
+
+async def test_gateway_reconnects_to_libvirtd(
+    running_domain: RunningDomain, system_conn: Any, domain_dir: Path
+) -> None:
+    """libvirtd restarts (an upgrade, a crash): the gateway notices, keeps serving,
+    connects again once libvirtd is back, and follows the domain as before (a
+    serial port plugged in afterwards reaches a viewer as ADDED).
+
+    It stops the machine's libvirtd and starts it again (`ensure_libvirtd`); the
+    domains survive, as they do in production."""
+    gateway = GatewayProcess(running_domain.name, domain_dir / "gw.sock")
+    try:
+        await gateway.start()
+        mark = len(gateway.lines)
+        await asyncio.to_thread(stop_libvirtd)
+        await gateway.logged("lost the connection to libvirt", mark)
+        await asyncio.to_thread(ensure_libvirtd)
+        await gateway.logged("through libvirt events", mark)
+        consoles = Consoles()
+        client = await connect(f"unix:{gateway.listen}", extensions=[consoles], timeout=IO_TIMEOUT)
+        async with client, asyncio.timeout(IO_TIMEOUT):
+            while not consoles.announced:
+                await client.next_event()
+            conn = await asyncio.to_thread(libvirt.open, SYSTEM_URI)
+            try:
+                domain = await asyncio.to_thread(conn.lookupByName, running_domain.name)
+                await asyncio.to_thread(
+                    domain.attachDeviceFlags, USB_SERIAL, libvirt.VIR_DOMAIN_AFFECT_LIVE
+                )
+            finally:
+                conn.close()
+            while not isinstance(event := await client.next_event(), ConsoleAdded):
+                pass
+            assert event.info.name == "serial2"
+    finally:
+        await asyncio.to_thread(ensure_libvirtd)  # whatever happened, leave it running
+        await asyncio.to_thread(destroy_domain, running_domain.name)
+        await gateway.stop()
+
+
+def destroy_domain(name: str) -> None:
+    """Destroy a domain over a new connection (the fixture's died with libvirtd)."""
+    conn = libvirt.open(SYSTEM_URI)
+    try:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByName(name).destroy()
+    finally:
+        conn.close()
