@@ -265,29 +265,11 @@ async def test_gateway_command_fronts_a_libvirt_domain(
     """`resourced-gateway --libvirt qemu:///system --domain NAME`: VNC socket, its
     password and the serial consoles all come from libvirt; a viewer types on
     serial0 through the gateway and the guest echoes."""
-    listen = domain_dir / "gw.sock"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "resourced.gateway",
-        "--libvirt",
-        SYSTEM_URI,
-        "--domain",
-        running_domain.name,
-        "--listen",
-        f"unix:{listen}",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    log = b""
+    gateway = GatewayProcess(running_domain.name, domain_dir / "gw.sock")
     try:
-        assert process.stderr is not None
-        async with asyncio.timeout(IO_TIMEOUT):
-            while b"listening on unix:" not in log:
-                line = await process.stderr.readline()
-                assert line, f"the gateway exited early: {log.decode()}"
-                log += line
+        await gateway.start()
         consoles = Consoles()
-        client = await connect(f"unix:{listen}", extensions=[consoles], timeout=IO_TIMEOUT)
+        client = await connect(f"unix:{gateway.listen}", extensions=[consoles], timeout=IO_TIMEOUT)
         seen = b""
         async with client, asyncio.timeout(IO_TIMEOUT):
             while b"via libvirt" not in seen:
@@ -304,11 +286,7 @@ async def test_gateway_command_fronts_a_libvirt_domain(
                     seen += event.data
                 client.flush()
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(IO_TIMEOUT):
-            _, err = await process.communicate()
-    assert process.returncode == 0, (log + err).decode()
+        await gateway.stop()
 
 
 class GatewayProcess:
