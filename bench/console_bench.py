@@ -1243,10 +1243,15 @@ async def run_benchmark(options: Options) -> Results:
             else:
                 rig.on_close(relay.close)
                 probes.insert(1, relay)
-            blocking = BlockingGatewayProbe(Path(handle.address[5:]), "serial1", options.timeout)
-            rig.on_close(blocking.close)
-            await asyncio.to_thread(blocking.open, Path(handle.address[5:]))
-            probes.insert(2, blocking)
+            if options.gateway_mode == "subprocess":
+                address = Path(handle.address[5:])
+                blocking = BlockingGatewayProbe(address, "serial1", options.timeout)
+                rig.on_close(blocking.close)
+                await asyncio.to_thread(blocking.open, address)
+                probes.insert(len(probes) - 1, blocking)
+            else:
+                # Its blocking calls would stop the very loop the gateway runs in.
+                results.unavailable["blocking client"] = "needs the gateway in its own process"
         results.notes.append(
             "each echo path has a demo guest of its own, all identical (a chardev socket "
             "takes one client; the gateway fronts two, serial0 for the asyncio client and "
@@ -1345,7 +1350,7 @@ def format_table(results: Results) -> str:
             f"{r.label:<{width}}{s['p50_us']:>9.1f}{s['p99_us']:>9.1f}{s['mean_us']:>10.1f}"
             f"   {ratio}"
         )
-    for what in ("relay", "libvirt"):
+    for what in ("relay", "blocking client", "libvirt"):
         if what in results.unavailable:
             lines.append(f"{what}: not available ({results.unavailable[what]})")
     for direction, title in (
