@@ -192,16 +192,18 @@ async def run(args: argparse.Namespace) -> None:
         consoles=consoles,
         history=args.history,
     )
+    group = _group_id(args.socket_group)
     gateway = Gateway(config)
     watcher: DomainWatcher | None = None
     if args.libvirt:
         # Started after the first lookup: from here on libvirt's calls go
         # through the watcher's thread, where libvirt's event loop runs.
-        watcher = DomainWatcher(args.libvirt, args.domain, lambda: _reload(gateway, args, watcher))
+        watcher = DomainWatcher(
+            args.libvirt, args.domain, lambda resources: _reload(gateway, args, resources)
+        )
         watcher.start()
     await gateway.start()
     try:
-        group = _group_id(args.socket_group)
         for address in args.listen:
             if address.startswith("unix:"):
                 await gateway.listen_unix(address[5:], mode=args.socket_mode, group=group)
@@ -227,15 +229,11 @@ async def run(args: argparse.Namespace) -> None:
         await gateway.close()
 
 
-async def _reload(
-    gateway: Gateway, args: argparse.Namespace, watcher: DomainWatcher | None
-) -> None:
+async def _reload(gateway: Gateway, args: argparse.Namespace, resources: DomainResources) -> None:
     """Follow the libvirt domain: where its VNC server now is (for viewers from now
     on), and the consoles it gained or lost (a restart gives PTYs new paths)."""
-    if watcher is None:
-        return
     try:
-        address, password, found = _upstream_and_consoles(await watcher.lookup(), args.domain)
+        address, password, found = _upstream_and_consoles(resources, args.domain)
     except ResourcedError as err:
         log.info("gateway: domain %s not usable now (%s); keeping what we have", args.domain, err)
         return

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from resourced.errors import ResourcedError
 from resourced.gateway.libvirt import (
     DomainResources,
     LibvirtError,
@@ -48,9 +49,12 @@ _register_lock = threading.Lock()
 
 
 class DomainWatcher:
-    """Calls `on_change()` on the caller's loop whenever domain `name` may have changed."""
+    """Calls `on_change(resources)` on the caller's loop with the domain's resources
+    (re-read through libvirt) whenever domain `name` may have changed."""
 
-    def __init__(self, uri: str, name: str, on_change: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, uri: str, name: str, on_change: Callable[[DomainResources], Awaitable[None]]
+    ) -> None:
         self.uri = uri
         self.name = name
         self._on_change = on_change
@@ -117,11 +121,21 @@ class DomainWatcher:
         while True:
             self._again = False
             try:
-                await self._on_change()
-            except Exception:  # the next event tries again; the gateway carries on
-                log.exception("gateway: following domain %s failed", self.name)
+                resources = await self.lookup()
+            except ResourcedError as err:
+                log.info(
+                    "gateway: domain %s not usable now (%s); keeping what we have", self.name, err
+                )
+            else:
+                await self._deliver(resources)
             if not self._again:
                 return
+
+    async def _deliver(self, resources: DomainResources) -> None:
+        try:
+            await self._on_change(resources)
+        except Exception:  # the next event tries again; the gateway carries on
+            log.exception("gateway: following domain %s failed", self.name)
 
     # --- on the libvirt events loop ---------------------------------------------
 

@@ -153,7 +153,7 @@ class RfbClient(asyncio.BufferedProtocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._handler: EventHandler | None = None
         self._finished: asyncio.Future[None] | None = None
-        self._closed = False  # close() was called
+        self._closed = False  # we closed it (close(), or a failed dispatch)
         self._eof = False  # end of input was fed to the connection
         self._write_paused = False
         self._paused_by_user = False
