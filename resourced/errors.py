@@ -51,3 +51,36 @@ class TlsError(SecurityError):
 
 class ConfigurationError(ResourcedError, ValueError):
     """A setting, address or file given to resourced is invalid."""
+
+
+# --- the broker (the D-Bus service's domain core) ------------------------------------
+# Each maps to one D-Bus error name in `resourced.dbus.errors`; the messages are
+# written for a person reading them in a terminal.
+
+
+class BrokerError(ResourcedError):
+    """A request to the broker could not be carried out."""
+
+
+class NoSuchGuest(BrokerError, LookupError):
+    """No guest by that name (or object path)."""
+
+
+class NoSuchConsole(BrokerError, LookupError):
+    """The guest has no console by that name (now)."""
+
+
+class NotConnected(BrokerError):
+    """The guest's connection (or a console's host end) is down right now."""
+
+
+class Busy(BrokerError):
+    """Someone else holds the resource exclusively."""
+
+
+class AccessDenied(BrokerError, PermissionError):
+    """The caller may not use this service."""
+
+
+class Unsupported(BrokerError):
+    """The guest or the caller cannot do what was asked."""

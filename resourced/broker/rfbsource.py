@@ -1,0 +1,151 @@
+"""A console carried by the RFB console extension, as a console hub's source.
+
+`RfbConsoleSource` is the host end of one console of a guest reached through a
+server that speaks the console extension (our gateway): it opens the console on
+the guest's current RFB connection, feeds the hub with its DATA, writes input
+within the server's credit, and turns the hub's back-pressure into credit held
+back (the server then stops sending this console only). When the connection
+drops the hub is told, and the guest attaches the source again on the next one.
+
+It implements `resourced.consoles.sources.ConsoleSource`; it does no I/O of its
+own (the guest's `RfbClient` does).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from resourced.consoles.sources import SourceHandler
+from resourced.rfb.aio import RfbClient
+from resourced.rfb.consoles import (
+    DEFAULT_WINDOW,
+    ConsoleClosed,
+    ConsoleCredit,
+    ConsoleData,
+    ConsoleOpened,
+    Consoles,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RfbConsoleSource:
+    """One console of the extension, attached to whichever connection is current."""
+
+    def __init__(self, guest_name: str, console_name: str, window: int = DEFAULT_WINDOW) -> None:
+        self.description = f"rfb:{guest_name}/{console_name}"
+        self.window = window
+        self._handler: SourceHandler | None = None
+        self._client: RfbClient | None = None
+        self._ext: Consoles | None = None
+        self.console_id: int | None = None
+        self._open = False
+        self._paused = False
+        self._unacked = 0  # received and handed to the hub, credit not yet returned
+        self._pending = bytearray()  # input waiting for the server's credit
+        #: Bytes of replayed history still to come after OPENED.
+        self.history_left = 0
+
+    # --- ConsoleSource ----------------------------------------------------------
+
+    def start(self, handler: SourceHandler) -> None:
+        self._handler = handler
+
+    def write(self, data: bytes) -> None:
+        self._pending += data
+        self._flush_input()
+
+    @property
+    def input_backlog(self) -> int:
+        return len(self._pending)
+
+    def pause_reading(self) -> None:
+        self._paused = True
+
+    def resume_reading(self) -> None:
+        self._paused = False
+        self._return_credit(force=True)
+
+    def send_break(self) -> bool:
+        if not self._open or self._ext is None or self.console_id is None:
+            return False
+        self._ext.send_break(self.console_id)
+        self._flush()
+        return True
+
+    async def close(self) -> None:
+        if self._open and self._ext is not None and self.console_id is not None:
+            self._ext.close(self.console_id)
+            self._flush()
+        self.detach("closed")
+
+    # --- driven by the guest ----------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    def attach(self, client: RfbClient, ext: Consoles, console_id: int, history: bool) -> None:
+        """Open the console on a new connection (OPENED comes as an event)."""
+        self._client, self._ext, self.console_id = client, ext, console_id
+        self._open = False
+        self._unacked = 0
+        ext.open(console_id, window=self.window, history=history, auto_credit=False)
+        self._flush()
+
+    def detach(self, reason: str) -> None:
+        """The connection (or the console on it) is gone."""
+        was_open = self._open
+        self._client = self._ext = None
+        self.console_id = None
+        self._open = False
+        self.history_left = 0
+        if was_open and self._handler is not None:
+            self._handler.source_lost(reason)
+
+    def on_opened(self, event: ConsoleOpened) -> None:
+        self._open = True
+        self.history_left = event.history_length
+        if self._handler is not None:
+            self._handler.source_connected()
+        self._flush_input()
+
+    def on_data(self, event: ConsoleData) -> None:
+        if event.history:
+            self.history_left = max(0, self.history_left - len(event.data))
+        self._unacked += len(event.data)
+        if self._handler is not None:
+            self._handler.source_data(event.data)
+        self._return_credit()
+
+    def on_credit(self, event: ConsoleCredit) -> None:
+        self._flush_input()
+
+    def on_closed(self, event: ConsoleClosed) -> None:
+        reason = event.message or event.reason.name.lower().replace("_", " ")
+        self.detach(f"the server closed the console ({reason})")
+
+    # --- internals ----------------------------------------------------------------
+
+    def _return_credit(self, force: bool = False) -> None:
+        # In halves of the window, so a keystroke's echo costs no CREDIT message.
+        if self._paused or not self._open or self._ext is None or self.console_id is None:
+            return
+        if self._unacked and (force or self._unacked >= self.window // 2):
+            amount, self._unacked = self._unacked, 0
+            self._ext.grant(self.console_id, amount)
+            self._flush()
+
+    def _flush_input(self) -> None:
+        ext, console_id = self._ext, self.console_id
+        if not self._open or ext is None or console_id is None or not self._pending:
+            return
+        sent = ext.write(console_id, bytes(self._pending))
+        del self._pending[:sent]
+        self._flush()
+        if not self._pending and self._handler is not None:
+            self._handler.source_drained()
+
+    def _flush(self) -> None:
+        if self._client is not None:
+            self._client.flush()

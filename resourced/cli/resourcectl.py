@@ -1,0 +1,464 @@
+"""`resourcectl`: the service's command line (a D-Bus client like any other app).
+
+    resourcectl list [--json]
+    resourcectl status GUEST [--json]
+    resourcectl add NAME ADDRESS [--password-file F] [--tls auto|require|never] [--persist]
+    resourcectl remove GUEST
+    resourcectl connect GUEST | disconnect GUEST
+    resourcectl console GUEST [CONSOLE] [--no-history] [--read-only] [--force]
+    resourcectl pty GUEST CONSOLE [--idle-timeout S]
+    resourcectl history GUEST CONSOLE [--max-bytes N]
+    resourcectl write GUEST CONSOLE TEXT
+    resourcectl break GUEST CONSOLE
+
+`console` is a raw terminal on the fd that `Console.Open` returns: `Ctrl-]`
+leaves, as in `virsh console`. Each named error of the service prints its
+sentence and exits with its own status (see `EXIT_CODES`), so scripts can tell
+"no such guest" from "not connected".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+import termios
+import tty
+from typing import Any
+
+from dbus_fast import BusType, DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+
+BUS_NAME = "org.resourced.Resourced1"
+ROOT = "/org/resourced/Resourced1"
+MANAGER = f"{BUS_NAME}.Manager"
+GUEST = f"{BUS_NAME}.Guest"
+CONSOLE = f"{BUS_NAME}.Console"
+ESCAPE = b"\x1d"  # Ctrl-]
+
+#: Exit status per error: 0 is success, 1 any other failure.
+EXIT_CODES = {
+    "InvalidArgument": 2,
+    "NoSuchGuest": 3,
+    "NoSuchConsole": 4,
+    "NotConnected": 5,
+    "Busy": 6,
+    "AccessDenied": 7,
+    "AuthenticationFailed": 8,
+    "Unsupported": 9,
+    "Failed": 1,
+}
+#: The service cannot be reached (no bus, or it cannot be activated).
+EXIT_UNAVAILABLE = 69
+
+
+class CliError(Exception):
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Client:
+    """A thin client of the service's objects."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.bus = bus
+
+    async def call(
+        self,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str = "",
+        body: list[Any] | None = None,
+    ) -> list[Any]:
+        reply = await self.bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+            )
+        )
+        assert reply is not None
+        if reply.message_type is MessageType.ERROR:
+            name = reply.error_name or "?"
+            text = reply.body[0] if reply.body else name
+            short = name.rsplit(".", 1)[-1]
+            if name.startswith(BUS_NAME + ".Error."):
+                raise CliError(text, EXIT_CODES.get(short, 1))
+            if name == "org.freedesktop.DBus.Error.ServiceUnknown":
+                raise CliError(f"the resourced service cannot be started: {text}", EXIT_UNAVAILABLE)
+            raise CliError(f"{name}: {text}")
+        return list(reply.body)
+
+    async def objects(self) -> dict[str, dict[str, dict[str, Any]]]:
+        (managed,) = await self.call(
+            ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"
+        )
+        return {
+            path: {iface: {k: v.value for k, v in props.items()} for iface, props in ifaces.items()}
+            for path, ifaces in managed.items()
+        }
+
+    async def guest(self, name: str) -> tuple[str, dict[str, Any], dict[str, dict[str, Any]]]:
+        """The guest's path, properties and its consoles (path -> properties)."""
+        objects = await self.objects()
+        for path, ifaces in objects.items():
+            props = ifaces.get(GUEST)
+            if props is not None and props["Name"] == name:
+                consoles = {p: objects[p][CONSOLE] for p in props["Consoles"] if p in objects}
+                return path, props, consoles
+        raise CliError(f"no guest named {name!r} (see resourcectl list)", EXIT_CODES["NoSuchGuest"])
+
+    async def console(self, guest: str, name: str | None) -> str:
+        path, _, consoles = await self.guest(guest)
+        if not consoles:
+            # Consoles are published once the guest has been reached: reach it.
+            await self.call(path, GUEST, "Connect", "a{sv}", [{}])
+            path, _, consoles = await self.guest(guest)
+        if name is None:
+            serial = [p for p, c in consoles.items() if c["Kind"] == "serial"]
+            choices = sorted(serial) or sorted(consoles)
+            if not choices:
+                raise CliError(f"guest {guest} has no consoles", EXIT_CODES["NoSuchConsole"])
+            return choices[0]
+        for path, console in consoles.items():
+            if console["Name"] == name:
+                return path
+        known = ", ".join(sorted(c["Name"] for c in consoles.values())) or "none"
+        raise CliError(
+            f"guest {guest} has no console {name!r} (its consoles: {known})",
+            EXIT_CODES["NoSuchConsole"],
+        )
+
+
+def _options(**values: Any) -> dict[str, Variant]:
+    signatures = {bool: "b", int: "u", str: "s"}
+    return {
+        k.replace("_", "-"): Variant(signatures[type(v)], v)
+        for k, v in values.items()
+        if v is not None
+    }
+
+
+async def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    objects = await client.objects()
+    rows = []
+    for path, ifaces in sorted(objects.items()):
+        guest = ifaces.get(GUEST)
+        if guest is None:
+            continue
+        names = [objects[p][CONSOLE]["Name"] for p in guest["Consoles"] if p in objects]
+        rows.append(
+            {
+                "name": guest["Name"],
+                "state": guest["State"],
+                "source": guest["Source"],
+                "address": guest["Address"],
+                "consoles": names,
+                "error": guest["LastError"],
+                "path": path,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no guests (add one with: resourcectl add NAME ADDRESS)")
+        return 0
+    width = max(len(r["name"]) for r in rows)
+    for row in rows:
+        consoles = ",".join(row["consoles"]) or "-"
+        print(f"{row['name']:<{width}}  {row['state']:<12} {consoles:<24} {row['address']}")
+    return 0
+
+
+async def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    path, props, consoles = await client.guest(args.guest)
+    info = {
+        "name": props["Name"],
+        "path": path,
+        "state": props["State"],
+        "last-error": props["LastError"],
+        "source": props["Source"],
+        "address": props["Address"],
+        "uuid": props["Uuid"],
+        "consoles": [
+            {
+                "name": c["Name"],
+                "kind": c["Kind"],
+                "source": c["Source"],
+                "available": c["Available"],
+                "open-count": c["OpenCount"],
+            }
+            for c in sorted(consoles.values(), key=lambda c: c["Name"])
+        ],
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"{info['name']}: {info['state']}"
+        + (f" ({info['last-error']})" if info["last-error"] else "")
+    )
+    print(f"  address: {info['address']} ({info['source']})")
+    for c in info["consoles"]:
+        state = "available" if c["available"] else "not attached"
+        print(
+            f"  console {c['name']} ({c['kind']}, {c['source']}): {state}, open {c['open-count']}x"
+        )
+    return 0
+
+
+def _absolute(path: str | None) -> str | None:
+    """The service resolves paths in its own directory: send absolute ones."""
+    return os.path.abspath(path) if path else None
+
+
+async def cmd_add(client: Client, args: argparse.Namespace) -> int:
+    options = _options(
+        password_file=_absolute(args.password_file),
+        tls=args.tls,
+        persist=args.persist or None,
+    )
+    (path,) = await client.call(
+        ROOT, MANAGER, "AddGuest", "ssa{sv}", [args.name, args.address, options]
+    )
+    print(path)
+    return 0
+
+
+async def cmd_remove(client: Client, args: argparse.Namespace) -> int:
+    path, _, _ = await client.guest(args.guest)
+    await client.call(ROOT, MANAGER, "RemoveGuest", "oa{sv}", [path, {}])
+    return 0
+
+
+async def cmd_connect(client: Client, args: argparse.Namespace) -> int:
+    path, _, _ = await client.guest(args.guest)
+    await client.call(
+        path, GUEST, "Connect" if args.command == "connect" else "Disconnect", "a{sv}", [{}]
+    )
+    return 0
+
+
+async def cmd_pty(client: Client, args: argparse.Namespace) -> int:
+    path = await client.console(args.guest, args.console)
+    options = _options(idle_timeout=args.idle_timeout, history=not args.no_history)
+    (pty_path,) = await client.call(path, CONSOLE, "OpenPty", "a{sv}", [options])
+    print(pty_path)
+    return 0
+
+
+async def cmd_history(client: Client, args: argparse.Namespace) -> int:
+    path = await client.console(args.guest, args.console)
+    (data,) = await client.call(
+        path, CONSOLE, "ReadHistory", "a{sv}", [_options(max_bytes=args.max_bytes)]
+    )
+    sys.stdout.buffer.write(bytes(data))
+    sys.stdout.flush()
+    return 0
+
+
+async def cmd_write(client: Client, args: argparse.Namespace) -> int:
+    path = await client.console(args.guest, args.console)
+    data = args.text.encode() + (b"" if args.no_newline else b"\r")
+    await client.call(path, CONSOLE, "Write", "aya{sv}", [data, {}])
+    return 0
+
+
+async def cmd_break(client: Client, args: argparse.Namespace) -> int:
+    path = await client.console(args.guest, args.console)
+    await client.call(path, CONSOLE, "SendBreak", "a{sv}", [{}])
+    return 0
+
+
+async def cmd_console(client: Client, args: argparse.Namespace) -> int:
+    path = await client.console(args.guest, args.console)
+    options = _options(
+        history=not args.no_history, read_only=args.read_only or None, force=args.force or None
+    )
+    reply = await client.bus.call(
+        Message(
+            destination=BUS_NAME,
+            path=path,
+            interface=CONSOLE,
+            member="Open",
+            signature="a{sv}",
+            body=[options],
+        )
+    )
+    assert reply is not None
+    if reply.message_type is MessageType.ERROR:
+        await client.call(path, CONSOLE, "Open", "a{sv}", [options])  # raises the named error
+    fd = reply.unix_fds[reply.body[0]]
+    sock = socket.socket(fileno=fd)
+    name = path.rsplit("/", 1)[-1]
+    if sys.stdin.isatty():
+        print(f"Connected to {args.guest} console {name}. Escape character is ^]", file=sys.stderr)
+    return await _terminal(sock)
+
+
+async def _terminal(sock: socket.socket) -> int:
+    """Copy stdin to the socket and the socket to stdout until Ctrl-] or EOF."""
+    loop = asyncio.get_running_loop()
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    done: asyncio.Future[int] = loop.create_future()
+    sock.setblocking(False)
+
+    def finish(status: int) -> None:
+        if not done.done():
+            done.set_result(status)
+
+    def from_stdin() -> None:
+        try:
+            data = os.read(stdin, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(stdin)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
+            return
+        if saved is not None and ESCAPE in data:
+            data = data.split(ESCAPE, 1)[0]
+            if data:
+                with contextlib.suppress(OSError):
+                    sock.sendall(data)
+            finish(0)
+            return
+        try:
+            sock.setblocking(True)
+            sock.sendall(data)
+        except OSError:
+            finish(0)
+        finally:
+            sock.setblocking(False)
+
+    def from_console() -> None:
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            finish(0)
+            return
+        os.write(stdout, data)
+
+    try:
+        if saved is not None:
+            tty.setraw(stdin, termios.TCSANOW)
+        loop.add_reader(stdin, from_stdin)
+        loop.add_reader(sock.fileno(), from_console)
+        return await done
+    finally:
+        loop.remove_reader(sock.fileno())
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(stdin)
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+            print("", file=sys.stderr)
+        sock.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resourcectl", description="Drive the resourced service.")
+    parser.add_argument("--bus", help="bus address (default: the session bus)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("list", help="the guests, their state and consoles")
+    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("status", help="one guest in detail")
+    p.add_argument("guest")
+    p.add_argument("--json", action="store_true")
+    p = commands.add_parser("add", help="add a guest reached at a VNC address")
+    p.add_argument("name")
+    p.add_argument("address", help="unix:PATH, HOST:DISPLAY, HOST::PORT or vnc://HOST:PORT")
+    p.add_argument("--password-file")
+    p.add_argument("--tls", choices=("auto", "require", "never"))
+    p.add_argument("--persist", action="store_true", help="remember it across restarts")
+    p = commands.add_parser("remove", help="forget a guest")
+    p.add_argument("guest")
+    for name in ("connect", "disconnect"):
+        p = commands.add_parser(name, help=f"{name} the guest's VNC connection now")
+        p.add_argument("guest")
+    p = commands.add_parser("console", help="a raw terminal on a console (Ctrl-] leaves)")
+    p.add_argument("guest")
+    p.add_argument("console", nargs="?", help="default: the first serial console")
+    p.add_argument("--no-history", action="store_true")
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--force", action="store_true", help="close everyone else's opens")
+    p = commands.add_parser("pty", help="print a PTY path carrying a console")
+    p.add_argument("guest")
+    p.add_argument("console")
+    p.add_argument("--idle-timeout", type=int, help="seconds unused before it goes (0 = never)")
+    p.add_argument("--no-history", action="store_true")
+    p = commands.add_parser("history", help="print a console's recent output")
+    p.add_argument("guest")
+    p.add_argument("console")
+    p.add_argument("--max-bytes", type=int)
+    p = commands.add_parser("write", help="type TEXT (and Enter) on a console")
+    p.add_argument("guest")
+    p.add_argument("console")
+    p.add_argument("text")
+    p.add_argument("-n", "--no-newline", action="store_true")
+    p = commands.add_parser("break", help="send a serial break")
+    p.add_argument("guest")
+    p.add_argument("console")
+    return parser
+
+
+COMMANDS = {
+    "list": cmd_list,
+    "status": cmd_status,
+    "add": cmd_add,
+    "remove": cmd_remove,
+    "connect": cmd_connect,
+    "disconnect": cmd_connect,
+    "console": cmd_console,
+    "pty": cmd_pty,
+    "history": cmd_history,
+    "write": cmd_write,
+    "break": cmd_break,
+}
+
+
+async def _main(args: argparse.Namespace) -> int:
+    try:
+        bus = await MessageBus(
+            bus_address=args.bus, bus_type=BusType.SESSION, negotiate_unix_fd=True
+        ).connect()
+    except Exception as err:
+        raise CliError(f"cannot reach the session bus: {err}", EXIT_UNAVAILABLE) from err
+    try:
+        return await COMMANDS[args.command](Client(bus), args)
+    except DBusError as err:
+        raise CliError(str(err)) from err
+    finally:
+        bus.disconnect()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(_main(args))
+    except CliError as err:
+        print(f"resourcectl: {err}", file=sys.stderr)
+        return err.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

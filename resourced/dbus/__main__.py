@@ -1,0 +1,66 @@
+"""`resourced`: run the D-Bus session service, or install its activation files.
+
+resourced run [--bus ADDRESS] [--config-dir DIR] [--idle-exit SECONDS] [-v]
+resourced install-user-service [--prefix DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from resourced import config as config_module
+from resourced.dbus.service import install_user_service, serve
+from resourced.errors import ResourcedError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resourced", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run the service on the session bus")
+    run.add_argument("--bus", help="bus address (default: the session bus that started us)")
+    run.add_argument("--config-dir", type=Path, help="instead of ~/.config/resourced")
+    run.add_argument(
+        "--idle-exit", type=float, help="seconds unused before exiting (0 = never; default: config)"
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="log every connection")
+    install = commands.add_parser(
+        "install-user-service", help="write the D-Bus activation file and systemd user unit"
+    )
+    install.add_argument("--prefix", type=Path, help="write under DIR/dbus-1 and DIR/systemd")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="resourced: %(levelname)s: %(message)s",
+    )
+    try:
+        if args.command == "install-user-service":
+            for path in install_user_service(args.prefix):
+                print(f"wrote {path}")
+            return 0
+        config = config_module.load(args.config_dir)
+        if args.idle_exit is not None:
+            config = config_module.Config(
+                idle_exit=args.idle_exit,
+                guest_settings=config.guest_settings,
+                libvirt_uris=config.libvirt_uris,
+                guests=config.guests,
+                directory=config.directory,
+            )
+        return asyncio.run(serve(config, bus_address=args.bus))
+    except ResourcedError as err:
+        print(f"resourced: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""Running the service: the bus, the name, the guests from the config, idle exit, SIGTERM.
+
+`serve()` connects to the session bus (or the one that activated us), exports
+the objects (`resourced.dbus.objects`), installs the caller guard, takes the
+name `org.resourced.Resourced1` and adds the guests the config file lists.
+It exits as systemd's own on-demand services do: once no guest is connected,
+no console is open and no call has come for `idle_exit` seconds, it releases
+the name (new calls then queue for the next activation), answers what was
+already on its way, and returns. SIGTERM and SIGINT are a normal stop.
+
+`install_user_service()` writes the D-Bus activation file and the systemd user
+unit, with the real path of this installation's `resourced` command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dbus_fast import BusType, Message, MessageType, RequestNameReply
+from dbus_fast.constants import NameFlag
+
+from resourced import config as config_module
+from resourced.broker.broker import Broker
+from resourced.dbus.access import CallerGuard
+from resourced.dbus.bus import ServiceBus
+from resourced.dbus.errors import BUS_NAME
+from resourced.dbus.objects import ROOT, Face, vnc_options
+from resourced.errors import ResourcedError
+
+log = logging.getLogger(__name__)
+
+#: How often idle exit is considered (seconds).
+IDLE_CHECK_INTERVAL = 0.5
+#: After releasing the name, how long without a call before we go (seconds).
+DRAIN_QUIET = 0.3
+
+DBUS_SERVICE_FILE = "org.resourced.Resourced1.service"
+SYSTEMD_UNIT_FILE = "resourced.service"
+_DATA = Path(__file__).resolve().parent.parent.parent / "data"
+
+
+def _bus_address() -> str | None:
+    """The bus that activated us, if any (dbus-daemon sets DBUS_STARTER_ADDRESS)."""
+    return os.environ.get("DBUS_STARTER_ADDRESS") or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+
+
+async def serve(config: config_module.Config, *, bus_address: str | None = None) -> int:
+    """Run until idle exit or a signal; the exit status."""
+    address = bus_address or _bus_address()
+    bus = ServiceBus(bus_address=address, bus_type=BusType.SESSION, negotiate_unix_fd=True)
+    try:
+        await bus.connect()
+    except Exception as err:  # no bus: say so in one line
+        raise ResourcedError(f"cannot connect to the session bus ({address}): {err}") from err
+    config_module.runtime_dir()
+    broker = Broker(config.guest_settings)
+
+    def persist(name: str, address: str, values: dict[str, Any]) -> None:
+        options = {k: str(values[k]) for k in config_module.GUEST_OPTION_KEYS if values.get(k)}
+        config_module.remember_guest(
+            config.directory, config_module.GuestEntry(name, address, options)
+        )
+
+    face = Face(bus, broker, persist)
+    guard = CallerGuard(bus, ROOT, face.method_signatures())
+    await guard.install()
+    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    if reply is not RequestNameReply.PRIMARY_OWNER:
+        bus.disconnect()
+        raise ResourcedError(f"{BUS_NAME} is already taken on this bus: is resourced running?")
+    log.info("resourced %s: serving %s on %s", _version(), BUS_NAME, address or "the session bus")
+    for entry in config.guests:
+        try:
+            values: dict[str, Any] = {"password": None, "password-file": None, "tls": "auto"}
+            values |= {k: None for k in ("ca-cert", "client-cert", "client-key", "tls-server-name")}
+            values |= entry.options
+            guest = broker.add_vnc_guest(entry.name, entry.address, vnc_options(values))
+            face.discover(guest)
+        except ResourcedError as err:
+            log.warning("config: guest %s not added: %s", entry.name, err)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await _run_until_idle(bus, broker, guard, config.idle_exit, stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await broker.close()
+        bus.disconnect()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(bus.wait_for_disconnect(), 2)  # type: ignore[no-untyped-call]
+    return 0
+
+
+async def _run_until_idle(
+    bus: ServiceBus, broker: Broker, guard: CallerGuard, idle_exit: float, stop: asyncio.Event
+) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), IDLE_CHECK_INTERVAL)
+        if stop.is_set():
+            log.info("resourced: stopping (signal)")
+            return
+        if idle_exit <= 0 or broker.in_use():
+            continue
+        if time.monotonic() - guard.last_call < idle_exit:
+            continue
+        log.info("resourced: idle for %g s; releasing %s and exiting", idle_exit, BUS_NAME)
+        await bus.release_name(BUS_NAME)
+        # Calls already on their way to us are still answered.
+        while time.monotonic() - guard.last_call < DRAIN_QUIET or _busy(broker):  # noqa: ASYNC110
+            await asyncio.sleep(DRAIN_QUIET / 3)  # polled: calls are counted, not signalled
+        return
+
+
+def _busy(broker: Broker) -> bool:
+    return broker.in_use()
+
+
+def _version() -> str:
+    from resourced import __version__
+
+    return __version__
+
+
+# --- installing the activation files ---------------------------------------------------
+
+
+def _command_path() -> Path:
+    """This installation's `resourced` command (beside the running interpreter)."""
+    beside = Path(sys.executable).parent / "resourced"
+    if beside.exists():
+        return beside.absolute()
+    found = shutil.which("resourced")
+    if found is None:
+        raise ResourcedError("cannot find the resourced command to write into the unit files")
+    return Path(found).absolute()
+
+
+def install_user_service(prefix: Path | None = None) -> list[Path]:
+    """Write both files (or neither), with real paths; reload systemd and the bus.
+
+    Without `prefix`: `$XDG_DATA_HOME/dbus-1/services/` and
+    `$XDG_CONFIG_HOME/systemd/user/`, where a user's session bus and systemd
+    look. With `prefix`: `PREFIX/dbus-1/services/` and `PREFIX/systemd/user/`.
+    """
+    home = Path.home()
+    if prefix is None:
+        data_home = Path(os.environ.get("XDG_DATA_HOME") or home / ".local/share")
+        config_home = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+        service_dir = data_home / "dbus-1" / "services"
+        unit_dir = config_home / "systemd" / "user"
+    else:
+        service_dir = prefix / "dbus-1" / "services"
+        unit_dir = prefix / "systemd" / "user"
+    command = str(_command_path())
+    texts = {}
+    for source, target in (
+        (_DATA / "dbus-1" / "services" / DBUS_SERVICE_FILE, service_dir / DBUS_SERVICE_FILE),
+        (_DATA / "systemd-user" / SYSTEMD_UNIT_FILE, unit_dir / SYSTEMD_UNIT_FILE),
+    ):
+        try:
+            template = source.read_text()
+        except OSError as err:
+            raise ResourcedError(f"cannot read {source}: {err.strerror}") from err
+        texts[target] = template.replace("@RESOURCED@", command)
+    written: list[Path] = []
+    try:
+        for target, text in texts.items():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            temporary = target.with_suffix(".tmp")
+            temporary.write_text(text)
+            temporary.replace(target)
+            written.append(target)
+    except OSError as err:
+        for path in written:  # both or neither
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise ResourcedError(f"cannot write {err.filename}: {err.strerror}") from err
+    _reload()
+    return written
+
+
+def _reload() -> None:
+    """`systemctl --user daemon-reload` where systemd runs; the bus's ReloadConfig."""
+    if shutil.which("systemctl") and os.environ.get("XDG_RUNTIME_DIR"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["systemctl", "--user", "daemon-reload"],
+                check=False,
+                capture_output=True,
+                timeout=30,
+            )
+    if _bus_address():
+        with contextlib.suppress(Exception):
+            asyncio.run(_reload_bus())
+
+
+async def _reload_bus() -> None:
+    bus = ServiceBus(bus_address=_bus_address())
+    await bus.connect()
+    try:
+        reply = await bus.call(
+            Message(
+                destination="org.freedesktop.DBus",
+                path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus",
+                member="ReloadConfig",
+            )
+        )
+        if reply is not None and reply.message_type is MessageType.ERROR:
+            log.info("the bus did not reload its configuration: %s", reply.body)
+    finally:
+        bus.disconnect()

@@ -1,0 +1,297 @@
+"""The README's "run" job: the resourced service with the demo guest, as a user sees it.
+
+Starts the demo guest (QEMU under TCG: a boot sector that beeps, writes a
+banner to its serial port and echoes what it receives) and the console gateway
+in front of it; then the resourced service on the user's session bus, or, where
+there is none (a fresh server), on a private `dbus-daemon` whose address it
+prints. It registers the guest as `demo` and shows, with the same tools a
+user has: `resourcectl list`, the serial banner from the console's history,
+an echo through an fd from `Console.Open` and through a PTY from `OpenPty`
+(opened as a file, as `screen` or `picocom` would), and the beep recorded
+through the gateway. Then it stays up for `resourcectl console demo` in
+another terminal until Ctrl-C; `--once` stops after the tour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
+from resourced.demo.qemu import GuestConfig, QemuGuest
+from resourced.errors import ResourcedError
+from resourced.gateway.gateway import Gateway, GatewayConfig
+from resourced.rfb.__main__ import _print_report, build_parser, probe
+from resourced.rfb.server import ServerSecurity
+
+BUS_NAME = "org.resourced.Resourced1"
+ROOT = "/org/resourced/Resourced1"
+TIMEOUT = 60.0
+BIN = Path(sys.executable).parent
+
+
+def _read_until(fd: int, wanted: bytes, seen: bytes = b"") -> bytes:
+    deadline = time.monotonic() + TIMEOUT
+    while wanted not in seen:
+        if time.monotonic() > deadline:
+            raise ResourcedError(f"the guest did not send {wanted!r} within {TIMEOUT:g} s")
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise ResourcedError("the console closed")
+            seen += chunk
+    return seen
+
+
+class PrivateBus:
+    """A `dbus-daemon --session` of our own, for machines with no session bus."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def start(self) -> str:
+        services = self.directory / "share"
+        subprocess.run(
+            [str(BIN / "resourced"), "install-user-service", "--prefix", str(services)],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "DBUS_SESSION_BUS_ADDRESS": ""},
+        )
+        config = self.directory / "bus.conf"
+        socket_path = self.directory / "bus"
+        config.write_text(
+            '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
+            ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+            f"<busconfig><type>session</type><listen>unix:path={socket_path}</listen>"
+            f"<servicedir>{services}/dbus-1/services</servicedir><auth>EXTERNAL</auth>"
+            '<policy context="default"><allow send_destination="*" eavesdrop="true"/>'
+            '<allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n'
+        )
+        self.process = subprocess.Popen(
+            ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while not socket_path.exists():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise ResourcedError("the private dbus-daemon did not start")
+            time.sleep(0.05)
+        self.address = f"unix:path={socket_path}"
+        return self.address
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(10)
+
+
+def _session_bus_usable() -> bool:
+    address = os.environ.get("DBUS_SESSION_BUS_ADDRESS", "")
+    if not address.startswith("unix:path="):
+        return bool(address)
+    return Path(address.split("=", 1)[1].split(",")[0]).exists()
+
+
+async def _call(
+    bus: MessageBus, path: str, interface: str, member: str, signature: str, body: list[object]
+) -> Message:
+    reply = await bus.call(
+        Message(
+            destination=BUS_NAME,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body,
+        )
+    )
+    assert reply is not None
+    if reply.message_type is MessageType.ERROR:
+        raise ResourcedError(f"{member}: {reply.error_name}: {reply.body[0] if reply.body else ''}")
+    return reply
+
+
+def _show(command: list[str], env: dict[str, str]) -> str:
+    print(f"$ {' '.join(command)}")
+    result = subprocess.run(
+        [str(BIN / command[0]), *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    output = (result.stdout + result.stderr).rstrip()
+    print("\n".join(f"  {line}" for line in output.splitlines()))
+    if result.returncode != 0:
+        raise ResourcedError(f"{command[0]} failed with status {result.returncode}")
+    return result.stdout
+
+
+async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
+    private = None if _session_bus_usable() else PrivateBus(workdir)
+    env = dict(os.environ)
+    if private is not None:
+        env["DBUS_SESSION_BUS_ADDRESS"] = await asyncio.to_thread(private.start)
+        print(f"bus:       no session bus here; a private one at {private.address}")
+        print(f"           (export DBUS_SESSION_BUS_ADDRESS={private.address} to use it)")
+    else:
+        await asyncio.to_thread(
+            subprocess.run,
+            [str(BIN / "resourced"), "install-user-service"],
+            check=True,
+            capture_output=True,
+        )
+        print(f"bus:       the session bus ({env['DBUS_SESSION_BUS_ADDRESS']})")
+    config = GuestConfig(workdir=workdir / "guest", extra_args=("-name", "resourced demo guest"))
+    guest = QemuGuest(config)
+    await guest.start(timeout=TIMEOUT)
+    unix = EndpointType.UNIX
+    gateway = Gateway(
+        GatewayConfig(
+            upstream=f"unix:{guest.vnc_path}",
+            security=ServerSecurity(allow_none=True),
+            consoles=[
+                ConsoleSpec("serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))),
+                ConsoleSpec(
+                    "monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))
+                ),
+            ],
+        )
+    )
+    bus: MessageBus | None = None
+    try:
+        await gateway.start()
+        gateway_path = workdir / "gateway.sock"
+        await gateway.listen_unix(str(gateway_path))
+        print(f"guest:     QEMU under TCG; the gateway in front of it at unix:{gateway_path}")
+        bus = await MessageBus(
+            bus_address=env["DBUS_SESSION_BUS_ADDRESS"],
+            bus_type=BusType.SESSION,
+            negotiate_unix_fd=True,
+        ).connect()
+        await asyncio.to_thread(_show, ["resourcectl", "add", "demo", f"unix:{gateway_path}"], env)
+        serial = f"{ROOT}/guests/demo/consoles/serial0"
+        deadline = time.monotonic() + TIMEOUT
+        while "serial0" not in await asyncio.to_thread(_quiet, ["resourcectl", "list"], env):
+            if time.monotonic() > deadline:
+                raise ResourcedError("the demo guest's consoles did not appear")
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(_show, ["resourcectl", "list"], env)
+        history = await asyncio.to_thread(_show, ["resourcectl", "history", "demo", "serial0"], env)
+        if "resourced demo guest" not in history:
+            raise ResourcedError("the banner is not in the console's history")
+        # An app: Console.Open gives an fd carrying the console both ways.
+        reply = await _call(bus, serial, f"{BUS_NAME}.Console", "Open", "a{sv}", [{}])
+        with socket.socket(fileno=reply.unix_fds[reply.body[0]]) as app:
+            app.sendall(b"typed into an fd")
+            # In a thread: the gateway runs on this event loop.
+            await asyncio.to_thread(_read_until, app.fileno(), b"typed into an fd")
+        print("fd:        Console.Open -> fd; typed 'typed into an fd', the guest echoed it")
+        # A script: OpenPty gives a path, used like any serial device.
+        pty_path = (
+            await asyncio.to_thread(_show, ["resourcectl", "pty", "demo", "serial0"], env)
+        ).strip()
+        fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)
+        try:
+            os.write(fd, b"typed into a pty")
+            await asyncio.to_thread(_read_until, fd, b"typed into a pty")
+        finally:
+            os.close(fd)
+        print(f"pty:       opened {pty_path}; typed 'typed into a pty', the guest echoed it")
+        args = build_parser().parse_args(
+            ["probe", f"unix:{gateway_path}", "--audio", str(wav), "--duration", str(duration)]
+        )
+        _print_report(await probe(args))
+        if once:
+            return
+        print()
+        print("Try it:    resourcectl console demo        (Ctrl-] leaves)")
+        print("           busctl --user tree org.resourced.Resourced1")
+        print("Ctrl-C stops the demo.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        if bus is not None:
+            with contextlib.suppress(Exception):
+                await _call(
+                    bus,
+                    ROOT,
+                    f"{BUS_NAME}.Manager",
+                    "RemoveGuest",
+                    "oa{sv}",
+                    [f"{ROOT}/guests/demo", {}],
+                )
+            bus.disconnect()
+        await gateway.close()
+        await guest.stop()
+        if private is not None:
+            _stop_service(private.address)
+            private.stop()
+
+
+def _quiet(command: list[str], env: dict[str, str]) -> str:
+    result = subprocess.run(
+        [str(BIN / command[0]), *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    return result.stdout
+
+
+def _stop_service(address: str) -> None:
+    """The service we activated on our private bus goes with it."""
+    result = subprocess.run(
+        ["busctl", f"--address={address}", "status", BUS_NAME], capture_output=True, text=True
+    )
+    for line in result.stdout.splitlines():
+        if line.startswith("PID="):
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line[4:]), signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resourced.demo.tour", description=__doc__)
+    parser.add_argument("--once", action="store_true", help="stop after the tour")
+    parser.add_argument("--wav", type=Path, default=Path("out/demo-beep.wav"))
+    parser.add_argument("--duration", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    args.wav.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="rsd-demo-", dir="/tmp"))
+    try:
+        asyncio.run(tour(workdir, args.once, args.wav, args.duration))
+    except ResourcedError as err:
+        print(f"resourced demo: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""A private session bus per test, with resourced installed for D-Bus activation.
+
+`session` starts a real `dbus-daemon` whose service directory holds the files
+`resourced install-user-service --prefix` wrote, so the service is started by
+activation exactly as on a desktop (a plain dbus-daemon runs `Exec=`). Its
+config directory is the test's own (XDG_CONFIG_HOME in the daemon's
+environment, which activated services inherit). `gateway_guest` is the demo
+guest (real QEMU under TCG) behind a real gateway on a Unix socket. A missing
+dbus-daemon or QEMU fails these tests; they never skip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from dbus_fast import BusType, Message, MessageType
+from dbus_fast.aio import MessageBus
+
+from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
+from resourced.demo.qemu import GuestConfig, QemuGuest
+from resourced.gateway.gateway import Gateway, GatewayConfig
+from resourced.rfb.server import ServerSecurity
+
+BUS_NAME = "org.resourced.Resourced1"
+ROOT = "/org/resourced/Resourced1"
+TIMEOUT = 60.0
+VENV_BIN = Path(sys.executable).parent
+
+_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={socket}</listen>
+  <servicedir>{services}</servicedir>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"""
+
+
+@dataclass
+class Session:
+    """A private session bus with resourced activatable on it."""
+
+    directory: Path
+    address: str
+    config_dir: Path
+    env: dict[str, str]
+    daemon: subprocess.Popen[bytes]
+
+    def write_config(self, text: str) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        (self.config_dir / "config.toml").write_text(text)
+
+    async def client(self, negotiate_unix_fd: bool = True) -> MessageBus:
+        bus = MessageBus(
+            bus_address=self.address, bus_type=BusType.SESSION, negotiate_unix_fd=negotiate_unix_fd
+        )
+        return await bus.connect()
+
+    def run(
+        self, *argv: str, timeout: float = TIMEOUT, **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        """A command with this bus as its session bus (busctl --user, resourcectl)."""
+        return subprocess.run(
+            list(argv),
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kwargs,  # type: ignore[call-overload]
+        )
+
+    def busctl(self, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return self.run("busctl", "--user", *args, timeout=timeout)
+
+    def resourcectl(self, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return self.run(str(VENV_BIN / "resourcectl"), *args, timeout=timeout)
+
+    def service_pid(self) -> int | None:
+        result = self.busctl("status", BUS_NAME, timeout=10)
+        for line in result.stdout.splitlines():
+            if line.startswith("PID="):
+                return int(line[4:])
+        return None
+
+
+def _kill_service_processes(directory: Path) -> None:
+    """Any resourced still running for this bus (activated processes outlive the daemon)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            environ = (entry / "environ").read_bytes()
+            if (
+                str(directory).encode() in environ
+                and b"resourced" in (entry / "cmdline").read_bytes()
+            ):
+                os.kill(int(entry.name), signal.SIGKILL)
+
+
+@pytest.fixture
+def session() -> Iterator[Session]:
+    directory = Path(tempfile.mkdtemp(prefix="rsd-bus-", dir="/tmp"))
+    os.chmod(directory, 0o755)  # a test connects as `nobody` too
+    socket_path = directory / "bus"
+    prefix = directory / "share"
+    config_home = directory / "config"
+    runtime = directory / "run"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ)
+    env.update(
+        DBUS_SESSION_BUS_ADDRESS=f"unix:path={socket_path}",
+        XDG_CONFIG_HOME=str(config_home),
+        XDG_RUNTIME_DIR=str(runtime),
+        PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
+    )
+    install = subprocess.run(
+        [str(VENV_BIN / "resourced"), "install-user-service", "--prefix", str(prefix)],
+        env={**env, "DBUS_SESSION_BUS_ADDRESS": ""},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert install.returncode == 0, install.stderr
+    config = directory / "bus.conf"
+    config.write_text(
+        _BUS_CONFIG.format(socket=socket_path, services=prefix / "dbus-1" / "services")
+    )
+    daemon_binary = shutil.which("dbus-daemon")
+    assert daemon_binary is not None, "dbus-daemon is not installed (Debian package dbus-daemon)"
+    log = (directory / "daemon.log").open("wb")
+    daemon = subprocess.Popen(
+        [daemon_binary, f"--config-file={config}", "--nofork", "--nopidfile"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    try:
+        for _ in range(int(TIMEOUT / 0.05)):
+            if socket_path.exists():
+                break
+            assert daemon.poll() is None, (directory / "daemon.log").read_text()
+            subprocess.run(["sleep", "0.05"], check=True)
+        os.chmod(socket_path, 0o777)
+        yield Session(directory, f"unix:path={socket_path}", config_home / "resourced", env, daemon)
+    finally:
+        daemon.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            daemon.wait(10)
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        log.close()
+        _kill_service_processes(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class GatewayGuest:
+    guest: QemuGuest
+    gateway: Gateway
+    address: str
+
+
+@pytest.fixture
+async def gateway_guest() -> AsyncIterator[GatewayGuest]:
+    """The demo guest behind a gateway at `unix:...` (serial0 and monitor)."""
+    directory = Path(tempfile.mkdtemp(prefix="rsd-gw-", dir="/tmp"))
+    guest = QemuGuest(GuestConfig(workdir=directory / "guest"))
+    await guest.start(timeout=TIMEOUT)
+    unix = EndpointType.UNIX
+    gateway = Gateway(
+        GatewayConfig(
+            upstream=f"unix:{guest.vnc_path}",
+            security=ServerSecurity(allow_none=True),
+            consoles=[
+                ConsoleSpec("serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))),
+                ConsoleSpec(
+                    "monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))
+                ),
+            ],
+        )
+    )
+    await gateway.start()
+    path = directory / "gw.sock"
+    await gateway.listen_unix(str(path), mode=0o666)
+    try:
+        yield GatewayGuest(guest, gateway, f"unix:{path}")
+    finally:
+        await gateway.close()
+        await guest.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def call(
+    bus: MessageBus,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: list[object] | None = None,
+) -> Message:
+    """A method call to the service; the reply (METHOD_RETURN or ERROR) as it came."""
+    reply = await asyncio.wait_for(
+        bus.call(
+            Message(
+                destination=BUS_NAME,
+                path=path,
+                interface=interface,
+                member=member,
+                signature=signature,
+                body=body or [],
+            )
+        ),
+        TIMEOUT,
+    )
+    assert reply is not None
+    return reply
+
+
+def ok(reply: Message) -> list[object]:
+    assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+    return list(reply.body)

@@ -1,0 +1,365 @@
+"""The service on a real private bus, started by D-Bus activation, in front of a
+real gateway and QEMU guest: the script path (busctl), the app path (fds with
+dbus-fast), PTYs, named errors, access control, idle exit and re-activation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+
+from dbus_fast import MessageType, Variant
+
+from tests.dbus.conftest import BUS_NAME, ROOT, TIMEOUT, GatewayGuest, Session, call, ok
+
+MANAGER = f"{BUS_NAME}.Manager"
+GUEST = f"{BUS_NAME}.Guest"
+CONSOLE = f"{BUS_NAME}.Console"
+ERROR = f"{BUS_NAME}.Error."
+SERIAL = f"{ROOT}/guests/demo/consoles/serial0"
+BANNER = b"resourced demo guest"
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while not condition():  # noqa: ASYNC110 - a condition on another process
+            await asyncio.sleep(0.05)
+
+
+async def add_demo(session: Session, gateway: GatewayGuest) -> None:
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "AddGuest", "ssa{sv}", "demo", gateway.address, "0"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f'o "{ROOT}/guests/demo"'
+
+    def consoles_published() -> bool:
+        out = session.busctl(
+            "call", BUS_NAME, ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects"
+        ).stdout
+        return SERIAL in out and "/consoles/monitor" in out
+
+    await until(consoles_published, "consoles published")
+
+
+def read_fd_until(fd: int, wanted: bytes, seen: bytes = b"") -> bytes:
+    """Read a blocking fd (with a deadline) until `wanted` is in what came."""
+    deadline = time.monotonic() + TIMEOUT
+    while wanted not in seen:
+        assert time.monotonic() < deadline, f"did not see {wanted!r}, only {seen!r}"
+        import select
+
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"EOF before {wanted!r}; had {seen!r}"
+            seen += chunk
+    return seen
+
+
+async def test_script_path_with_busctl(session: Session, gateway_guest: GatewayGuest) -> None:
+    """AddGuest, GetManagedObjects, OpenPty then a real exchange on the PTY, Write,
+    ReadHistory: all with the real busctl, the service started by activation."""
+    await add_demo(session, gateway_guest)
+    result = session.busctl("call", BUS_NAME, SERIAL, CONSOLE, "OpenPty", "a{sv}", "0")
+    assert result.returncode == 0, result.stderr
+    path = re.fullmatch(r's "(/dev/pts/\d+)"', result.stdout.strip())
+    assert path is not None, result.stdout
+    pty_path = path.group(1)
+    info = os.stat(pty_path)
+    assert info.st_uid == os.getuid()
+    assert info.st_mode & 0o777 == 0o600
+    fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        seen = await asyncio.to_thread(read_fd_until, fd, BANNER)  # history first
+        os.write(fd, b"pty-typed")
+        await asyncio.to_thread(read_fd_until, fd, b"pty-typed", seen)  # the guest echoes
+        # Write from the shell: bytes as busctl takes them.
+        typed = b"busctl-typed"
+        result = session.busctl(
+            "call",
+            BUS_NAME,
+            SERIAL,
+            CONSOLE,
+            "Write",
+            "aya{sv}",
+            str(len(typed)),
+            *[str(b) for b in typed],
+            "0",
+        )
+        assert result.returncode == 0, result.stderr
+        await asyncio.to_thread(read_fd_until, fd, typed)
+    finally:
+        os.close(fd)
+    result = session.busctl(
+        "call", BUS_NAME, SERIAL, CONSOLE, "ReadHistory", "a{sv}", "1", "max-bytes", "u", "4096"
+    )
+    assert result.returncode == 0, result.stderr
+    numbers = [int(n) for n in result.stdout.split()[2:]]
+    history = bytes(numbers)
+    assert BANNER in history
+    assert b"pty-typed" in history
+    assert typed in history
+    # ClosePty: the path goes away.
+    result = session.busctl("call", BUS_NAME, SERIAL, CONSOLE, "ClosePty", "sa{sv}", pty_path, "0")
+    assert result.returncode == 0, result.stderr
+
+
+async def test_named_errors_for_bad_input(session: Session, gateway_guest: GatewayGuest) -> None:
+    await add_demo(session, gateway_guest)
+    bus = await session.client()
+    b = lambda value: Variant("b", value)  # noqa: E731
+    s = lambda value: Variant("s", value)  # noqa: E731
+    cases = [
+        (f"{ROOT}/guests/nope", GUEST, "Connect", "a{sv}", [{}], "NoSuchGuest"),
+        (f"{ROOT}/guests/demo/consoles/nope", CONSOLE, "OpenPty", "a{sv}", [{}], "NoSuchConsole"),
+        (SERIAL, CONSOLE, "OpenPty", "a{sv}", [{"colour": s("red")}], "InvalidArgument"),
+        (SERIAL, CONSOLE, "OpenPty", "a{sv}", [{"history": s("yes")}], "InvalidArgument"),
+        (SERIAL, CONSOLE, "ReadHistory", "s", ["x"], "InvalidArgument"),
+        (SERIAL, CONSOLE, "Write", "aya{sv}", [b"x" * (1024 * 1024 + 1), {}], "InvalidArgument"),
+        (ROOT, MANAGER, "AddGuest", "ssa{sv}", ["bad", "nonsense::x", {}], "InvalidArgument"),
+        (ROOT, MANAGER, "AddGuest", "ssa{sv}", ["demo", "unix:/x", {}], "InvalidArgument"),
+        (
+            ROOT,
+            MANAGER,
+            "AddGuest",
+            "ssa{sv}",
+            ["t", "unix:/x", {"tls": s("maybe")}],
+            "InvalidArgument",
+        ),
+        (
+            ROOT,
+            MANAGER,
+            "AddGuest",
+            "ssa{sv}",
+            ["t", "unix:/x", {"persist": s("no")}],
+            "InvalidArgument",
+        ),
+        (
+            ROOT,
+            MANAGER,
+            "AddGuest",
+            "ssa{sv}",
+            ["t", "unix:/x", {"password-file": s("/nonexistent")}],
+            "InvalidArgument",
+        ),
+        (ROOT, MANAGER, "RemoveGuest", "oa{sv}", [f"{ROOT}/guests/zz", {}], "NoSuchGuest"),
+        (SERIAL, CONSOLE, "ClosePty", "sa{sv}", ["/dev/pts/999", {}], "InvalidArgument"),
+        (
+            SERIAL,
+            CONSOLE,
+            "Open",
+            "a{sv}",
+            [{"read-only": b(True), "force": s("x")}],
+            "InvalidArgument",
+        ),
+    ]
+    try:
+        for path, interface, member, signature, body, error in cases:
+            reply = await call(bus, path, interface, member, signature, body)
+            assert reply.message_type is MessageType.ERROR, (member, body)
+            assert reply.error_name == ERROR + error, (member, reply.error_name, reply.body)
+            assert reply.body, reply
+            assert len(reply.body[0]) > 10, reply.body  # a sentence
+            assert "Traceback" not in reply.body[0]
+    finally:
+        bus.disconnect()
+    # busctl shows the sentence and fails.
+    result = session.busctl(
+        "call", BUS_NAME, f"{ROOT}/guests/demo/consoles/nope", CONSOLE, "OpenPty", "a{sv}", "0"
+    )
+    assert result.returncode != 0
+    assert "no console" in result.stderr
+    # The service is still there, the guest unaffected.
+    still = session.busctl("get-property", BUS_NAME, f"{ROOT}/guests/demo", GUEST, "State")
+    assert still.stdout.strip() == 's "connected"'
+
+
+async def test_apps_share_a_console_through_fds(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    """Two apps on one console plus a PTY all see the same output; a late app gets
+    the history; exclusive and force."""
+    await add_demo(session, gateway_guest)
+    bus = await session.client()
+    try:
+
+        async def open_console(**options: Variant) -> socket.socket:
+            reply = await call(bus, SERIAL, CONSOLE, "Open", "a{sv}", [options])
+            assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+            sock = socket.socket(fileno=reply.unix_fds[reply.body[0]])
+            sock.setblocking(True)
+            return sock
+
+        first = await open_console()
+        second = await open_console(history=Variant("b", False))
+        (pty_path,) = ok(await call(bus, SERIAL, CONSOLE, "OpenPty", "a{sv}", [{}]))
+        pty_fd = os.open(str(pty_path), os.O_RDWR | os.O_NOCTTY)
+        try:
+            await asyncio.to_thread(read_fd_until, first.fileno(), BANNER)
+            await asyncio.to_thread(read_fd_until, pty_fd, BANNER)
+            first.sendall(b"shared-echo")
+            for fd in (first.fileno(), second.fileno(), pty_fd):
+                await asyncio.to_thread(read_fd_until, fd, b"shared-echo")
+            count = ok(
+                await call(
+                    bus,
+                    SERIAL,
+                    "org.freedesktop.DBus.Properties",
+                    "Get",
+                    "ss",
+                    [CONSOLE, "OpenCount"],
+                )
+            )
+            assert count[0].value == 3
+            late = await open_console()
+            seen = await asyncio.to_thread(read_fd_until, late.fileno(), b"shared-echo")
+            assert BANNER in seen
+            late.close()
+            # exclusive while others have it open: Busy, nothing else disturbed.
+            reply = await call(
+                bus, SERIAL, CONSOLE, "Open", "a{sv}", [{"exclusive": Variant("b", True)}]
+            )
+            assert reply.error_name == ERROR + "Busy", reply.body
+            # force: the others are closed (they read EOF), the new one holds it alone.
+            forced = await open_console(exclusive=Variant("b", True), force=Variant("b", True))
+            for sock in (first, second):
+                sock.settimeout(TIMEOUT)
+                data = b"x"
+                while data:
+                    data = await asyncio.to_thread(sock.recv, 4096)
+            reply = await call(bus, SERIAL, CONSOLE, "Open", "a{sv}", [{}])
+            assert reply.error_name == ERROR + "Busy", reply.body
+            forced.sendall(b"after-force")
+            await asyncio.to_thread(read_fd_until, forced.fileno(), b"after-force")
+            forced.close()
+        finally:
+            os.close(pty_fd)
+            first.close()
+            second.close()
+    finally:
+        bus.disconnect()
+
+
+async def test_caller_without_fd_passing_gets_an_error(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    await add_demo(session, gateway_guest)
+    bus = await session.client(negotiate_unix_fd=False)
+    try:
+        reply = await call(bus, SERIAL, CONSOLE, "Open", "a{sv}", [{}])
+        assert reply.message_type is MessageType.ERROR
+        assert reply.error_name == ERROR + "Unsupported"
+        assert "fd" in reply.body[0]
+    finally:
+        bus.disconnect()
+
+
+async def test_another_user_is_refused(session: Session, gateway_guest: GatewayGuest) -> None:
+    await add_demo(session, gateway_guest)
+    result = session.run(
+        "setpriv",
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "busctl",
+        f"--address={session.address}",
+        "call",
+        BUS_NAME,
+        SERIAL,
+        CONSOLE,
+        "OpenPty",
+        "a{sv}",
+        "0",
+    )
+    assert result.returncode != 0
+    assert "may not use it" in result.stderr, result.stderr
+    mine = session.busctl("get-property", BUS_NAME, SERIAL, CONSOLE, "Name")
+    assert mine.stdout.strip() == 's "serial0"'
+
+
+async def test_idle_exit_and_reactivation(session: Session, gateway_guest: GatewayGuest) -> None:
+    session.write_config("[service]\nidle-exit = 1\n[guests]\nidle-timeout = 0.5\n")
+    await add_demo(session, gateway_guest)
+    first = session.service_pid()
+    assert first is not None
+
+    def gone() -> bool:
+        out = session.busctl(
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameHasOwner",
+            "s",
+            BUS_NAME,
+        ).stdout
+        return out.strip() == "b false"
+
+    await until(gone, "idle exit")
+    with contextlib.suppress(ProcessLookupError):
+        for _ in range(100):
+            os.kill(first, 0)
+            await asyncio.sleep(0.1)
+    # Any call activates it again.
+    result = session.busctl("get-property", BUS_NAME, ROOT, MANAGER, "Version")
+    assert result.returncode == 0, result.stderr
+    second = session.service_pid()
+    assert second is not None
+    assert second != first
+
+
+async def test_resourcectl(session: Session, gateway_guest: GatewayGuest) -> None:
+    added = session.resourcectl("add", "demo", gateway_guest.address)
+    assert added.returncode == 0, added.stderr
+    await add_demo_published(session)
+    listing = session.resourcectl("list")
+    assert "demo" in listing.stdout
+    assert "serial0" in listing.stdout
+    history = session.resourcectl("history", "demo", "serial0")
+    assert BANNER.decode() in history.stdout
+    missing = session.resourcectl("history", "demo", "nope")
+    assert missing.returncode == 4
+    assert "no console" in missing.stderr
+    missing = session.resourcectl("status", "nobody-here")
+    assert missing.returncode == 3
+    pty = session.resourcectl("pty", "demo", "serial0")
+    assert pty.returncode == 0
+    assert pty.stdout.startswith("/dev/pts/")
+    # console on a real terminal: the banner, type and see the echo, leave with Ctrl-]
+    master, slave = os.openpty()
+    process = subprocess.Popen(  # noqa: ASYNC220 - read from a thread below
+        [f"{session.env['PATH'].split(':')[0]}/resourcectl", "console", "demo", "serial0"],
+        stdin=slave,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        env=session.env,
+    )
+    os.close(slave)
+    try:
+        seen = await asyncio.to_thread(read_fd_until, master, BANNER)
+        os.write(master, b"tty-typed")
+        await asyncio.to_thread(read_fd_until, master, b"tty-typed", seen)
+        os.write(master, b"\x1d")
+        assert await asyncio.to_thread(process.wait, TIMEOUT) == 0
+        assert process.stderr is not None
+        assert b"Escape character is ^]" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+        os.close(master)
+
+
+async def add_demo_published(session: Session) -> None:
+    def published() -> bool:
+        return "serial0" in session.resourcectl("list").stdout
+
+    await until(published, "consoles")
