@@ -1,0 +1,44 @@
+"""The README's run command (`./scripts/run --once`) does what the README says on a
+machine with no session bus: a private bus, the service activated on it, the demo
+guest reached through resourcectl, an fd and a PTY."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from resourced.demo.bootsector import tone_frequency
+
+
+async def test_tour_once_without_a_session_bus(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "DBUS_SESSION_BUS_ADDRESS"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.demo.tour",
+        "--once",
+        "--duration",
+        "1",
+        "--wav",
+        str(tmp_path / "beep.wav"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(180):
+        out, err = await process.communicate()
+    text = out.decode()
+    assert process.returncode == 0, text + err.decode()
+    assert "a private one at unix:path=" in text
+    assert "demo  connected" in text
+    assert "monitor,serial0" in text
+    assert "resourced demo guest" in text.split("$ resourcectl history demo serial0")[1]
+    assert "typed 'typed into an fd', the guest echoed it" in text
+    assert "typed 'typed into a pty', the guest echoed it" in text
+    pitch = float(text.split("pitch:")[1].split("Hz")[0])
+    assert pitch == pytest.approx(tone_frequency(440), abs=8)
