@@ -12,7 +12,7 @@
     stall-timeout = 2         # seconds a console reader a whole ring behind may hold it back
 
     [libvirt]
-    uris = ["qemu:///session"]
+    uris = ["qemu:///system"]  # default: qemu:///session and qemu:///system, if they open
 
     [[guest]]                 # guests reached at a VNC address (a gateway)
     name = "web1"
@@ -39,6 +39,8 @@ import tomli_w
 from resourced.broker.guest import GuestSettings
 from resourced.errors import ConfigurationError
 
+#: libvirt connections followed when the config names none (each only if it opens).
+DEFAULT_LIBVIRT_URIS = ("qemu:///session", "qemu:///system")
 #: Keys a `[[guest]]` table may have besides name and address.
 GUEST_OPTION_KEYS = (
     "password-file",
@@ -77,7 +79,8 @@ class GuestEntry:
 class Config:
     idle_exit: float = 60.0
     guest_settings: GuestSettings = field(default_factory=GuestSettings)
-    libvirt_uris: tuple[str, ...] = ()
+    #: None: the defaults (`DEFAULT_LIBVIRT_URIS`, each only if it can be opened).
+    libvirt_uris: tuple[str, ...] | None = None
     guests: tuple[GuestEntry, ...] = ()
     directory: Path = field(default_factory=config_dir)
 
@@ -143,8 +146,10 @@ def load(directory: Path | None = None) -> Config:
         guests, {"idle-timeout", "history", "stall-timeout", "connect-timeout"}, f"{path} [guests]"
     )
     _check_keys(libvirt, {"uris"}, f"{path} [libvirt]")
-    uris = libvirt.get("uris", [])
-    if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
+    uris = libvirt.get("uris")
+    if uris is not None and (
+        not isinstance(uris, list) or not all(isinstance(u, str) for u in uris)
+    ):
         raise ConfigurationError(f"{path} [libvirt]: uris must be a list of strings")
     history = int(_number(guests, "history", 64 * 1024, f"{path} [guests]"))
     if history < 1:
@@ -161,7 +166,7 @@ def load(directory: Path | None = None) -> Config:
     return Config(
         idle_exit=_number(service, "idle-exit", 60, f"{path} [service]"),
         guest_settings=settings,
-        libvirt_uris=tuple(uris),
+        libvirt_uris=None if uris is None else tuple(uris),
         guests=tuple(entries),
         directory=directory,
     )

@@ -10,6 +10,7 @@ No D-Bus here: the face in `resourced.dbus` maps its calls onto these.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from typing import Any
 
 from resourced.broker.guest import Guest, GuestSettings
 from resourced.broker.link import Connector
-from resourced.errors import ConfigurationError, NoSuchGuest
+from resourced.errors import ConfigurationError, NoSuchGuest, NotConnected, ResourcedError
 from resourced.rfb.aio import RfbClient, connect, parse_address
 from resourced.rfb.constants import Encoding
 from resourced.rfb.extension import Extension
@@ -91,6 +92,9 @@ class BrokerObserver:
     def guest_removed(self, guest: Guest) -> None:
         """A guest went away (its consoles were closed)."""
 
+    def libvirt_changed(self) -> None:
+        """The set of libvirt connections followed changed."""
+
 
 class Broker:
     """Every guest the service knows, by name."""
@@ -99,6 +103,41 @@ class Broker:
         self.settings = settings or GuestSettings()
         self.guests: dict[str, Guest] = {}
         self.observers: list[BrokerObserver] = []
+        #: libvirt URI -> its follower (`resourced.libvirt.follow.LibvirtFollower`).
+        self.libvirt: dict[str, Any] = {}
+
+    async def add_libvirt(self, uri: str, *, wait: float = 30.0, keep: bool = False) -> list[Guest]:
+        """Follow a libvirt connection; the guests it has once first looked at.
+
+        Raises `NotConnected` if libvirt cannot be reached within `wait` seconds;
+        the connection is then forgotten, unless `keep` (the config file's URIs
+        are kept and retried: libvirtd may start later).
+        """
+        from resourced.libvirt.follow import LibvirtFollower  # it builds on this module
+
+        follower = self.libvirt.get(uri)
+        if follower is None:
+            follower = LibvirtFollower(uri, self)
+            self.libvirt[uri] = follower
+            follower.start()
+            for observer in list(self.observers):
+                observer.libvirt_changed()
+        try:
+            await asyncio.wait_for(asyncio.shield(follower.first_sync), wait)
+        except (ResourcedError, TimeoutError) as err:
+            if not keep:
+                await self.remove_libvirt(uri)
+            reason = str(err) or f"libvirt at {uri} did not answer within {wait:g} s"
+            raise NotConnected(reason) from None
+        guests: list[Guest] = follower.guests
+        return guests
+
+    async def remove_libvirt(self, uri: str) -> None:
+        follower = self.libvirt.pop(uri, None)
+        if follower is not None:
+            await follower.close()
+            for observer in list(self.observers):
+                observer.libvirt_changed()
 
     def guest(self, name: str) -> Guest:
         guest = self.guests.get(name)
@@ -119,10 +158,13 @@ class Broker:
             address=str(parse_address(address)),
             settings=self.settings,
         )
-        self._add(guest)
+        self.add_guest(guest)
         return guest
 
-    def _add(self, guest: Guest) -> None:
+    def add_guest(self, guest: Guest) -> None:
+        """Publish a guest made elsewhere (a libvirt follower)."""
+        if guest.name in self.guests:
+            raise ConfigurationError(f"there is already a guest named {guest.name!r}")
         self.guests[guest.name] = guest
         log.info("guest %s added (%s %s)", guest.name, guest.source, guest.address)
         for observer in list(self.observers):
@@ -146,5 +188,7 @@ class Broker:
         return False
 
     async def close(self) -> None:
+        for uri in list(self.libvirt):
+            await self.remove_libvirt(uri)
         for name in list(self.guests):
             await self.remove_guest(name)

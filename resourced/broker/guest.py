@@ -18,18 +18,20 @@ Nothing here knows D-Bus: observers are told of changes, callers get
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from resourced.broker.link import Connector, GuestLink, LinkObserver, LinkState
 from resourced.broker.rfbsource import RfbConsoleSource
 from resourced.consoles import ConsoleKind
 from resourced.consoles.hub import DEFAULT_RING_SIZE, ConsoleHub
-from resourced.errors import Busy, NoSuchConsole, NotConnected
+from resourced.consoles.sources import ConsoleSource
+from resourced.errors import BrokerError, Busy, NoSuchConsole, NotConnected
 from resourced.rfb.aio import RfbClient
 from resourced.rfb.consoles import (
     ConsoleAdded,
@@ -83,17 +85,48 @@ class GuestObserver:
         """Available or OpenCount changed."""
 
 
+class Demand(Protocol):
+    """What keeps a console's host end attached: held while anyone uses it."""
+
+    def hold(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class BrokerSource(ConsoleSource, Protocol):
+    """A hub source as the broker drives it (RFB extension or libvirt stream)."""
+
+    #: Bytes of replayed history still to come (0 when the source replays none).
+    history_left: int
+    #: Why the last attempt to attach failed (a `Busy`, a `NotConnected`...), or None.
+    failure: BrokerError | None
+
+    def detach(self, reason: str) -> None: ...
+
+
 class BrokerConsole:
-    """One console of a guest: its hub, and the clients reading it."""
+    """One console of a guest: its hub, and the clients reading it.
+
+    `origin` is "rfb" (the RFB console extension of the guest's connection) or
+    "libvirt" (libvirt's console stream); `demand` is what a client holds while
+    it has the console open: the guest's connection, or the libvirt stream.
+    """
 
     def __init__(
-        self, guest: Guest, name: str, kind: ConsoleKind, origin: str, source: RfbConsoleSource
+        self,
+        guest: Guest,
+        name: str,
+        kind: ConsoleKind,
+        origin: str,
+        source: BrokerSource,
+        demand: Demand,
     ) -> None:
         self.guest = guest
         self.name = name
         self.kind = kind
         self.origin = origin
         self.source = source
+        self.demand = demand
         self.hub = ConsoleHub(next(_hub_ids), name, kind, source, guest.settings.history)
         self.hub.stall_timeout = guest.settings.stall_timeout
         self.clients: set[ConsoleClient] = set()
@@ -122,8 +155,13 @@ class BrokerConsole:
             return
         try:
             async with asyncio.timeout(timeout):
-                await self.hub.wait_connected()
+                while not self.hub.connected:
+                    if self.source.failure is not None:
+                        raise self.source.failure
+                    await _next_change(self.hub, 0.2)
         except TimeoutError:
+            if self.source.failure is not None:
+                raise self.source.failure from None
             raise NotConnected(
                 f"console {self.name} of guest {self.guest.name} is not reachable now"
                 + (f" ({self.guest.link.last_error})" if self.guest.link.last_error else "")
@@ -149,7 +187,7 @@ class BrokerConsole:
         self.clients.add(client)
         if exclusive:
             self.exclusive = client
-        self.guest.link.hold()
+        self.demand.hold()
         client.when_closed(self._client_closed)
         self.guest.notify_console_changed(self)
 
@@ -162,7 +200,7 @@ class BrokerConsole:
         log.info(
             "console %s/%s: %s client closed (%s)", self.guest.name, self.name, client.kind, reason
         )
-        self.guest.link.release()
+        self.demand.release()
         self.guest.notify_console_changed(self)
 
     def pty(self, path: str) -> PtyClient | None:
@@ -199,8 +237,12 @@ class Guest(LinkObserver):
         address: str = "",
         uuid: str = "",
         settings: GuestSettings | None = None,
+        console_origin: str = "rfb",
     ) -> None:
         self.name = name
+        #: Where consoles come from: "rfb" (the connection's console extension)
+        #: or "libvirt" (the caller adds them with `set_consoles`).
+        self.console_origin = console_origin
         self.source = source
         self.address = address
         self.uuid = uuid
@@ -238,6 +280,9 @@ class Guest(LinkObserver):
         return self.link.last_error
 
     def _extensions(self) -> Sequence[Extension]:
+        if self.console_origin != "rfb":
+            self._ext = None
+            return []
         self._ext = Consoles()
         return [self._ext]
 
@@ -295,14 +340,17 @@ class Guest(LinkObserver):
         console = self.consoles.get(info.name)
         if console is None:
             source = RfbConsoleSource(self.name, info.name)
-            console = BrokerConsole(self, info.name, info.kind, "rfb", source)
+            console = BrokerConsole(self, info.name, info.kind, "rfb", source, self.link)
             self.consoles[info.name] = console
             self._notify("console_added", console)
             self._notify("guest_changed", self)
-        self._by_id[info.console_id] = console.source
+        announced: BrokerSource = console.source
+        if not isinstance(announced, RfbConsoleSource):
+            return  # a console libvirt gives us: the stream stays its source
+        self._by_id[info.console_id] = announced
         # History only into an empty ring nobody reads yet, so nothing shows twice.
         history = console.hub.total == 0
-        console.source.attach(client, self._ext, info.console_id, history)
+        announced.attach(client, self._ext, info.console_id, history)
 
     def _drop_console(self, name: str, reason: str) -> None:
         console = self.consoles.pop(name, None)
@@ -334,6 +382,36 @@ class Guest(LinkObserver):
         source = self._by_id.get(event.console_id)
         if source is not None:
             source.on_credit(event)
+
+    # --- consoles given by the owner (libvirt) -----------------------------------------
+
+    def set_consoles(self, wanted: Sequence[tuple[str, ConsoleKind, Any]]) -> None:
+        """The consoles the guest has now, as (name, kind, source) for new ones;
+        each source is also its console's demand (see `BrokerConsole`). Consoles
+        not listed go away (their clients see EOF)."""
+        names = {name for name, _kind, _source in wanted}
+        for name in [n for n in self.consoles if n not in names]:
+            self._drop_console(name, "the guest no longer has it")
+        for name, kind, source in wanted:
+            if name in self.consoles:
+                continue
+            console = BrokerConsole(self, name, kind, self.console_origin, source, source)
+            self.consoles[name] = console
+            self._notify("console_added", console)
+            self._notify("guest_changed", self)
+
+    def set_running(self, running: bool) -> None:
+        """The guest started or stopped (libvirt says so). Stopped: its consoles'
+        clients get EOF, its connection closes and stays closed until it runs again."""
+        if not running:
+            for console in self.consoles.values():
+                for client in list(console.clients):
+                    client.close("the guest stopped")
+        for console in self.consoles.values():
+            set_stopped = getattr(console.source, "set_stopped", None)
+            if set_stopped is not None:
+                set_stopped(not running)
+        self.link.set_stopped(not running)
 
     # --- what callers ask for ------------------------------------------------------
 
@@ -385,12 +463,13 @@ class Guest(LinkObserver):
     async def _attached(self, name: str) -> BrokerConsole:
         """The console with its host end attached (connecting if needed)."""
         console = await self.console(name)
-        self.link.hold()
+        console.demand.hold()
         try:
-            await self.link.wait_connected()
+            if console.origin == "rfb":
+                await self.link.wait_connected()
             await console.wait_available()
         finally:
-            self.link.release()
+            console.demand.release()
         return console
 
     async def open_stream(
@@ -469,9 +548,9 @@ class Guest(LinkObserver):
         await self.link.close()
 
 
-async def _next_change(hub: ConsoleHub) -> None:
-    """Wait until the hub reports anything (output or a state change)."""
-    changed = asyncio.get_running_loop().create_future()
+async def _next_change(hub: ConsoleHub, timeout: float | None = None) -> None:
+    """Wait until the hub reports anything (output or a state change), or `timeout`."""
+    changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def listener(_hub: ConsoleHub) -> None:
         if not changed.done():
@@ -479,6 +558,7 @@ async def _next_change(hub: ConsoleHub) -> None:
 
     hub.subscribe(listener)
     try:
-        await changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed, timeout)
     finally:
         hub.unsubscribe(listener)

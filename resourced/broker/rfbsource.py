@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from resourced.consoles.sources import SourceHandler
+from resourced.errors import BrokerError
 from resourced.rfb.aio import RfbClient
 from resourced.rfb.consoles import (
     DEFAULT_WINDOW,
@@ -45,6 +46,8 @@ class RfbConsoleSource:
         self._pending = bytearray()  # input waiting for the server's credit
         #: Bytes of replayed history still to come after OPENED.
         self.history_left = 0
+        #: The server never refuses an open in a way that waiting would not mend.
+        self.failure: BrokerError | None = None
 
     # --- ConsoleSource ----------------------------------------------------------
 

@@ -4,6 +4,7 @@
     resourcectl status GUEST [--json]
     resourcectl add NAME ADDRESS [--password-file F] [--tls auto|require|never] [--persist]
     resourcectl remove GUEST
+    resourcectl libvirt add|remove URI
     resourcectl connect GUEST | disconnect GUEST
     resourcectl console GUEST [CONSOLE] [--no-history] [--read-only] [--force]
     resourcectl pty GUEST CONSOLE [--idle-timeout S]
@@ -235,6 +236,16 @@ async def cmd_add(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_libvirt(client: Client, args: argparse.Namespace) -> int:
+    if args.action == "add":
+        (paths,) = await client.call(ROOT, MANAGER, "AddLibvirt", "sa{sv}", [args.uri, {}])
+        for path in paths:
+            print(path)
+    else:
+        await client.call(ROOT, MANAGER, "RemoveLibvirt", "sa{sv}", [args.uri, {}])
+    return 0
+
+
 async def cmd_remove(client: Client, args: argparse.Namespace) -> int:
     path, _, _ = await client.guest(args.guest)
     await client.call(ROOT, MANAGER, "RemoveGuest", "oa{sv}", [path, {}])
@@ -386,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-file")
     p.add_argument("--tls", choices=("auto", "require", "never"))
     p.add_argument("--persist", action="store_true", help="remember it across restarts")
+    p = commands.add_parser("libvirt", help="follow (add) or stop following (remove) a libvirt URI")
+    p.add_argument("action", choices=("add", "remove"))
+    p.add_argument("uri", help="qemu:///system, qemu:///session, qemu+ssh://host/system...")
     p = commands.add_parser("remove", help="forget a guest")
     p.add_argument("guest")
     for name in ("connect", "disconnect"):
@@ -422,6 +436,7 @@ COMMANDS = {
     "status": cmd_status,
     "add": cmd_add,
     "remove": cmd_remove,
+    "libvirt": cmd_libvirt,
     "connect": cmd_connect,
     "disconnect": cmd_connect,
     "console": cmd_console,

@@ -129,13 +129,25 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method()
     @translated
-    def AddLibvirt(self, uri: Str, options: Options) -> Paths:
-        """Follow a libvirt connection (not built yet: `Unsupported`)."""
+    async def AddLibvirt(self, uri: Str, options: Options) -> Paths:
+        """Follow a libvirt connection; the paths of the guests it has now.
+
+        Each domain with VNC graphics is a guest from then on, coming and going
+        with the domain. `NotConnected` if libvirt cannot be reached (then the
+        URI is not followed).
+        """
         parse_options(options, {}, "AddLibvirt")
-        raise DBusError(
-            f"{BUS_NAME}.Error.Unsupported",
-            "libvirt discovery is not built yet; add the guest's gateway with AddGuest",
-        )
+        guests = await self.face.broker.add_libvirt(uri)
+        return sorted(self.face.guest_path(guest) for guest in guests)
+
+    @dbus_method()
+    @translated
+    async def RemoveLibvirt(self, uri: Str, options: Options) -> None:
+        """Stop following a libvirt connection; its guests go away."""
+        parse_options(options, {}, "RemoveLibvirt")
+        if uri not in self.face.broker.libvirt:
+            raise DBusError(INVALID_ARGUMENT, f"{uri} is not followed")
+        await self.face.broker.remove_libvirt(uri)
 
     @dbus_method()
     @translated
@@ -154,7 +166,7 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def LibvirtConnections(self) -> Strs:
-        return []
+        return sorted(self.face.broker.libvirt)
 
     @dbus_property(access=PropertyAccess.READ)
     def Interfaces(self) -> Strs:
@@ -509,6 +521,11 @@ class Face(BrokerObserver, GuestObserver):
         self.bus.unexport(path)
         self.object_manager.InterfacesRemoved(path, [GUEST, AUDIO])
         self.manager.emit_properties_changed({"Guests": self.manager.Guests})
+
+    def libvirt_changed(self) -> None:
+        self.manager.emit_properties_changed(
+            {"LibvirtConnections": self.manager.LibvirtConnections}
+        )
 
     # --- GuestObserver --------------------------------------------------------------
 

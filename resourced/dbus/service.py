@@ -89,6 +89,10 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         except ResourcedError as err:
             log.warning("config: guest %s not added: %s", entry.name, err)
 
+    configured = config.libvirt_uris is not None
+    for uri in config.libvirt_uris or config_module.DEFAULT_LIBVIRT_URIS:
+        asyncio.get_running_loop().create_task(_follow_libvirt(broker, uri, keep=configured))
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -124,6 +128,16 @@ async def _run_until_idle(
         while time.monotonic() - guard.last_call < DRAIN_QUIET or _busy(broker):  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_QUIET / 3)  # polled: calls are counted, not signalled
         return
+
+
+async def _follow_libvirt(broker: Broker, uri: str, *, keep: bool) -> None:
+    """Follow a libvirt URI from the config (kept and retried) or a default (dropped
+    if it does not open: not every user may open qemu:///system)."""
+    try:
+        guests = await broker.add_libvirt(uri, keep=keep)
+        log.info("libvirt %s: %d guest(s)", uri, len(guests))
+    except ResourcedError as err:
+        log.log(logging.WARNING if keep else logging.INFO, "libvirt %s: %s", uri, err)
 
 
 def _busy(broker: Broker) -> bool:

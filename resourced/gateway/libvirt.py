@@ -32,7 +32,7 @@ import threading
 import uuid as uuid_module
 import xml.etree.ElementTree as ET
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from resourced.consoles import (
@@ -93,6 +93,9 @@ class DomainResources:
     uuid: str
     consoles: tuple[ConsoleSpec, ...]
     vnc: VncTarget | None
+    #: Console name -> the device's alias in the live XML (`serial0`, `channel1`...),
+    #: which `virDomainOpenConsole` takes; absent for an inactive domain.
+    aliases: dict[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------
@@ -111,7 +114,8 @@ def parse_domain_xml(xml: str) -> DomainResources:
     devices = root.find("devices")
     if devices is None:
         return DomainResources(name, uuid, (), None)
-    return DomainResources(name, uuid, _consoles(devices), _vnc(devices))
+    aliases: dict[str, str] = {}
+    return DomainResources(name, uuid, _consoles(devices, aliases), _vnc(devices), aliases)
 
 
 def _parse(xml: str) -> ET.Element:
@@ -183,13 +187,13 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _consoles(devices: ET.Element) -> tuple[ConsoleSpec, ...]:
+def _consoles(devices: ET.Element, aliases: dict[str, str]) -> tuple[ConsoleSpec, ...]:
     serial_ports: set[int] = set()
     for index, serial in enumerate(devices.findall("serial")):
         port = _int_attr(serial.find("target"), "port")
         serial_ports.add(index if port is None else port)
 
-    found: list[tuple[str, ConsoleKind, Endpoint]] = []
+    found: list[tuple[str, ConsoleKind, Endpoint, str | None]] = []
     counters = {"serial": 0, "parallel": 0, "console": 0, "channel": 0}
     for device in devices:
         tag = device.tag
@@ -225,13 +229,18 @@ def _consoles(devices: ET.Element) -> tuple[ConsoleSpec, ...]:
             name = _sanitise(target_name, fallback) if target_name else fallback
             kind = ConsoleKind.CHANNEL
         endpoint = _endpoint(device)
+        alias = device.find("alias")
         if endpoint is not None:
-            found.append((name, kind, endpoint))
+            found.append((name, kind, endpoint, alias.get("name") if alias is not None else None))
 
     taken: set[str] = set()
-    return tuple(
-        ConsoleSpec(_unique(name, taken), kind, endpoint) for name, kind, endpoint in found
-    )
+    specs = []
+    for name, kind, endpoint, alias_name in found:
+        spec = ConsoleSpec(_unique(name, taken), kind, endpoint)
+        if alias_name:
+            aliases[spec.name] = alias_name
+        specs.append(spec)
+    return tuple(specs)
 
 
 def _vnc(devices: ET.Element) -> VncTarget | None:

@@ -65,6 +65,9 @@ class Session:
     daemon: subprocess.Popen[bytes]
 
     def write_config(self, text: str) -> None:
+        """The service's config.toml; no libvirt connection unless `text` names some."""
+        if "[libvirt]" not in text:
+            text += "\n[libvirt]\nuris = []\n"
         self.config_dir.mkdir(parents=True, exist_ok=True)
         (self.config_dir / "config.toml").write_text(text)
 
@@ -159,7 +162,11 @@ def session() -> Iterator[Session]:
             assert daemon.poll() is None, (directory / "daemon.log").read_text()
             subprocess.run(["sleep", "0.05"], check=True)
         os.chmod(socket_path, 0o777)
-        yield Session(directory, f"unix:path={socket_path}", config_home / "resourced", env, daemon)
+        session = Session(
+            directory, f"unix:path={socket_path}", config_home / "resourced", env, daemon
+        )
+        session.write_config("")
+        yield session
     finally:
         daemon.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

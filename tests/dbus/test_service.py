@@ -27,7 +27,7 @@ BANNER = b"resourced demo guest"
 
 async def until(condition: Callable[[], bool], what: str) -> None:
     async with asyncio.timeout(TIMEOUT):
-        while not condition():  # noqa: ASYNC110 - a condition on another process
+        while not condition():
             await asyncio.sleep(0.05)
 
 

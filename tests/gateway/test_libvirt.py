@@ -190,6 +190,7 @@ def test_live_unix_and_pty_serials_with_vnc_socket_and_password() -> None:
             port=None,
             password="sekrit",
         ),
+        aliases={"serial0": "serial0", "serial1": "serial1"},  # from <alias> in the live XML
     )
 
 

@@ -1,0 +1,207 @@
+"""libvirt guests in the service, against the real libvirtd: a TCG domain with no
+gateway appears by itself, its console comes through libvirt's console stream
+(while we hold it `virsh console` is refused), its VNC connection through
+openGraphicsFD; destroyed, its open consoles get EOF and its State changes;
+started again, it comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+from dbus_fast import MessageType
+from dbus_fast.aio import MessageBus
+
+from resourced.demo.bootsector import build_boot_sector
+from tests.dbus.conftest import BUS_NAME, ROOT, TIMEOUT, Session, call, ok
+from tests.dbus.test_service import read_fd_until
+from tests.libvirtd import SYSTEM_URI, LibvirtdUnavailable, demo_domain_xml, ensure_libvirtd
+
+GUEST = f"{BUS_NAME}.Guest"
+CONSOLE = f"{BUS_NAME}.Console"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+
+
+@pytest.fixture(scope="module")
+def system_conn() -> Iterator[Any]:
+    try:
+        ensure_libvirtd()
+    except LibvirtdUnavailable as error:
+        pytest.fail(f"no libvirtd to test against: {error}", pytrace=False)
+    libvirt.registerErrorHandler(lambda *_args: None, None)
+    conn = libvirt.open(SYSTEM_URI)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def domain(system_conn: Any) -> Iterator[Any]:
+    """A persistent TCG domain (defined, started): a pty serial console and VNC."""
+    directory = Path(tempfile.mkdtemp(prefix="rsd-lvd-", dir="/tmp"))
+    directory.chmod(0o755)
+    image = directory / "boot.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    name = f"rsd-svc-{uuid.uuid4().hex[:10]}"
+    xml = demo_domain_xml(
+        name,
+        image,
+        """\
+    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <graphics type='vnc'>
+      <listen type='socket'/>
+    </graphics>
+    <video>
+      <model type='vga'/>
+    </video>""",
+    )
+    dom = system_conn.defineXML(xml)
+    dom.create()
+    try:
+        yield dom
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.undefine()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def type_until_echoed(sock: socket.socket, text: bytes) -> None:
+    seen = b""
+    deadline = time.monotonic() + TIMEOUT
+    while text not in seen:
+        assert time.monotonic() < deadline, f"no echo of {text!r}; saw {seen!r}"
+        sock.sendall(text)
+        end = time.monotonic() + 1.0
+        while text not in seen and time.monotonic() < end:
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if ready:
+                chunk = sock.recv(4096)
+                assert chunk, f"EOF; saw {seen!r}"
+                seen += chunk
+
+
+async def guest_path(bus: MessageBus, name: str) -> str | None:
+    (objects,) = ok(
+        await call(bus, ROOT, "org.freedesktop.DBus.ObjectManager", "GetManagedObjects")
+    )
+    for path, interfaces in objects.items():
+        props = interfaces.get(GUEST)
+        if props is not None and props["Name"].value == name:
+            return str(path)
+    return None
+
+
+async def prop(bus: MessageBus, path: str, interface: str, name: str) -> Any:
+    (value,) = ok(await call(bus, path, PROPERTIES, "Get", "ss", [interface, name]))
+    return value.value
+
+
+async def wait_prop(bus: MessageBus, path: str, interface: str, name: str, wanted: Any) -> None:
+    async with asyncio.timeout(TIMEOUT):
+        while await prop(bus, path, interface, name) != wanted:
+            await asyncio.sleep(0.1)
+
+
+def virsh_console(name: str) -> subprocess.CompletedProcess[str]:
+    """`virsh console NAME` on a terminal (it needs one), for a few seconds."""
+    return subprocess.run(
+        ["script", "-qec", f"timeout 10 virsh -c {SYSTEM_URI} console {name}", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+async def test_libvirt_guest_with_console_stream(session: Session, domain: Any) -> None:
+    session.write_config(f'[libvirt]\nuris = ["{SYSTEM_URI}"]\n[guests]\nidle-timeout = 2\n')
+    name = domain.name()
+    bus = await session.client()
+    try:
+        result = session.busctl("get-property", BUS_NAME, ROOT, f"{BUS_NAME}.Manager", "Version")
+        assert result.returncode == 0, result.stderr  # activated
+
+        path: str | None = None
+        async with asyncio.timeout(TIMEOUT):
+            while (path := await guest_path(bus, name)) is None:
+                await asyncio.sleep(0.1)
+        assert path is not None
+        assert await prop(bus, path, GUEST, "Source") == SYSTEM_URI
+        assert await prop(bus, path, GUEST, "Uuid") == domain.UUIDString()
+        consoles = await prop(bus, path, GUEST, "Consoles")
+        serial = f"{path}/consoles/serial0"
+        assert serial in consoles
+        assert await prop(bus, serial, CONSOLE, "Source") == "libvirt"
+        assert SYSTEM_URI in (await prop(bus, ROOT, f"{BUS_NAME}.Manager", "LibvirtConnections"))
+
+        # The console through libvirt's stream, as an fd: type, see the echo.
+        reply = await call(bus, serial, CONSOLE, "Open", "a{sv}", [{}])
+        assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+        app = socket.socket(fileno=reply.unix_fds[reply.body[0]])
+        app.setblocking(True)
+        try:
+            await wait_prop(bus, serial, CONSOLE, "Available", True)
+            app.sendall(b"through-libvirt")
+            await asyncio.to_thread(read_fd_until, app.fileno(), b"through-libvirt")
+
+            # libvirt's own arbitration: virsh console is refused while we hold it.
+            refused = await asyncio.to_thread(virsh_console, name)
+            assert "Active console session exists" in refused.stdout + refused.stderr, refused
+
+            # The VNC connection comes through openGraphicsFD (no password, no TCP).
+            ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
+            assert await prop(bus, path, GUEST, "State") == "connected"
+
+            # Destroyed: the open console gets EOF, State says stopped.
+            await asyncio.to_thread(domain.destroy)
+            app.settimeout(TIMEOUT)
+            data = b"x"
+            while data:
+                data = await asyncio.to_thread(app.recv, 4096)
+            await wait_prop(bus, path, GUEST, "State", "stopped")
+        finally:
+            app.close()
+
+        # Started again: the guest is back, its console works again.
+        await asyncio.to_thread(domain.create)
+        async with asyncio.timeout(TIMEOUT):
+            while await prop(bus, path, GUEST, "State") == "stopped":
+                await asyncio.sleep(0.1)
+        reply = await call(bus, serial, CONSOLE, "Open", "a{sv}", [{}])
+        assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+        with socket.socket(fileno=reply.unix_fds[reply.body[0]]) as again:
+            again.setblocking(True)
+            await wait_prop(bus, serial, CONSOLE, "Available", True)
+            # Typed until echoed whole: bytes sent before the guest set its UART
+            # up are lost in the guest, not by us.
+            await asyncio.to_thread(type_until_echoed, again, b"after-restart")
+
+        # Undefined: the guest goes away.
+        await asyncio.to_thread(domain.destroy)
+        await asyncio.to_thread(domain.undefine)
+        async with asyncio.timeout(TIMEOUT):
+            while await guest_path(bus, name) is not None:
+                await asyncio.sleep(0.1)
+    finally:
+        bus.disconnect()
