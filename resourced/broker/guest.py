@@ -45,6 +45,7 @@ from resourced.rfb.consoles import (
     ConsolesAnnounced,
 )
 from resourced.rfb.extension import Extension
+from resourced.rfb.messages import FramebufferUpdate, FramebufferUpdateRequest
 from resourced.sinks.console import ConsoleClient, PtyClient, StreamClient
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,8 @@ class Guest(LinkObserver):
         self._ext: Consoles | None = None
         self._by_id: dict[int, RfbConsoleSource] = {}
         self._announced: asyncio.Event = asyncio.Event()
+        #: Whether the server speaks the console extension (None: not known yet).
+        self.consoles_offered: bool | None = None
         self.link = GuestLink(
             name,
             connector,
@@ -268,6 +271,7 @@ class Guest(LinkObserver):
             (ConsoleData, self._on_data),
             (ConsoleClosed, self._on_closed),
             (ConsoleCredit, self._on_credit),
+            (FramebufferUpdate, self._on_update),
         ):
             self.link.route(event_type, handler)
 
@@ -304,10 +308,20 @@ class Guest(LinkObserver):
         self._notify("guest_changed", self)
 
     def link_up(self, client: RfbClient) -> None:
-        self._client = client
+        if self.console_origin == "rfb":
+            # A server answers this after it has handled our SetEncodings, so a
+            # gateway's console HELLO comes first; an update with no HELLO before
+            # it says the server has no console extension (QEMU's own).
+            client.send(FramebufferUpdateRequest(False, 0, 0, 1, 1))
+
+    def _on_update(self, _event: FramebufferUpdate) -> None:
+        if not self._announced.is_set():
+            self.consoles_offered = False
+            self._announced.set()
 
     def link_down(self, reason: str) -> None:
         self._announced.clear()
+        self.consoles_offered = None
         self._by_id.clear()
         for console in self.consoles.values():
             console.source.detach(f"the guest's connection closed ({reason})")
@@ -316,6 +330,7 @@ class Guest(LinkObserver):
     # --- console events ----------------------------------------------------------
 
     def _on_announced(self, event: ConsolesAnnounced) -> None:
+        self.consoles_offered = True
         names = {info.name for info in event.consoles}
         for name in [n for n in self.consoles if n not in names]:
             self._drop_console(name, "the guest no longer has it")
@@ -434,6 +449,8 @@ class Guest(LinkObserver):
 
     async def _connected_with_consoles(self) -> None:
         await self.link.wait_connected()
+        if self.console_origin != "rfb":
+            return
         try:
             async with asyncio.timeout(ANNOUNCE_TIMEOUT):
                 await self._announced.wait()
@@ -446,7 +463,9 @@ class Guest(LinkObserver):
         console = self.consoles.get(name)
         if console is not None:
             return console
-        if self.link.client is None or not self._announced.is_set():
+        if self.console_origin == "rfb" and (
+            self.link.client is None or not self._announced.is_set()
+        ):
             self.link.hold()
             try:
                 await self._connected_with_consoles()
@@ -455,8 +474,11 @@ class Guest(LinkObserver):
         console = self.consoles.get(name)
         if console is None:
             known = ", ".join(sorted(self.consoles)) or "none"
+            why = ""
+            if self.consoles_offered is False:
+                why = "; its VNC server has no console extension (put our gateway in front of it)"
             raise NoSuchConsole(
-                f"guest {self.name} has no console {name!r} (its consoles: {known})"
+                f"guest {self.name} has no console {name!r} (its consoles: {known}){why}"
             )
         return console
 

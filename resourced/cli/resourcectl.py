@@ -53,6 +53,11 @@ EXIT_CODES = {
     "Unsupported": 9,
     "Failed": 1,
 }
+#: Said when a guest has no consoles at all.
+NO_CONSOLES_HINT = (
+    " (its VNC server has no console extension: put the resourced gateway in front of it, "
+    "or reach it through libvirt)"
+)
 #: The service cannot be reached (no bus, or it cannot be activated).
 EXIT_UNAVAILABLE = 69
 
@@ -128,14 +133,17 @@ class Client:
             serial = [p for p, c in consoles.items() if c["Kind"] == "serial"]
             choices = sorted(serial) or sorted(consoles)
             if not choices:
-                raise CliError(f"guest {guest} has no consoles", EXIT_CODES["NoSuchConsole"])
+                raise CliError(
+                    f"guest {guest} has no consoles{NO_CONSOLES_HINT}", EXIT_CODES["NoSuchConsole"]
+                )
             return choices[0]
         for path, console in consoles.items():
             if console["Name"] == name:
                 return path
-        known = ", ".join(sorted(c["Name"] for c in consoles.values())) or "none"
+        known = ", ".join(sorted(c["Name"] for c in consoles.values()))
         raise CliError(
-            f"guest {guest} has no console {name!r} (its consoles: {known})",
+            f"guest {guest} has no console {name!r}"
+            + (f" (its consoles: {known})" if known else f": it has none{NO_CONSOLES_HINT}"),
             EXIT_CODES["NoSuchConsole"],
         )
 

@@ -363,3 +363,25 @@ async def add_demo_published(session: Session) -> None:
         return "serial0" in session.resourcectl("list").stdout
 
     await until(published, "consoles")
+
+
+async def test_plain_qemu_has_no_consoles_and_says_why(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    """A guest added at QEMU's own VNC socket (no gateway): it connects at once and
+    has no consoles; asking for one names the reason."""
+    bus = await session.client()
+    try:
+        address = f"unix:{gateway_guest.guest.vnc_path}"
+        (path,) = ok(await call(bus, ROOT, MANAGER, "AddGuest", "ssa{sv}", ["plain", address, {}]))
+        started = time.monotonic()
+        ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
+        # The console list is settled by the server's first update, not a timeout.
+        assert time.monotonic() - started < 8.0
+        result = session.busctl("get-property", BUS_NAME, path, GUEST, "Consoles")
+        assert result.stdout.strip() == "ao 0"
+        missing = session.resourcectl("history", "plain", "serial0")
+        assert missing.returncode == 4
+        assert "no console extension" in missing.stderr
+    finally:
+        bus.disconnect()
