@@ -24,6 +24,7 @@ from pathlib import Path as FsPath
 from typing import Annotated, Any
 
 from dbus_fast import DBusError, Variant
+from dbus_fast import introspection as intr
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import (
@@ -104,8 +105,28 @@ def escape_path_element(name: str) -> str:
     return "".join(out)
 
 
-class ManagerInterface(ServiceInterface):
+EMITS_CHANGED = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+
+
+class _Interface(ServiceInterface):
+    """A ServiceInterface whose introspection marks its never-changing properties
+    `const` (dbus-fast has no way to say so in the decorator)."""
+
+    #: Properties whose value never changes for the object's lifetime.
+    CONST: tuple[str, ...] = ("Interfaces",)
+
+    def introspect(self) -> intr.Interface:
+        description = super().introspect()
+        for prop in description.properties:
+            if prop.name in self.CONST:
+                prop.annotations[EMITS_CHANGED] = "const"
+        return description
+
+
+class ManagerInterface(_Interface):
     """`org.resourced.Resourced1.Manager`: the guests, adding and removing them."""
+
+    CONST = ("Version", "Interfaces")
 
     def __init__(self, face: "Face") -> None:
         super().__init__(MANAGER)
@@ -195,8 +216,10 @@ class ObjectManagerInterface(ServiceInterface):
         return (path, interfaces)
 
 
-class GuestInterface(ServiceInterface):
+class GuestInterface(_Interface):
     """`org.resourced.Resourced1.Guest`: one guest, its state and its consoles."""
+
+    CONST = ("Name", "Uuid", "Source", "Address", "Interfaces")
 
     def __init__(self, face: "Face", guest: Guest) -> None:
         super().__init__(GUEST)
@@ -250,7 +273,7 @@ class GuestInterface(ServiceInterface):
         return [GUEST, AUDIO]
 
 
-class AudioInterface(ServiceInterface):
+class AudioInterface(_Interface):
     """`org.resourced.Resourced1.Audio`: the guest's sound (not built yet: unavailable)."""
 
     def __init__(self) -> None:
@@ -265,8 +288,10 @@ class AudioInterface(ServiceInterface):
         return [GUEST, AUDIO]
 
 
-class ConsoleInterface(ServiceInterface):
+class ConsoleInterface(_Interface):
     """`org.resourced.Resourced1.Console`: one console of a guest."""
+
+    CONST = ("Name", "Kind", "Source", "Guest", "Interfaces")
 
     def __init__(self, face: "Face", console: BrokerConsole) -> None:
         super().__init__(CONSOLE)

@@ -385,3 +385,16 @@ async def test_plain_qemu_has_no_consoles_and_says_why(
         assert "no console extension" in missing.stderr
     finally:
         bus.disconnect()
+
+
+async def test_introspection_marks_constant_properties(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    await add_demo(session, gateway_guest)
+    result = session.busctl("introspect", BUS_NAME, SERIAL, CONSOLE)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith(".")}
+    assert "const" in lines[".Name"]
+    assert "const" in lines[".Kind"]
+    assert "emits-change" in lines[".OpenCount"]
+    assert "emits-change" in lines[".Available"]
