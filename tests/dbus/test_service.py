@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -398,3 +399,40 @@ async def test_introspection_marks_constant_properties(
     assert "const" in lines[".Kind"]
     assert "emits-change" in lines[".OpenCount"]
     assert "emits-change" in lines[".Available"]
+
+
+async def test_persisted_guest_comes_back_after_a_restart(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "AddGuest", "ssa{sv}",
+        "kept", gateway_guest.address, "1", "persist", "b", "true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = (session.config_dir / "guests.toml").read_text()
+    assert 'name = "kept"' in saved
+    assert gateway_guest.address in saved
+    first = session.service_pid()
+    assert first is not None
+    os.kill(first, signal.SIGTERM)  # a normal stop
+
+    def stopped() -> bool:
+        out = session.busctl(
+            "call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+            "NameHasOwner", "s", BUS_NAME,
+        ).stdout  # fmt: skip
+        return out.strip() == "b false"
+
+    await until(stopped, "the service to stop")
+    # Activated again, it reads guests.toml: the guest and its consoles are back.
+    await until(lambda: "serial0" in session.resourcectl("list").stdout, "the kept guest")
+    assert session.service_pid() not in (None, first)
+    # A broken config is refused with the file and key named, not a traceback.
+    session.write_config("[service]\nidle-exit = 'soon'\n")
+    os.kill(session.service_pid() or 0, signal.SIGTERM)
+    await until(stopped, "the service to stop again")
+    broken = session.busctl("get-property", BUS_NAME, ROOT, MANAGER, "Version")
+    assert broken.returncode != 0
+    log = (session.directory / "daemon.log").read_text()
+    assert "idle-exit must be a number" in log
+    assert "Traceback" not in log
