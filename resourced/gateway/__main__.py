@@ -23,7 +23,6 @@ import contextlib
 import grp
 import logging
 import signal
-import ssl
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from resourced.gateway.hub import DEFAULT_RING_SIZE
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
 from resourced.rfb.server import ServerSecurity
+from resourced.rfb.tls import server_context
 
 log = logging.getLogger("resourced.gateway")
 
@@ -107,15 +107,7 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(str(args.tls_cert), str(args.tls_key))
-            if args.tls_ca:
-                context.verify_mode = ssl.CERT_REQUIRED
-                context.load_verify_locations(cafile=str(args.tls_ca))
-        except (OSError, ssl.SSLError) as err:
-            raise ConfigurationError(f"cannot load TLS certificates: {err}") from err
+        context = server_context(args.tls_cert, args.tls_key, args.tls_ca)
     elif args.tls_ca:
         raise ConfigurationError("--tls-ca needs --tls-cert and --tls-key")
     password = _read_secret(args.password_file)

@@ -57,7 +57,7 @@ from resourced.rfb.messages import CLIENT_PARSERS, QemuKeyEvent, SetEncodings, S
 from resourced.rfb.pixelformat import PixelFormat
 from resourced.rfb.qemu import parse_client_audio
 from resourced.rfb.security import VNC_AUTH_CHALLENGE_SIZE, vnc_auth_response
-from resourced.rfb.tls import read_available
+from resourced.rfb.tls import disable_session_tickets, read_available
 
 #: The version we announce; clients answer with the one they will speak.
 SERVER_VERSION = b"RFB 003.008\n"
@@ -203,7 +203,10 @@ class ServerSecurity:
       is set). VNC Authentication uses only the first 8 bytes of the password.
     - `tls_context`: a server-side context with certificate and key loaded; set
       its `verify_mode` (and CA) to require client certificates. Offers VeNCrypt
-      X509Vnc when a password is set, else X509None.
+      X509Vnc when a password is set, else X509None. Its session tickets are
+      turned off here (`tls.disable_session_tickets`): QEMU sends none, and a
+      viewer that works with QEMU may not cope with them (TigerVNC 1.12 does not).
+      `tls.server_context()` makes a suitable one.
     - `allow_none`: also let viewers in without any authentication.
 
     At least one must be set: a server that silently lets everyone in is a
@@ -226,6 +229,8 @@ class ServerSecurity:
             raise ConfigurationError(
                 "tls_context must be a server context (ssl.PROTOCOL_TLS_SERVER)"
             )
+        if ctx is not None:
+            disable_session_tickets(ctx)
 
     def offered_types(self) -> tuple[SecurityType, ...]:
         """The security types offered to 3.7+ clients, strongest first.

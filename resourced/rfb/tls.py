@@ -4,7 +4,9 @@
 finds them where gtk-vnc (and so virt-viewer) looks, so existing set-ups work.
 `TlsLayer` wraps `ssl.SSLObject` over memory BIOs: ciphertext in and out as bytes,
 no sockets, so the RFB core stays sans-IO. The server certificate is verified
-unless the caller turns verification off explicitly.
+unless the caller turns verification off explicitly. `server_context()` makes the
+server side's context (the gateway's), shaped like QEMU's TLS where a viewer could
+tell the difference.
 """
 
 from __future__ import annotations
@@ -117,6 +119,40 @@ class TlsCredentials:
             except (OSError, ssl.SSLError) as err:
                 raise ConfigurationError(f"cannot load the client certificate: {err}") from err
         return ctx
+
+
+def disable_session_tickets(context: ssl.SSLContext) -> None:
+    """Make a server context issue no session tickets, as QEMU's VNC server issues none.
+
+    A VNC session is never resumed, so a ticket is only bytes the viewer must
+    cope with; and TLS 1.3 sends them after the handshake, in the same burst as
+    the first VNC bytes inside TLS, which TigerVNC 1.12 mishandles (it waits for
+    the VNC challenge forever). `num_tickets = 0` stops TLS 1.3's;
+    `OP_NO_TICKET` stops TLS 1.2's (on its own it only makes OpenSSL's TLS 1.3
+    tickets stateful, still sent).
+    """
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
+
+
+def server_context(cert_file: Path, key_file: Path, ca_file: Path | None = None) -> ssl.SSLContext:
+    """A TLS server context for VeNCrypt X509*: our certificate, and with `ca_file`
+    a required client certificate that chains to it.
+
+    TLS 1.2 and 1.3 only (QEMU's gnutls default would also take 1.0 and 1.1, which
+    no maintained viewer needs), no session tickets (`disable_session_tickets`).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    disable_session_tickets(context)
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file))
+        if ca_file is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigurationError(f"cannot load TLS certificates: {err}") from err
+    return context
 
 
 def anonymous_context() -> ssl.SSLContext:
