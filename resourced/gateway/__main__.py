@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RING_SIZE,
         help=f"bytes of recent output kept per console (default {DEFAULT_RING_SIZE})",
     )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds a viewer has for the handshake steps it takes on its own (default 30)",
+    )
+    parser.add_argument(
+        "--auth-timeout",
+        type=_seconds,
+        metavar="S",
+        help="seconds to wait for a viewer's user to answer (the VNC password, a look at "
+        "the certificate); default: no limit, as QEMU",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -119,6 +133,16 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
             "give --tls-cert/--tls-key and/or --password-file, or --insecure"
         )
     return ServerSecurity(vnc_password=password, tls_context=context, allow_none=not secured)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} seconds is not a time limit")
+    return seconds
 
 
 def _octal_mode(text: str) -> int:
@@ -183,6 +207,8 @@ async def run(args: argparse.Namespace) -> None:
         security=server_security(args),
         consoles=consoles,
         history=args.history,
+        handshake_timeout=args.handshake_timeout,
+        auth_timeout=args.auth_timeout,
     )
     group = _group_id(args.socket_group)
     gateway = Gateway(config)

@@ -13,7 +13,8 @@ the byte plumbing shared with the client side is `resourced.rfb._engine`.
 It is not a VNC server: it keeps no framebuffer, encodes no pixels and never
 answers a client message on its own; the gateway forwards or answers them, and
 writes whole server messages with `send_raw()`. It does no I/O, keeps no clock
-(handshake timeouts and attempt limits are the caller's) and offers only what
+(handshake timeouts and attempt limits are the caller's; `awaiting_user` tells
+it when the viewer may be waiting for a person) and offers only what
 `ServerSecurity` allows (see `ServerSecurity.offered_types` for the policy).
 
 `SetDesktopSize` (251) and `XvpMessage` (250) are client messages QEMU accepts
@@ -449,6 +450,21 @@ class ServerConnection(Engine):
     def peer_certificate(self) -> dict[str, Any] | None:
         """The client's verified certificate (as `SSLSocket.getpeercert()` gives it)."""
         return self._tls.peer_certificate if isinstance(self._tls, _ServerTls) else None
+
+    @property
+    def awaiting_user(self) -> bool:
+        """Whether the client's next answer may wait for a person.
+
+        True while the server waits for the VNC Authentication response (viewers
+        ask their user for the password once the challenge has arrived), and
+        for ClientInit after a VeNCrypt TLS handshake (a viewer may first ask
+        its user about the server's certificate, as TigerVNC does). A caller's
+        handshake deadline should not count this wait: QEMU sets none at all.
+        """
+        state = self.state
+        return state is State.VNC_AUTH_RESPONSE or (
+            state is State.CLIENT_INIT and self._tls is not None
+        )
 
     @property
     def buffered(self) -> int:

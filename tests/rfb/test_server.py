@@ -738,6 +738,38 @@ def test_no_session_tickets(pki: Pki, version: ssl.TLSVersion) -> None:
     assert _ticket_seen(bare_exchange, pki, version) == (True, CHALLENGE)
 
 
+def test_awaiting_user_marks_the_waits_a_person_may_cause(pki: Pki) -> None:
+    """Only the VNC response, and ClientInit after TLS, may wait for a person."""
+    server = ServerConnection(ServerSecurity(vnc_password=PASSWORD), random_bytes=fixed_challenge)
+    assert not server.awaiting_user
+    feed(server, b"RFB 003.008\n")
+    assert not server.awaiting_user
+    feed(server, b"\x02")
+    assert server.state is State.VNC_AUTH_RESPONSE
+    assert server.awaiting_user
+    feed(server, RESPONSE)
+    assert server.state is State.CLIENT_INIT
+    assert not server.awaiting_user
+
+    plain = ServerConnection(ServerSecurity(allow_none=True))
+    feed(plain, b"RFB 003.008\n\x01")
+    assert plain.state is State.CLIENT_INIT
+    assert not plain.awaiting_user
+
+    x509 = ServerConnection(ServerSecurity(tls_context=server_context(pki)))
+    client = ClientConnection(tls=client_tls(pki))
+    states = []
+    for _ in range(16):
+        states.append((x509.state, x509.awaiting_user))
+        client.receive_data(x509.data_to_send())
+        list(client.events())
+        if x509.state is State.CLIENT_INIT:
+            break
+        feed(x509, client.data_to_send())
+    assert (State.TLS_HANDSHAKE, False) in states
+    assert states[-1] == (State.CLIENT_INIT, True)  # TigerVNC may ask about the certificate
+
+
 def test_server_context_from_files(pki: Pki, tmp_path: Path) -> None:
     context = tls.server_context(pki.server_cert, pki.server_key, pki.ca_cert)
     assert context.num_tickets == 0
