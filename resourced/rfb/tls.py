@@ -1,7 +1,7 @@
 """TLS for VeNCrypt: credentials, where to find them, and a sans-IO TLS layer.
 
 `TlsCredentials` says which CA, client certificate and CRL to use; `discover()`
-finds them where gtk-vnc (and so virt-viewer) looks, so existing set-ups work.
+finds them where gtk-vnc's users (virt-manager, virt-viewer) keep them.
 `TlsLayer` wraps `ssl.SSLObject` over memory BIOs: ciphertext in and out as bytes,
 no sockets, so the RFB core stays sans-IO. The server certificate is verified
 unless the caller turns verification off explicitly. `server_context()` makes the
@@ -11,6 +11,7 @@ tell the difference.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import ssl
@@ -19,18 +20,30 @@ from pathlib import Path
 
 from resourced.errors import ConfigurationError, TlsError
 
-#: The client name virt-viewer passes to gtk-vnc; it names the client-cert folder.
-DEFAULT_CLIENT_NAME = "libvirt-vnc"
+#: The client names gtk-vnc is given, whose folders hold a client certificate:
+#: virt-manager's (`libvirt-vnc`), then virt-viewer's and remote-viewer's (`libvirt`).
+CLIENT_NAMES = ("libvirt-vnc", "libvirt")
 
 
 def pki_dirs(home: Path | None = None) -> list[Path]:
-    """The folders gtk-vnc searches, in its order: system first, then the user's."""
-    if home is None:
-        try:
-            home = Path(pwd.getpwuid(os.getuid()).pw_dir)
-        except KeyError:
-            home = Path.home()
-    return [Path("/etc/pki"), home / ".pki"]
+    """The folders searched, in order: `/etc/pki`, then `~/.pki`.
+
+    `~` is `$HOME`, and also the home folder in the password database when that
+    differs (gtk-vnc looks only there). `home` replaces both.
+    """
+    homes: list[Path] = []
+    if home is not None:
+        homes.append(home)
+    else:
+        if os.environ.get("HOME"):
+            homes.append(Path(os.environ["HOME"]))
+        with contextlib.suppress(KeyError):  # a uid with no entry: $HOME alone
+            homes.append(Path(pwd.getpwuid(os.getuid()).pw_dir))
+    dirs = [Path("/etc/pki")]
+    for folder in homes:
+        if folder / ".pki" not in dirs:
+            dirs.append(folder / ".pki")
+    return dirs
 
 
 def _first_existing(dirs: list[Path], relative: str) -> Path | None:
@@ -61,24 +74,38 @@ class TlsCredentials:
     @classmethod
     def discover(
         cls,
-        client_name: str = DEFAULT_CLIENT_NAME,
+        client_names: tuple[str, ...] = CLIENT_NAMES,
         home: Path | None = None,
         dirs: list[Path] | None = None,
     ) -> TlsCredentials:
-        """Find credentials the way gtk-vnc does (`/etc/pki`, then `~/.pki`).
+        """Find credentials where gtk-vnc's users keep them (`pki_dirs()`: `/etc/pki`,
+        then `~/.pki`).
 
-        CA: `<dir>/CA/cacert.pem`; CRL: `<dir>/CA/cacrl.pem`; client certificate:
-        `<dir>/<client_name>/clientcert.pem` with its key in
-        `<dir>/<client_name>/private/clientkey.pem`. Each file is taken from the
-        first folder that has it. `dirs` replaces the folders searched.
+        CA: `<dir>/CA/cacert.pem`; CRL: `<dir>/CA/cacrl.pem`; each from the first
+        folder that has it. Client certificate: `<dir>/<name>/clientcert.pem` for
+        each folder, each of `client_names` in turn (virt-manager's `libvirt-vnc`,
+        then virt-viewer's `libvirt`); its key is `private/clientkey.pem` beside
+        it, never from another folder. `dirs` replaces the folders searched.
         """
         if dirs is None:
             dirs = pki_dirs(home)
+        client_cert = client_key = None
+        for directory in dirs:
+            for name in client_names:
+                cert = directory / name / "clientcert.pem"
+                if cert.exists():
+                    client_cert = cert
+                    key = directory / name / "private" / "clientkey.pem"
+                    # A certificate without its key is reported when the context is made.
+                    client_key = key if key.exists() else None
+                    break
+            if client_cert is not None:
+                break
         return cls(
             ca_file=_first_existing(dirs, "CA/cacert.pem"),
             crl_file=_first_existing(dirs, "CA/cacrl.pem"),
-            client_cert=_first_existing(dirs, f"{client_name}/clientcert.pem"),
-            client_key=_first_existing(dirs, f"{client_name}/private/clientkey.pem"),
+            client_cert=client_cert,
+            client_key=client_key,
         )
 
     def with_server_name(self, name: str | None) -> TlsCredentials:
