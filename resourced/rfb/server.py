@@ -292,6 +292,8 @@ class _ServerTls:
         except (ssl.SSLError, ValueError) as err:
             raise TlsError(f"cannot start a TLS server session: {err}") from err
         self.handshake_done = False
+        #: The client sent its close_notify: it is leaving, as at a transport EOF.
+        self.peer_closed = False
 
     @property
     def version(self) -> str | None:
@@ -316,7 +318,9 @@ class _ServerTls:
             if not self.handshake_done:
                 return b""
         # Many viewers leave without close_notify: that is an end, not an error.
-        return read_available(self._obj, eof_ends_stream=True)
+        plaintext, closed = read_available(self._obj, eof_ends_stream=True)
+        self.peer_closed = self.peer_closed or closed
+        return plaintext
 
     def _handshake(self) -> None:
         try:

@@ -200,18 +200,23 @@ def anonymous_context() -> ssl.SSLContext:
     return ctx
 
 
-def read_available(obj: ssl.SSLObject, *, eof_ends_stream: bool) -> bytes:
-    """All plaintext an SSLObject can give now (both sides of VeNCrypt use it).
+def read_available(obj: ssl.SSLObject, *, eof_ends_stream: bool) -> tuple[bytes, bool]:
+    """All plaintext an SSLObject can give now, and whether the peer has sent its
+    close_notify (both sides of VeNCrypt use it).
 
     `eof_ends_stream`: treat a transport EOF without close_notify as the end of
     the stream rather than an error (RFB messages are self-delimiting, so a cut
     inside a message is still caught above).
     """
     chunks = []
+    closed = False
     while True:
         try:
             chunk = obj.read(65536)
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+        except ssl.SSLWantReadError:
+            break
+        except ssl.SSLZeroReturnError:
+            closed = True
             break
         except ssl.SSLEOFError as err:
             if eof_ends_stream:
@@ -220,9 +225,10 @@ def read_available(obj: ssl.SSLObject, *, eof_ends_stream: bool) -> bytes:
         except ssl.SSLError as err:
             raise TlsError(f"TLS error: {err.reason or err}") from err
         if not chunk:
+            closed = True
             break
         chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks), closed
 
 
 class TlsLayer:
@@ -240,6 +246,8 @@ class TlsLayer:
             self._incoming, self._outgoing, server_side=False, server_hostname=server_name
         )
         self.handshake_done = False
+        #: The server sent its close_notify: the stream has ended.
+        self.peer_closed = False
         self._pending_plaintext = bytearray()
         self._eof = False
         self._step()
@@ -284,7 +292,9 @@ class TlsLayer:
             if self._eof:
                 raise TlsError("the server closed the connection during the TLS handshake")
             return b""
-        return read_available(self._obj, eof_ends_stream=False)
+        plaintext, closed = read_available(self._obj, eof_ends_stream=False)
+        self.peer_closed = self.peer_closed or closed
+        return plaintext
 
     def send(self, plaintext: bytes) -> None:
         if not self.handshake_done:

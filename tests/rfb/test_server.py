@@ -781,6 +781,42 @@ def test_server_context_from_files(pki: Pki, tmp_path: Path) -> None:
         tls.server_context(tmp_path / "missing.pem", pki.server_key)
 
 
+def test_close_notify_is_the_viewers_eof(pki: Pki) -> None:
+    """A viewer's close_notify ends the session at once, as QEMU (gnutls reads it
+    as the end of the stream) would; TLS allows nothing after it, so whatever
+    still arrives is dropped, not an error."""
+    server = ServerConnection(ServerSecurity(tls_context=server_context(pki)))
+    feed(server, b"RFB 003.008\n\x13" + wire.vencrypt_version(0, 2))
+    feed(server, wire.u32(VeNCryptSubtype.X509_NONE))
+    server.data_to_send()
+    tls = ssl.create_default_context(cafile=pki.ca_cert)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    for _ in range(8):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            session.do_handshake()
+            break
+        feed(server, outgoing.read())
+        incoming.write(server.data_to_send())
+    session.write(b"\x01")  # ClientInit, shared
+    assert feed(server, outgoing.read()) == [ClientInitReceived(True)]
+    server.send_server_init(WIDTH, HEIGHT, RGBX8888, NAME)
+    incoming.write(server.data_to_send())
+    received = b""
+    with contextlib.suppress(ssl.SSLWantReadError):
+        while True:
+            received += session.read()
+    assert received == wire.security_result_ok() + server_init_bytes()
+    with pytest.raises(ssl.SSLWantReadError):
+        session.unwrap()  # our close_notify is out; it would wait for the server's
+    key = KeyEvent(True, 0x61).serialize()
+    assert feed(server, outgoing.read()) == [ClientClosed()]
+    assert server.state is State.CLOSED
+    server.receive_data(b"\x17\x03\x03\x00\x05" + key)  # late bytes, then the EOF
+    server.receive_data(b"")
+    assert server.next_event() is None
+
+
 def test_pending_input_counts_what_is_not_parsed_yet() -> None:
     server = connected_server()
     key = KeyEvent(True, 0x61).serialize()
