@@ -3,7 +3,8 @@
 What a viewer can tell apart besides the messages themselves: TLS records (QEMU's
 gnutls server sends no session tickets; TigerVNC 1.12 hung on ours), how long the
 server waits (QEMU sets no handshake deadline, so a person may take their time
-over the password prompt), and socket options (QEMU turns Nagle off). Each test
+over the password prompt), what a half-close means (the viewer has left), and
+socket options (QEMU turns Nagle off). Each test
 meets the gateway with a viewer nobody here wrote: TigerVNC's `vncviewer` under
 Xvfb over VeNCrypt X509, gtk-vnc's `gvnccapture` typing its password late on a
 terminal, beside real QEMU under TCG.
@@ -386,6 +387,54 @@ async def test_auth_timeout_bounds_the_wait_when_asked(
     assert any(
         "the viewer's user did not answer within 1 s" in r.getMessage() for r in caplog.records
     )
+
+
+# ---------------------------------------------------------------------------
+# A viewer's half-close
+# ---------------------------------------------------------------------------
+
+
+async def half_close_after_server_init(address: str) -> bytes:
+    """Do a None-security handshake by hand on `address` (a Unix socket), shut
+    down our sending side, and return all the server sends after that."""
+    reader, writer = await asyncio.open_unix_connection(address)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            assert await reader.readexactly(12) == b"RFB 003.008\n"
+            writer.write(b"RFB 003.008\n")
+            count = (await reader.readexactly(1))[0]
+            assert 1 in await reader.readexactly(count)
+            writer.write(b"\x01")  # None
+            assert await reader.readexactly(4) == b"\0\0\0\0"
+            writer.write(b"\x01")  # ClientInit, shared
+            head = await reader.readexactly(24)
+            await reader.readexactly(int.from_bytes(head[20:24], "big"))  # the name
+            writer.write_eof()
+            return await reader.read()  # until the server closes its side too
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_half_close_ends_the_session_as_with_qemu(
+    make_guest: MakeGuest, gateways: list[Gateway]
+) -> None:
+    """A viewer that shuts down its sending side is gone for QEMU, which closes
+    the connection; the gateway does the same, and lets go of QEMU."""
+    guest = await make_guest(audio=False)
+    assert await half_close_after_server_init(str(guest.vnc_path)) == b""
+    config = GatewayConfig(
+        upstream=f"unix:{guest.vnc_path}", security=ServerSecurity(allow_none=True)
+    )
+    gateway = await start_gateway(gateways, config)
+    path = guest.workdir / "gw.sock"
+    await gateway.listen_unix(str(path))
+    assert await half_close_after_server_init(str(path)) == b""
+    async with asyncio.timeout(TIMEOUT):
+        # QEMU offers its client list, not an event: poll it.
+        while gateway.sessions or await query_vnc_clients(guest):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
 
 
 # ---------------------------------------------------------------------------
