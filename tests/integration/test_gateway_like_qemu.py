@@ -1,7 +1,8 @@
 """Below and around the RFB messages the gateway must behave like QEMU's VNC server.
 
-What a viewer can tell apart besides the messages themselves: TLS records (QEMU's
-gnutls server sends no session tickets; TigerVNC 1.12 hung on ours), how long the
+What a viewer can tell apart besides the messages themselves: TLS records and
+versions (QEMU's gnutls server sends no session tickets; TigerVNC 1.12 hung on
+ours; checked against QEMU itself with a hand-driven TLS client), how long the
 server waits (QEMU sets no handshake deadline, so a person may take their time
 over the password prompt), what a half-close means (the viewer has left), and
 socket options (QEMU turns Nagle off). Each test
@@ -19,9 +20,11 @@ import os
 import pty
 import shutil
 import socket
+import ssl
 import struct
 import subprocess
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +261,86 @@ async def test_tigervnc_over_tls(
             viewer.terminate()
         async with asyncio.timeout(TIMEOUT):
             await viewer.wait()
+
+
+# ---------------------------------------------------------------------------
+# TLS records and versions, side by side with QEMU's (gnutls)
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TlsSeen:
+    version: str | None  # None: the server refused the version
+    ticket: bool
+    first: bytes  # the first 4 bytes inside TLS (X509None: the SecurityResult)
+
+
+async def x509_none_tls(path: Path, version: ssl.TLSVersion, ca: Path) -> TlsSeen:
+    """Reach VeNCrypt X509None on the Unix socket `path` by hand, then do TLS at
+    exactly `version` and read the SecurityResult inside it."""
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await reader.readexactly(12)
+            writer.write(b"RFB 003.008\n")
+            count = (await reader.readexactly(1))[0]
+            assert 19 in await reader.readexactly(count)
+            writer.write(b"\x13")
+            assert await reader.readexactly(2) == b"\0\x02"
+            writer.write(b"\0\x02")
+            assert await reader.readexactly(2) == b"\0\x01"
+            assert await reader.readexactly(4) == (260).to_bytes(4, "big")  # X509None
+            writer.write((260).to_bytes(4, "big"))
+            assert await reader.readexactly(1) == b"\x01"
+            context = ssl.create_default_context(cafile=ca)
+            context.check_hostname = False  # a Unix socket has no name
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is
+                context.minimum_version = context.maximum_version = version
+            context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let OpenSSL try TLS 1.0/1.1
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing)
+            plain = b""
+            while len(plain) < 4:
+                try:
+                    tls.do_handshake()
+                    plain += tls.read(4 - len(plain))
+                except ssl.SSLWantReadError:
+                    writer.write(outgoing.read())
+                    data = await reader.read(65536)
+                    if not data:
+                        return TlsSeen(None, False, b"")
+                    incoming.write(data)
+                except ssl.SSLError:
+                    return TlsSeen(None, False, b"")
+            assert tls.session is not None
+            return TlsSeen(tls.version(), tls.session.has_ticket, plain)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_tls_like_qemu(make_guest: MakeGuest, gateways: list[Gateway], pki: Pki) -> None:
+    """No session tickets from either, in TLS 1.2 or 1.3. QEMU's gnutls also takes
+    TLS 1.0 and 1.1, the gateway does not: the one difference kept (no maintained
+    viewer needs them, and OpenSSL allows them only at security level 0)."""
+    guest = await make_guest(audio=False, tls_dir=pki.server_dir)
+    security = ServerSecurity(tls_context=server_context(pki.server_cert, pki.server_key))
+    gateway = await start_gateway(
+        gateways, GatewayConfig(upstream=f"unix:{guest.vnc_path}", security=security)
+    )
+    path = guest.workdir / "gw.sock"
+    await gateway.listen_unix(str(path))
+    ok = b"\0\0\0\0"
+    for version, name in ((ssl.TLSVersion.TLSv1_2, "TLSv1.2"), (ssl.TLSVersion.TLSv1_3, "TLSv1.3")):
+        for server in (guest.vnc_path, path):
+            assert await x509_none_tls(server, version, pki.ca_cert) == TlsSeen(name, False, ok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # naming TLS 1.1 is, too
+        old = ssl.TLSVersion.TLSv1_1
+    assert await x509_none_tls(guest.vnc_path, old, pki.ca_cert) == TlsSeen("TLSv1.1", False, ok)
+    assert (await x509_none_tls(path, old, pki.ca_cert)).version is None
 
 
 # ---------------------------------------------------------------------------
