@@ -23,7 +23,6 @@ import contextlib
 import grp
 import logging
 import signal
-import ssl
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from resourced.gateway.hub import DEFAULT_RING_SIZE
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
 from resourced.rfb.server import ServerSecurity
+from resourced.rfb.tls import server_context
 
 log = logging.getLogger("resourced.gateway")
 
@@ -89,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RING_SIZE,
         help=f"bytes of recent output kept per console (default {DEFAULT_RING_SIZE})",
     )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="S",
+        help="seconds a viewer has for the handshake steps it takes on its own (default 30)",
+    )
+    parser.add_argument(
+        "--auth-timeout",
+        type=_seconds,
+        metavar="S",
+        help="seconds to wait for a viewer's user to answer (the VNC password, a look at "
+        "the certificate); default: no limit, as QEMU",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -107,15 +121,7 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
             raise ConfigurationError("--tls-cert and --tls-key go together")
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(str(args.tls_cert), str(args.tls_key))
-            if args.tls_ca:
-                context.verify_mode = ssl.CERT_REQUIRED
-                context.load_verify_locations(cafile=str(args.tls_ca))
-        except (OSError, ssl.SSLError) as err:
-            raise ConfigurationError(f"cannot load TLS certificates: {err}") from err
+        context = server_context(args.tls_cert, args.tls_key, args.tls_ca)
     elif args.tls_ca:
         raise ConfigurationError("--tls-ca needs --tls-cert and --tls-key")
     password = _read_secret(args.password_file)
@@ -127,6 +133,16 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
             "give --tls-cert/--tls-key and/or --password-file, or --insecure"
         )
     return ServerSecurity(vnc_password=password, tls_context=context, allow_none=not secured)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} seconds is not a time limit")
+    return seconds
 
 
 def _octal_mode(text: str) -> int:
@@ -191,6 +207,8 @@ async def run(args: argparse.Namespace) -> None:
         security=server_security(args),
         consoles=consoles,
         history=args.history,
+        handshake_timeout=args.handshake_timeout,
+        auth_timeout=args.auth_timeout,
     )
     group = _group_id(args.socket_group)
     gateway = Gateway(config)

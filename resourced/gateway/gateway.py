@@ -40,7 +40,13 @@ class GatewayConfig:
     upstream_password: str | None = None
     consoles: list[ConsoleSpec] = field(default_factory=list)
     history: int = DEFAULT_RING_SIZE
+    #: Seconds a viewer has for the handshake steps it takes on its own (version,
+    #: security type, TLS handshake, ClientInit); also the limit for reaching QEMU.
     handshake_timeout: float = 30.0
+    #: Seconds the gateway waits for an answer that may need the viewer's user
+    #: (the VNC password after the challenge, a look at the certificate after
+    #: TLS). None: as long as it takes, as QEMU waits.
+    auth_timeout: float | None = None
     #: A viewer that has not read for this long with output queued is disconnected.
     slow_client_timeout: float = 30.0
     #: Bytes queued to one viewer before the gateway waits for it (then the timeout runs).

@@ -271,8 +271,13 @@ class Session(asyncio.BufferedProtocol):
         self.gateway.sessions.discard(self)
 
     async def _handshake(self) -> bool:
+        # Two clocks: `handshake_timeout` for what the viewer does on its own,
+        # then, once it may be asking its user (`awaiting_user`), `auth_timeout`
+        # (none by default: QEMU waits for a person as long as it takes).
+        loop = asyncio.get_running_loop()
+        for_user = False
         try:
-            async with asyncio.timeout(self.config.handshake_timeout):
+            async with asyncio.timeout(self.config.handshake_timeout) as deadline:
                 while True:
                     try:
                         while (event := self.server.next_event()) is not None:
@@ -285,11 +290,21 @@ class Session(asyncio.BufferedProtocol):
                         raise ResourcedError("closed during the handshake")
                     if self._viewer_eof:
                         raise ResourcedError("the viewer left during the handshake")
-                    self._input_waiter = asyncio.get_running_loop().create_future()
+                    if not for_user and self.server.awaiting_user:
+                        for_user = True
+                        limit = self.config.auth_timeout
+                        deadline.reschedule(None if limit is None else loop.time() + limit)
+                    self._input_waiter = loop.create_future()
                     await self._input_waiter
         except TimeoutError:
+            if for_user:
+                raise ResourcedError(
+                    f"the viewer's user did not answer within {self.config.auth_timeout:g} s "
+                    f"({self.server.state.value})"
+                ) from None
             raise ResourcedError(
-                f"handshake not finished within {self.config.handshake_timeout:g} s"
+                f"handshake not finished within {self.config.handshake_timeout:g} s "
+                f"({self.server.state.value})"
             ) from None
         finally:
             self._input_waiter = None

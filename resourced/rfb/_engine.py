@@ -24,6 +24,8 @@ class TlsSession(Protocol):
     """What the engine needs of a TLS layer (client or server side)."""
 
     handshake_done: bool
+    #: The peer sent its close_notify: no more data will come.
+    peer_closed: bool
 
     def receive(self, data: bytes) -> bytes: ...
 
@@ -59,6 +61,7 @@ class Engine(ABC):
         self._tls: TlsSession | None = None
         self._tls_starting = False  # a handler accepted TLS: start it after this message
         self._tls_eof_sent = False
+        self._tls_closed = False  # the peer's close_notify came: that is its EOF
         self._eof = False
         self._events: deque[Any] = deque()
         self._failed: Exception | None = None
@@ -75,6 +78,8 @@ class Engine(ABC):
         The bytes are copied: the caller may reuse its buffer (a transport's
         `recv_into` buffer) as soon as this returns.
         """
+        if self._tls_closed:
+            return  # after a close_notify TLS allows nothing: what comes is dropped
         if self._eof:
             if data:
                 raise LocalProtocolError("data received after EOF")
@@ -190,6 +195,10 @@ class Engine(ABC):
             self._raw_in.clear()
             if data:
                 self._add_plaintext(tls.receive(data))
+            if tls.peer_closed and not self._eof:
+                # A close_notify ends the stream as a transport EOF does (QEMU's
+                # gnutls reads it as the end, too).
+                self._tls_closed = self._eof = self._tls_eof_sent = True
             if self._eof and not self._tls_eof_sent:
                 self._tls_eof_sent = True
                 self._add_plaintext(tls.receive(b""))

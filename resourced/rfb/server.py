@@ -13,7 +13,8 @@ the byte plumbing shared with the client side is `resourced.rfb._engine`.
 It is not a VNC server: it keeps no framebuffer, encodes no pixels and never
 answers a client message on its own; the gateway forwards or answers them, and
 writes whole server messages with `send_raw()`. It does no I/O, keeps no clock
-(handshake timeouts and attempt limits are the caller's) and offers only what
+(handshake timeouts and attempt limits are the caller's; `awaiting_user` tells
+it when the viewer may be waiting for a person) and offers only what
 `ServerSecurity` allows (see `ServerSecurity.offered_types` for the policy).
 
 `SetDesktopSize` (251) and `XvpMessage` (250) are client messages QEMU accepts
@@ -57,7 +58,7 @@ from resourced.rfb.messages import CLIENT_PARSERS, QemuKeyEvent, SetEncodings, S
 from resourced.rfb.pixelformat import PixelFormat
 from resourced.rfb.qemu import parse_client_audio
 from resourced.rfb.security import VNC_AUTH_CHALLENGE_SIZE, vnc_auth_response
-from resourced.rfb.tls import read_available
+from resourced.rfb.tls import disable_session_tickets, read_available
 
 #: The version we announce; clients answer with the one they will speak.
 SERVER_VERSION = b"RFB 003.008\n"
@@ -203,7 +204,10 @@ class ServerSecurity:
       is set). VNC Authentication uses only the first 8 bytes of the password.
     - `tls_context`: a server-side context with certificate and key loaded; set
       its `verify_mode` (and CA) to require client certificates. Offers VeNCrypt
-      X509Vnc when a password is set, else X509None.
+      X509Vnc when a password is set, else X509None. Its session tickets are
+      turned off here (`tls.disable_session_tickets`): QEMU sends none, and a
+      viewer that works with QEMU may not cope with them (TigerVNC 1.12 does not).
+      `tls.server_context()` makes a suitable one.
     - `allow_none`: also let viewers in without any authentication.
 
     At least one must be set: a server that silently lets everyone in is a
@@ -226,6 +230,8 @@ class ServerSecurity:
             raise ConfigurationError(
                 "tls_context must be a server context (ssl.PROTOCOL_TLS_SERVER)"
             )
+        if ctx is not None:
+            disable_session_tickets(ctx)
 
     def offered_types(self) -> tuple[SecurityType, ...]:
         """The security types offered to 3.7+ clients, strongest first.
@@ -286,6 +292,8 @@ class _ServerTls:
         except (ssl.SSLError, ValueError) as err:
             raise TlsError(f"cannot start a TLS server session: {err}") from err
         self.handshake_done = False
+        #: The client sent its close_notify: it is leaving, as at a transport EOF.
+        self.peer_closed = False
 
     @property
     def version(self) -> str | None:
@@ -310,7 +318,9 @@ class _ServerTls:
             if not self.handshake_done:
                 return b""
         # Many viewers leave without close_notify: that is an end, not an error.
-        return read_available(self._obj, eof_ends_stream=True)
+        plaintext, closed = read_available(self._obj, eof_ends_stream=True)
+        self.peer_closed = self.peer_closed or closed
+        return plaintext
 
     def _handshake(self) -> None:
         try:
@@ -444,6 +454,21 @@ class ServerConnection(Engine):
     def peer_certificate(self) -> dict[str, Any] | None:
         """The client's verified certificate (as `SSLSocket.getpeercert()` gives it)."""
         return self._tls.peer_certificate if isinstance(self._tls, _ServerTls) else None
+
+    @property
+    def awaiting_user(self) -> bool:
+        """Whether the client's next answer may wait for a person.
+
+        True while the server waits for the VNC Authentication response (viewers
+        ask their user for the password once the challenge has arrived), and
+        for ClientInit after a VeNCrypt TLS handshake (a viewer may first ask
+        its user about the server's certificate, as TigerVNC does). A caller's
+        handshake deadline should not count this wait: QEMU sets none at all.
+        """
+        state = self.state
+        return state is State.VNC_AUTH_RESPONSE or (
+            state is State.CLIENT_INIT and self._tls is not None
+        )
 
     @property
     def buffered(self) -> int:

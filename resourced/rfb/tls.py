@@ -1,14 +1,17 @@
 """TLS for VeNCrypt: credentials, where to find them, and a sans-IO TLS layer.
 
 `TlsCredentials` says which CA, client certificate and CRL to use; `discover()`
-finds them where gtk-vnc (and so virt-viewer) looks, so existing set-ups work.
+finds them where gtk-vnc's users (virt-manager, virt-viewer) keep them.
 `TlsLayer` wraps `ssl.SSLObject` over memory BIOs: ciphertext in and out as bytes,
 no sockets, so the RFB core stays sans-IO. The server certificate is verified
-unless the caller turns verification off explicitly.
+unless the caller turns verification off explicitly. `server_context()` makes the
+server side's context (the gateway's), shaped like QEMU's TLS where a viewer could
+tell the difference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import ssl
@@ -17,18 +20,30 @@ from pathlib import Path
 
 from resourced.errors import ConfigurationError, TlsError
 
-#: The client name virt-viewer passes to gtk-vnc; it names the client-cert folder.
-DEFAULT_CLIENT_NAME = "libvirt-vnc"
+#: The client names gtk-vnc is given, whose folders hold a client certificate:
+#: virt-manager's (`libvirt-vnc`), then virt-viewer's and remote-viewer's (`libvirt`).
+CLIENT_NAMES = ("libvirt-vnc", "libvirt")
 
 
 def pki_dirs(home: Path | None = None) -> list[Path]:
-    """The folders gtk-vnc searches, in its order: system first, then the user's."""
-    if home is None:
-        try:
-            home = Path(pwd.getpwuid(os.getuid()).pw_dir)
-        except KeyError:
-            home = Path.home()
-    return [Path("/etc/pki"), home / ".pki"]
+    """The folders searched, in order: `/etc/pki`, then `~/.pki`.
+
+    `~` is `$HOME`, and also the home folder in the password database when that
+    differs (gtk-vnc looks only there). `home` replaces both.
+    """
+    homes: list[Path] = []
+    if home is not None:
+        homes.append(home)
+    else:
+        if os.environ.get("HOME"):
+            homes.append(Path(os.environ["HOME"]))
+        with contextlib.suppress(KeyError):  # a uid with no entry: $HOME alone
+            homes.append(Path(pwd.getpwuid(os.getuid()).pw_dir))
+    dirs = [Path("/etc/pki")]
+    for folder in homes:
+        if folder / ".pki" not in dirs:
+            dirs.append(folder / ".pki")
+    return dirs
 
 
 def _first_existing(dirs: list[Path], relative: str) -> Path | None:
@@ -59,24 +74,38 @@ class TlsCredentials:
     @classmethod
     def discover(
         cls,
-        client_name: str = DEFAULT_CLIENT_NAME,
+        client_names: tuple[str, ...] = CLIENT_NAMES,
         home: Path | None = None,
         dirs: list[Path] | None = None,
     ) -> TlsCredentials:
-        """Find credentials the way gtk-vnc does (`/etc/pki`, then `~/.pki`).
+        """Find credentials where gtk-vnc's users keep them (`pki_dirs()`: `/etc/pki`,
+        then `~/.pki`).
 
-        CA: `<dir>/CA/cacert.pem`; CRL: `<dir>/CA/cacrl.pem`; client certificate:
-        `<dir>/<client_name>/clientcert.pem` with its key in
-        `<dir>/<client_name>/private/clientkey.pem`. Each file is taken from the
-        first folder that has it. `dirs` replaces the folders searched.
+        CA: `<dir>/CA/cacert.pem`; CRL: `<dir>/CA/cacrl.pem`; each from the first
+        folder that has it. Client certificate: `<dir>/<name>/clientcert.pem` for
+        each folder, each of `client_names` in turn (virt-manager's `libvirt-vnc`,
+        then virt-viewer's `libvirt`); its key is `private/clientkey.pem` beside
+        it, never from another folder. `dirs` replaces the folders searched.
         """
         if dirs is None:
             dirs = pki_dirs(home)
+        client_cert = client_key = None
+        for directory in dirs:
+            for name in client_names:
+                cert = directory / name / "clientcert.pem"
+                if cert.exists():
+                    client_cert = cert
+                    key = directory / name / "private" / "clientkey.pem"
+                    # A certificate without its key is reported when the context is made.
+                    client_key = key if key.exists() else None
+                    break
+            if client_cert is not None:
+                break
         return cls(
             ca_file=_first_existing(dirs, "CA/cacert.pem"),
             crl_file=_first_existing(dirs, "CA/cacrl.pem"),
-            client_cert=_first_existing(dirs, f"{client_name}/clientcert.pem"),
-            client_key=_first_existing(dirs, f"{client_name}/private/clientkey.pem"),
+            client_cert=client_cert,
+            client_key=client_key,
         )
 
     def with_server_name(self, name: str | None) -> TlsCredentials:
@@ -119,6 +148,40 @@ class TlsCredentials:
         return ctx
 
 
+def disable_session_tickets(context: ssl.SSLContext) -> None:
+    """Make a server context issue no session tickets, as QEMU's VNC server issues none.
+
+    A VNC session is never resumed, so a ticket is only bytes the viewer must
+    cope with; and TLS 1.3 sends them after the handshake, in the same burst as
+    the first VNC bytes inside TLS, which TigerVNC 1.12 mishandles (it waits for
+    the VNC challenge forever). `num_tickets = 0` stops TLS 1.3's;
+    `OP_NO_TICKET` stops TLS 1.2's (on its own it only makes OpenSSL's TLS 1.3
+    tickets stateful, still sent).
+    """
+    context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
+
+
+def server_context(cert_file: Path, key_file: Path, ca_file: Path | None = None) -> ssl.SSLContext:
+    """A TLS server context for VeNCrypt X509*: our certificate, and with `ca_file`
+    a required client certificate that chains to it.
+
+    TLS 1.2 and 1.3 only (QEMU's gnutls default would also take 1.0 and 1.1, which
+    no maintained viewer needs), no session tickets (`disable_session_tickets`).
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    disable_session_tickets(context)
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file))
+        if ca_file is not None:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigurationError(f"cannot load TLS certificates: {err}") from err
+    return context
+
+
 def anonymous_context() -> ssl.SSLContext:
     """A context for VeNCrypt's anonymous Diffie-Hellman subtypes (TLSNone/Vnc/Plain).
 
@@ -137,18 +200,23 @@ def anonymous_context() -> ssl.SSLContext:
     return ctx
 
 
-def read_available(obj: ssl.SSLObject, *, eof_ends_stream: bool) -> bytes:
-    """All plaintext an SSLObject can give now (both sides of VeNCrypt use it).
+def read_available(obj: ssl.SSLObject, *, eof_ends_stream: bool) -> tuple[bytes, bool]:
+    """All plaintext an SSLObject can give now, and whether the peer has sent its
+    close_notify (both sides of VeNCrypt use it).
 
     `eof_ends_stream`: treat a transport EOF without close_notify as the end of
     the stream rather than an error (RFB messages are self-delimiting, so a cut
     inside a message is still caught above).
     """
     chunks = []
+    closed = False
     while True:
         try:
             chunk = obj.read(65536)
-        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+        except ssl.SSLWantReadError:
+            break
+        except ssl.SSLZeroReturnError:
+            closed = True
             break
         except ssl.SSLEOFError as err:
             if eof_ends_stream:
@@ -157,9 +225,10 @@ def read_available(obj: ssl.SSLObject, *, eof_ends_stream: bool) -> bytes:
         except ssl.SSLError as err:
             raise TlsError(f"TLS error: {err.reason or err}") from err
         if not chunk:
+            closed = True
             break
         chunks.append(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks), closed
 
 
 class TlsLayer:
@@ -177,6 +246,8 @@ class TlsLayer:
             self._incoming, self._outgoing, server_side=False, server_hostname=server_name
         )
         self.handshake_done = False
+        #: The server sent its close_notify: the stream has ended.
+        self.peer_closed = False
         self._pending_plaintext = bytearray()
         self._eof = False
         self._step()
@@ -221,7 +292,9 @@ class TlsLayer:
             if self._eof:
                 raise TlsError("the server closed the connection during the TLS handshake")
             return b""
-        return read_available(self._obj, eof_ends_stream=False)
+        plaintext, closed = read_available(self._obj, eof_ends_stream=False)
+        self.peer_closed = self.peer_closed or closed
+        return plaintext
 
     def send(self, plaintext: bytes) -> None:
         if not self.handshake_done:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import sys
 import time
@@ -386,6 +387,56 @@ async def test_probe_command_reports_errors_cleanly(make_guest: MakeGuest) -> No
         _, err = await process.communicate()
     assert process.returncode == 1
     assert b"requires a VNC password" in err
+    assert b"Traceback" not in err
+
+
+async def test_probe_finds_virt_viewer_certificates_in_home(
+    make_guest: MakeGuest, pki: Pki, tmp_path: Path
+) -> None:
+    """The probe, run with a HOME laid out as remote-viewer users have it (CA in
+    ~/.pki/CA/, client certificate and key in ~/.pki/libvirt/), finds them by
+    itself and passes a QEMU that requires a client certificate."""
+    home = tmp_path / "home"
+    (home / ".pki/CA").mkdir(parents=True)
+    (home / ".pki/libvirt/private").mkdir(parents=True)
+    (home / ".pki/CA/cacert.pem").write_bytes(pki.ca_cert.read_bytes())
+    (home / ".pki/libvirt/clientcert.pem").write_bytes(pki.client_cert.read_bytes())
+    (home / ".pki/libvirt/private/clientkey.pem").write_bytes(pki.client_key.read_bytes())
+    guest = await make_guest(tls_dir=pki.server_dir, tls_verify_client=True, audio=False)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.rfb",
+        "probe",
+        vnc_address(guest),
+        "--tls",
+        "require",
+        "--json",
+        env={**os.environ, "HOME": str(home)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(EVENT_TIMEOUT + 30):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    assert json.loads(out)["security"] == "VENCRYPT/X509_NONE"
+    # Without the client certificate QEMU refuses: it was the one from HOME.
+    (home / ".pki/libvirt/clientcert.pem").unlink()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.rfb",
+        "probe",
+        vnc_address(guest),
+        "--tls",
+        "require",
+        env={**os.environ, "HOME": str(home)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(EVENT_TIMEOUT + 30):
+        _, err = await process.communicate()
+    assert process.returncode == 1, err.decode()
     assert b"Traceback" not in err
 
 

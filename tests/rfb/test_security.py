@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resourced.errors import AuthenticationFailed, SecurityNegotiationFailed
+from resourced.errors import AuthenticationFailed, ConfigurationError, SecurityNegotiationFailed
 from resourced.rfb.constants import SecurityType, VeNCryptSubtype
 from resourced.rfb.security import (
     VENCRYPT_SUBTYPES,
@@ -295,6 +297,46 @@ def test_vnc_auth_depends_on_the_nul_padded_first_8_bytes(
     assert vnc_auth_response(padded + tail, challenge) == response
 
 
+def test_discover_finds_virt_viewer_and_virt_manager_folders(tmp_path: Path) -> None:
+    """remote-viewer's `libvirt` folder is found as well as virt-manager's
+    `libvirt-vnc`, which comes first in the same folder; system before user; the
+    key always from beside its certificate."""
+    system, user = tmp_path / "etc-pki", tmp_path / "home/.pki"
+    (user / "libvirt/private").mkdir(parents=True)
+    (user / "libvirt/clientcert.pem").write_text("cert")
+    (user / "libvirt/private/clientkey.pem").write_text("key")
+    found = TlsCredentials.discover(dirs=[system, user])
+    assert found.client_cert == user / "libvirt/clientcert.pem"
+    assert found.client_key == user / "libvirt/private/clientkey.pem"
+
+    (user / "libvirt-vnc/private").mkdir(parents=True)
+    (user / "libvirt-vnc/clientcert.pem").write_text("cert")
+    (user / "libvirt-vnc/private/clientkey.pem").write_text("key")
+    assert TlsCredentials.discover(dirs=[system, user]).client_cert == (
+        user / "libvirt-vnc/clientcert.pem"
+    )
+
+    # A system certificate wins, and its missing key is not taken from elsewhere.
+    (system / "libvirt").mkdir(parents=True)
+    (system / "libvirt/clientcert.pem").write_text("cert")
+    found = TlsCredentials.discover(dirs=[system, user])
+    assert found.client_cert == system / "libvirt/clientcert.pem"
+    assert found.client_key is None
+    with pytest.raises(ConfigurationError, match="needs its key"):
+        found.make_context()
+
+
+def test_pki_dirs_follow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$HOME's .pki is searched, and the password database's home too (gtk-vnc's)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    passwd_home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    dirs = pki_dirs()
+    assert dirs[:2] == [Path("/etc/pki"), tmp_path / ".pki"]
+    assert dirs[-1] == passwd_home / ".pki"
+    monkeypatch.setenv("HOME", str(passwd_home))
+    assert pki_dirs() == [Path("/etc/pki"), passwd_home / ".pki"]
+
+
 def test_discover_follows_gtk_vnc_order(tmp_path: Path) -> None:
     """System folder first, then the user's; each file from the first that has it."""
     system, user = tmp_path / "etc-pki", tmp_path / "home/.pki"
@@ -311,5 +353,5 @@ def test_discover_follows_gtk_vnc_order(tmp_path: Path) -> None:
     assert found.client_cert == user / "libvirt-vnc/clientcert.pem"
     assert found.client_key == user / "libvirt-vnc/private/clientkey.pem"
     assert pki_dirs(tmp_path / "home") == [Path("/etc/pki"), tmp_path / "home/.pki"]
-    other = TlsCredentials.discover("my-client", dirs=[system, user])
+    other = TlsCredentials.discover(("my-client",), dirs=[system, user])
     assert other.client_cert is None

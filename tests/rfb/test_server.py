@@ -11,7 +11,9 @@ SetDesktopSize / xvp dataclasses round-trip.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ from resourced.errors import (
     SecurityNegotiationFailed,
     TlsError,
 )
+from resourced.rfb import tls
 from resourced.rfb._buffer import Reader
 from resourced.rfb.connection import CORE_PSEUDO_ENCODINGS, DEFAULT_ENCODINGS, ClientConnection
 from resourced.rfb.connection import State as ClientState
@@ -671,6 +674,147 @@ def test_client_hello_in_the_same_piece_as_the_subtype(pki: Pki) -> None:
     incoming.write(server.data_to_send())
     assert session.read() == wire.security_result_ok()
     assert server.state is State.CLIENT_INIT
+
+
+def _ticket_seen(
+    exchange: Callable[[bytes], bytes], pki: Pki, version: ssl.TLSVersion
+) -> tuple[bool, bytes]:
+    """Run a TLS client (at most `version`) until 16 plaintext bytes arrive after
+    the handshake; return whether it holds a session ticket, and those bytes.
+
+    `exchange` takes the client's ciphertext and returns the server's answer.
+    """
+    tls = ssl.create_default_context(cafile=pki.ca_cert)
+    tls.maximum_version = version
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    plaintext = b""
+    for _ in range(16):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            client.do_handshake()
+            # Reading also takes in whatever else came: TLS 1.3's tickets.
+            plaintext += client.read(16 - len(plaintext))
+        if len(plaintext) == 16:
+            break
+        incoming.write(exchange(outgoing.read()))
+    assert client.session is not None
+    return client.session.has_ticket, plaintext
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["TLSv1.2", "TLSv1.3"]
+)
+def test_no_session_tickets(pki: Pki, version: ssl.TLSVersion) -> None:
+    """Like QEMU's, our TLS sends no session tickets: a VNC session is never
+    resumed, and TigerVNC 1.12 hangs when TLS 1.3's arrive with the challenge."""
+    # Any server context given is fixed, not only one from tls.server_context().
+    security = ServerSecurity(vnc_password=PASSWORD, tls_context=server_context(pki))
+    server = ServerConnection(security, random_bytes=fixed_challenge)
+    feed(server, b"RFB 003.008\n\x13" + wire.vencrypt_version(0, 2))
+    feed(server, wire.u32(VeNCryptSubtype.X509_VNC))
+    server.data_to_send()
+    assert server.state is State.TLS_HANDSHAKE
+
+    def exchange(data: bytes) -> bytes:
+        feed(server, data)
+        return server.data_to_send()
+
+    has_ticket, first = _ticket_seen(exchange, pki, version)
+    assert first == CHALLENGE
+    assert not has_ticket
+    assert server.tls_version == {ssl.TLSVersion.TLSv1_2: "TLSv1.2"}.get(version, "TLSv1.3")
+
+    # The control: Python's defaults do send one, so the check above can fail.
+    bare_in, bare_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    bare = server_context(pki).wrap_bio(bare_in, bare_out, server_side=True)
+
+    def bare_exchange(data: bytes) -> bytes:
+        bare_in.write(data)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            bare.do_handshake()
+            bare.write(CHALLENGE)
+        return bare_out.read()
+
+    assert _ticket_seen(bare_exchange, pki, version) == (True, CHALLENGE)
+
+
+def test_awaiting_user_marks_the_waits_a_person_may_cause(pki: Pki) -> None:
+    """Only the VNC response, and ClientInit after TLS, may wait for a person."""
+    server = ServerConnection(ServerSecurity(vnc_password=PASSWORD), random_bytes=fixed_challenge)
+    assert not server.awaiting_user
+    feed(server, b"RFB 003.008\n")
+    assert not server.awaiting_user
+    feed(server, b"\x02")
+    assert server.state is State.VNC_AUTH_RESPONSE
+    assert server.awaiting_user
+    feed(server, RESPONSE)
+    assert server.state is State.CLIENT_INIT
+    assert not server.awaiting_user
+
+    plain = ServerConnection(ServerSecurity(allow_none=True))
+    feed(plain, b"RFB 003.008\n\x01")
+    assert plain.state is State.CLIENT_INIT
+    assert not plain.awaiting_user
+
+    x509 = ServerConnection(ServerSecurity(tls_context=server_context(pki)))
+    client = ClientConnection(tls=client_tls(pki))
+    states = []
+    for _ in range(16):
+        states.append((x509.state, x509.awaiting_user))
+        client.receive_data(x509.data_to_send())
+        list(client.events())
+        if x509.state is State.CLIENT_INIT:
+            break
+        feed(x509, client.data_to_send())
+    assert (State.TLS_HANDSHAKE, False) in states
+    assert states[-1] == (State.CLIENT_INIT, True)  # TigerVNC may ask about the certificate
+
+
+def test_server_context_from_files(pki: Pki, tmp_path: Path) -> None:
+    context = tls.server_context(pki.server_cert, pki.server_key, pki.ca_cert)
+    assert context.num_tickets == 0
+    assert context.options & ssl.OP_NO_TICKET
+    assert context.verify_mode is ssl.CERT_REQUIRED
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_2
+    assert tls.server_context(pki.server_cert, pki.server_key).verify_mode is ssl.CERT_NONE
+    with pytest.raises(ConfigurationError, match="cannot load TLS certificates"):
+        tls.server_context(tmp_path / "missing.pem", pki.server_key)
+
+
+def test_close_notify_is_the_viewers_eof(pki: Pki) -> None:
+    """A viewer's close_notify ends the session at once, as QEMU (gnutls reads it
+    as the end of the stream) would; TLS allows nothing after it, so whatever
+    still arrives is dropped, not an error."""
+    server = ServerConnection(ServerSecurity(tls_context=server_context(pki)))
+    feed(server, b"RFB 003.008\n\x13" + wire.vencrypt_version(0, 2))
+    feed(server, wire.u32(VeNCryptSubtype.X509_NONE))
+    server.data_to_send()
+    tls = ssl.create_default_context(cafile=pki.ca_cert)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    session = tls.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    for _ in range(8):
+        with contextlib.suppress(ssl.SSLWantReadError):
+            session.do_handshake()
+            break
+        feed(server, outgoing.read())
+        incoming.write(server.data_to_send())
+    session.write(b"\x01")  # ClientInit, shared
+    assert feed(server, outgoing.read()) == [ClientInitReceived(True)]
+    server.send_server_init(WIDTH, HEIGHT, RGBX8888, NAME)
+    incoming.write(server.data_to_send())
+    received = b""
+    with contextlib.suppress(ssl.SSLWantReadError):
+        while True:
+            received += session.read()
+    assert received == wire.security_result_ok() + server_init_bytes()
+    with pytest.raises(ssl.SSLWantReadError):
+        session.unwrap()  # our close_notify is out; it would wait for the server's
+    key = KeyEvent(True, 0x61).serialize()
+    assert feed(server, outgoing.read()) == [ClientClosed()]
+    assert server.state is State.CLOSED
+    server.receive_data(b"\x17\x03\x03\x00\x05" + key)  # late bytes, then the EOF
+    server.receive_data(b"")
+    assert server.next_event() is None
 
 
 def test_pending_input_counts_what_is_not_parsed_yet() -> None:
