@@ -15,7 +15,6 @@ on still encoded.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -70,6 +69,7 @@ from resourced.rfb.security import (
     vnc_auth_response,
 )
 from resourced.rfb.tls import TlsCredentials, TlsLayer, anonymous_context
+from resourced.rfb.version import VERSION_LENGTH, common_minor, parse_version, version_bytes
 
 #: Pixel encodings we advertise by default, best first. We frame them all.
 DEFAULT_ENCODINGS: tuple[int, ...] = (
@@ -87,8 +87,6 @@ CORE_PSEUDO_ENCODINGS: tuple[int, ...] = (
     Encoding.LAST_RECT,
     Encoding.CURSOR,
 )
-
-_VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 
 
 class Message(Protocol):
@@ -260,17 +258,17 @@ class ClientConnection(Engine):
     # --- handshake -------------------------------------------------------------
 
     def _on_version(self, r: Reader) -> list[Any]:
-        greeting = r.take(12)
-        match = _VERSION_RE.fullmatch(greeting)
-        if match is None:
+        greeting = r.take(VERSION_LENGTH)
+        version = parse_version(greeting)
+        if version is None:
             raise RemoteProtocolError(f"not an RFB server: greeting {greeting!r}")
-        major, minor = int(match[1]), int(match[2])
-        if major != 3:
-            raise RemoteProtocolError(f"unsupported RFB major version {major}")
-        # 3.5 (and any other odd minor) was never a real version: speak 3.3.
-        ours = 8 if minor >= 8 else (7 if minor == 7 else 3)
+        ours = common_minor(*version)
+        if ours is None:
+            raise RemoteProtocolError(
+                f"the server speaks RFB {version[0]}.{version[1]}, older than 3.3"
+            )
         self.version = (3, ours)
-        self._write(b"RFB 003.%03d\n" % ours)
+        self._write(version_bytes(ours))
         self.state = State.SECURITY_TYPE_33 if ours == 3 else State.SECURITY_TYPES
         return []
 

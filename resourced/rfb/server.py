@@ -26,7 +26,6 @@ import contextlib
 import enum
 import hmac
 import os
-import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -58,9 +57,10 @@ from resourced.rfb.pixelformat import PixelFormat
 from resourced.rfb.qemu import parse_client_audio
 from resourced.rfb.security import VNC_AUTH_CHALLENGE_SIZE, vnc_auth_response
 from resourced.rfb.tls import read_available
+from resourced.rfb.version import VERSION_LENGTH, common_minor, parse_version, version_bytes
 
 #: The version we announce; clients answer with the one they will speak.
-SERVER_VERSION = b"RFB 003.008\n"
+SERVER_VERSION = version_bytes(8)
 
 #: The reason a 3.8 client is given when its credentials are refused (QEMU's words).
 AUTH_FAILED_REASON = "Authentication failed"
@@ -74,7 +74,6 @@ XVP_SHUTDOWN = 2
 XVP_REBOOT = 3
 XVP_RESET = 4
 
-_VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _NO_PARSERS: Mapping[int, Callable[[Reader], Any]] = MappingProxyType({})
 
 
@@ -509,13 +508,17 @@ class ServerConnection(Engine):
     # --- handshake -------------------------------------------------------------
 
     def _on_version(self, r: Reader) -> list[Any]:
-        reply = r.take(12)
-        match = _VERSION_RE.fullmatch(reply)
-        if match is None:
+        reply = r.take(VERSION_LENGTH)
+        version = parse_version(reply)
+        if version is None:
             raise RemoteProtocolError(f"not an RFB client: version {reply!r}")
-        major, minor = int(match[1]), int(match[2])
-        # rfbproto 7.1.1: 3.5 (and any other odd version) is to be taken as 3.3.
-        ours = minor if major == 3 and minor in (7, 8) else 3
+        # A client may not answer above our 3.8 (rfbproto 7.1.1); one that does
+        # still speaks 3.8, as QEMU and libvncserver take it.
+        ours = common_minor(*version)
+        if ours is None:
+            raise RemoteProtocolError(
+                f"the client speaks RFB {version[0]}.{version[1]}, older than 3.3"
+            )
         self._version = (3, ours)
         if ours == 3:
             self._offer_33()

@@ -149,6 +149,12 @@ def run_both(make: Callable[[], ClientConnection], data: bytes, eof: bool = Fals
         (b"3.6", b"RFB 003.003\n", "3.3"),
         (b"3.889", b"RFB 003.008\n", "3.8"),  # Apple Remote Desktop
         (b"3.9", b"RFB 003.008\n", "3.8"),
+        # Newer servers speak 3.8 to a client that answers 3.8 (issue #9).
+        (b"4.0", b"RFB 003.008\n", "3.8"),  # RealVNC 4.x, Intel AMT
+        (b"4.1", b"RFB 003.008\n", "3.8"),  # RealVNC 4.6
+        (b"5.0", b"RFB 003.008\n", "3.8"),  # RealVNC 5 and later
+        (b"999.999", b"RFB 003.008\n", "3.8"),
+        (b"3.4", b"RFB 003.003\n", "3.3"),  # UltraVNC
     ],
 )
 def test_version_and_security_none(server: bytes, reply: bytes, spoken: str) -> None:
@@ -193,8 +199,9 @@ def test_greeting_answered_before_anything_else() -> None:
         (b"RFB 003.008\r", "not an RFB server"),
         (b"RFB 3.8\n\0\0\0\0\0", "not an RFB server"),
         (b"SSH-2.0-Open", "not an RFB server"),
-        (b"RFB 004.001\n", "unsupported RFB major version 4"),
-        (b"RFB 002.002\n", "unsupported RFB major version 2"),
+        (b"RFB 002.002\n", "RFB 2.2, older than 3.3"),
+        (b"RFB 003.002\n", "RFB 3.2, older than 3.3"),
+        (b"RFB 000.000\n", "RFB 0.0, older than 3.3"),  # an UltraVNC repeater
     ],
 )
 def test_bad_greeting(greeting: bytes, match: str) -> None:

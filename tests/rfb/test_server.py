@@ -412,6 +412,32 @@ def test_odd_versions_speak_33(reply: bytes) -> None:
 
 
 @pytest.mark.parametrize(
+    "reply", [b"RFB 003.009\n", b"RFB 003.889\n", b"RFB 004.001\n", b"RFB 005.000\n"]
+)
+def test_versions_above_ours_speak_38(reply: bytes) -> None:
+    """A client may not answer above our 3.8; one that does is taken at 3.8, the
+    highest version both know, not demoted to 3.3 (issue #9)."""
+    server = ServerConnection(ServerSecurity(allow_none=True))
+    server.data_to_send()
+    assert feed(server, reply) == []
+    assert server.version == (3, 8)
+    assert server.data_to_send() == wire.security_types(1)
+    assert feed(server, b"\x01") == []
+    assert server.data_to_send() == wire.security_result_ok()
+    assert feed(server, b"\x01") == [ClientInitReceived(True)]
+
+
+@pytest.mark.parametrize("reply", [b"RFB 002.000\n", b"RFB 003.002\n", b"RFB 000.000\n"])
+def test_versions_below_33_are_refused(reply: bytes) -> None:
+    server = ServerConnection(ServerSecurity(allow_none=True))
+    server.data_to_send()
+    with pytest.raises(RemoteProtocolError, match=r"older than 3\.3") as failed:
+        feed(server, reply)
+    assert_stays_failed(server, failed.value)
+    assert server.data_to_send() == b""
+
+
+@pytest.mark.parametrize(
     "reply", [b"GET / HTTP/1.", b"RFB 003.00x\n", b"RFB 003.008\r", b"SSH-2.0-Open", bytes(12)]
 )
 def test_garbage_version(reply: bytes) -> None:
