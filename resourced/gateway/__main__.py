@@ -27,6 +27,7 @@ import ssl
 import sys
 from pathlib import Path
 
+from resourced.cli import failing_as, read_password_file, run_command
 from resourced.consoles import ConsoleSpec, parse_console_option
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
@@ -94,12 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_secret(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text().rstrip("\r\n")
-    except OSError as err:
-        raise ConfigurationError(f"cannot read {path}: {err.strerror}") from err
+    return None if path is None else read_password_file(path)
 
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:
@@ -109,13 +105,12 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
             raise ConfigurationError("--tls-cert and --tls-key go together")
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
+        with failing_as(f"cannot load the TLS certificate {args.tls_cert} with key {args.tls_key}"):
             context.load_cert_chain(str(args.tls_cert), str(args.tls_key))
-            if args.tls_ca:
-                context.verify_mode = ssl.CERT_REQUIRED
+        if args.tls_ca:
+            context.verify_mode = ssl.CERT_REQUIRED
+            with failing_as(f"cannot load the CA certificate {args.tls_ca}"):
                 context.load_verify_locations(cafile=str(args.tls_ca))
-        except (OSError, ssl.SSLError) as err:
-            raise ConfigurationError(f"cannot load TLS certificates: {err}") from err
     elif args.tls_ca:
         raise ConfigurationError("--tls-ca needs --tls-cert and --tls-key")
     password = _read_secret(args.password_file)
@@ -206,14 +201,16 @@ async def run(args: argparse.Namespace) -> None:
     try:
         for address in args.listen:
             if address.startswith("unix:"):
-                await gateway.listen_unix(address[5:], mode=args.socket_mode, group=group)
+                with failing_as(f"cannot listen on {address}"):
+                    await gateway.listen_unix(address[5:], mode=args.socket_mode, group=group)
             else:
                 host, _, port = address.rpartition(":")
                 if not host or not port.isdigit():
                     raise ConfigurationError(
                         f"--listen wants unix:PATH or HOST:PORT, not {address}"
                     )
-                await gateway.listen_tcp(host.strip("[]"), int(port))
+                with failing_as(f"cannot listen on {address}"):
+                    await gateway.listen_tcp(host.strip("[]"), int(port))
         names = ", ".join(f"{s.name} ({s.endpoint})" for s in consoles) or "none"
         log.info("gateway: fronting %s; consoles: %s", upstream, names)
         stop = asyncio.Event()
@@ -262,14 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    try:
+
+    def body() -> int:
         asyncio.run(run(args))
-    except ResourcedError as err:
-        print(f"resourced-gateway: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        return 0
+
+    return run_command("resourced-gateway", body)
 
 
 if __name__ == "__main__":
