@@ -23,6 +23,7 @@ from resourced.errors import ConfigurationError, ResourcedError
 from resourced.rfb.aio import connect
 from resourced.rfb.qemu import AudioData, AudioEnd, AudioSupported, QemuAudio
 from resourced.rfb.security import TlsMode
+from resourced.rfb.text import printable
 from resourced.rfb.tls import TlsCredentials
 from resourced.sinks.wav import WavFileSink
 
@@ -164,7 +165,7 @@ async def _record(
 
 def _print_report(report: dict[str, Any]) -> None:
     security = report["security"] + (f" ({report['tls']})" if report["tls"] else "")
-    print(f"server:    {report['name']}")
+    print(f"server:    {printable(report['name'])}")
     print(f"address:   {report['address']}")
     print(f"protocol:  RFB {report['protocol']}")
     print(f"security:  {security}")

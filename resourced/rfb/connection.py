@@ -68,6 +68,7 @@ from resourced.rfb.security import (
     choose_vencrypt_subtype,
     vnc_auth_response,
 )
+from resourced.rfb.text import credential_bytes, decode_text, printable
 from resourced.rfb.tls import TlsCredentials, TlsLayer, anonymous_context
 from resourced.rfb.version import VERSION_LENGTH, common_minor, parse_version, version_bytes
 
@@ -253,7 +254,7 @@ class ClientConnection(Engine):
         length = r.u32()
         if length > MAX_REASON_LENGTH:
             raise RemoteProtocolError(f"failure reason of {length} bytes exceeds the limit")
-        return r.take(length).decode("utf-8", errors="replace")
+        return printable(decode_text(r.take(length)))
 
     # --- handshake -------------------------------------------------------------
 
@@ -401,8 +402,8 @@ class ClientConnection(Engine):
         elif inner is Inner.VNC:
             self.state = State.VNC_AUTH_CHALLENGE
         elif inner is Inner.PLAIN:
-            user = (self._credentials.username or "").encode()
-            password = (self._credentials.password or "").encode()
+            user = credential_bytes(self._credentials.username or "")
+            password = credential_bytes(self._credentials.password or "")
             self._write(u32(len(user)) + u32(len(password)) + user + password)
             self.state = State.SECURITY_RESULT
         else:  # pragma: no cover - SASL is never chosen
@@ -434,7 +435,7 @@ class ClientConnection(Engine):
         name_length = r.u32()
         if name_length > MAX_SERVER_NAME_LENGTH:
             raise RemoteProtocolError(f"desktop name of {name_length} bytes exceeds the limit")
-        name = r.take(name_length).decode("utf-8", errors="replace")
+        name = decode_text(r.take(name_length))
         _check_size(width, height)
         self.width, self.height, self.pixel_format, self.name = width, height, pixel_format, name
         self.state = State.CONNECTED

@@ -501,7 +501,7 @@ class ServerConnection(Engine):
         """SecurityResult failed; 3.8 alone carries a reason (rfbproto 7.1.3)."""
         data = u32(SecurityResult.FAILED)
         if self._version == (3, 8):
-            encoded = reason.encode()
+            encoded = reason.encode("utf-8")
             data += u32(len(encoded)) + encoded
         self._write(data)
 

@@ -1,0 +1,183 @@
+"""Text on the wire as the peers make it: non-ASCII passwords, names and reasons.
+
+Issue #9: a VNC password outside ASCII must key DES with the password's UTF-8
+bytes, as QEMU and gtk-vnc do, on both sides of the gateway; a desktop name
+comes through as the server wrote it; a server's failure reason is shown without
+the NUL QEMU ends it with. The peers are real: QEMU 7.2 (password set over QMP),
+gtk-vnc's gvnccapture, and our commands run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import termios
+from pathlib import Path
+
+from resourced.demo.qemu import QemuGuest
+from tests.integration.conftest import MakeGuest
+from tests.integration.test_gateway import free_port
+
+TIMEOUT = 60.0
+#: 8 bytes of UTF-8 (p, ä, s, s, w, ö): all of it keys DES, nothing cut.
+PASSWORD = "pässwö"
+
+
+async def run_probe(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.rfb",
+        "probe",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        # The password file is UTF-8 whatever the locale says.
+        env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+    )
+    async with asyncio.timeout(TIMEOUT):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def gvnccapture(port: int, out: Path, password: str) -> tuple[int, str]:
+    """gtk-vnc's gvnccapture, typing `password` at its prompt as a person would.
+
+    It prints "Password: ", turns the terminal's echo off (discarding what was
+    typed before) and reads a line: so the password is typed on a pseudo-terminal
+    once echo is off.
+    """
+    master, slave = os.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "gvnccapture",
+            f"127.0.0.1:{port - 5900}",
+            str(out),
+            stdin=slave,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        os.close(slave)
+        slave = -1
+        assert process.stdout is not None
+        output = b""
+        async with asyncio.timeout(TIMEOUT):
+            while b"Password: " not in output:
+                chunk = await process.stdout.read(4096)
+                assert chunk, f"gvnccapture asked for no password: {output!r}"
+                output += chunk
+            # A terminal's mode changes without an event: poll it.
+            while termios.tcgetattr(master)[3] & termios.ECHO:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            os.write(master, password.encode() + b"\n")
+            output += await process.stdout.read()
+            await process.wait()
+    finally:
+        os.close(master)
+        if slave != -1:
+            os.close(slave)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def password_guest(make_guest: MakeGuest, **overrides: object) -> QemuGuest:
+    guest = await make_guest(vnc_password=True, **overrides)
+    await guest.set_vnc_password(PASSWORD)  # QMP change-vnc-password: JSON, so UTF-8
+    return guest
+
+
+async def test_probe_password_file_against_qemu(make_guest: MakeGuest, guest_dir: Path) -> None:
+    guest = await password_guest(make_guest)
+    secret = guest_dir / "password"
+    secret.write_bytes(PASSWORD.encode() + b"\n")  # as `echo pässwö > F` leaves it
+    code, out, err = await run_probe(f"unix:{guest.vnc_path}", "--password-file", str(secret))
+    assert code == 0, err
+    assert "security:  VNC_AUTH" in out
+
+    # Wrong: QEMU's reason, without the NUL it counts in its length.
+    secret.write_bytes("pässwo".encode())
+    code, out, err = await run_probe(f"unix:{guest.vnc_path}", "--password-file", str(secret))
+    assert code == 1
+    assert err.splitlines() == [
+        "resourced probe: the server rejected our credentials (VNC_AUTH): Authentication failed"
+    ]
+
+
+async def test_gvnccapture_takes_the_same_password_from_qemu(
+    make_guest: MakeGuest, tmp_path: Path
+) -> None:
+    """The peers' convention itself: gtk-vnc types the password's UTF-8 to QEMU."""
+    port = free_port()
+    await password_guest(make_guest, vnc_tcp_port=port)
+    code, output = await gvnccapture(port, tmp_path / "direct.png", PASSWORD)
+    assert code == 0, output
+    assert "Connected to" in output
+
+
+async def test_gateway_with_non_ascii_passwords_on_both_sides(
+    make_guest: MakeGuest, guest_dir: Path, tmp_path: Path
+) -> None:
+    """The gateway command: QEMU's password from --vnc-password-file, the viewers'
+    from --password-file, both non-ASCII; gvnccapture gets through with it, our
+    probe too, and a password one character off is refused."""
+    guest = await password_guest(make_guest)
+    # 12 bytes of UTF-8: the key is the first 8, which end inside 日, as QEMU and
+    # gtk-vnc cut it.
+    viewers_password = "clé→日本"
+    (guest_dir / "qemu-pw").write_text(PASSWORD + "\n", encoding="utf-8")
+    (guest_dir / "viewer-pw").write_text(viewers_password + "\n", encoding="utf-8")
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.gateway",
+        "--vnc",
+        f"unix:{guest.vnc_path}",
+        "--vnc-password-file",
+        str(guest_dir / "qemu-pw"),
+        "--password-file",
+        str(guest_dir / "viewer-pw"),
+        "--listen",
+        f"127.0.0.1:{port}",
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+    )
+    assert process.stderr is not None
+    log = b""
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            while b"listening on 127.0.0.1" not in log:
+                line = await process.stderr.readline()
+                assert line, f"the gateway exited: {log.decode(errors='replace')}"
+                log += line
+        code, output = await gvnccapture(port, tmp_path / "through.png", viewers_password)
+        assert code == 0, output
+        assert "Connected to" in output
+        assert (tmp_path / "through.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        (guest_dir / "mine").write_text(viewers_password, encoding="utf-8")
+        code, out, err = await run_probe(
+            f"127.0.0.1::{port}", "--password-file", str(guest_dir / "mine")
+        )
+        assert code == 0, err
+        assert "security:  VNC_AUTH" in out
+
+        # One character different within the first 8 bytes: refused.
+        code, output = await gvnccapture(port, tmp_path / "refused.png", "clé?日本")
+        assert code == 1
+        assert "Connected to" not in output
+    finally:
+        process.terminate()
+        async with asyncio.timeout(TIMEOUT):
+            await process.wait()
+
+
+async def test_desktop_name_from_qemu_passes_through(make_guest: MakeGuest) -> None:
+    """QEMU sends "QEMU (NAME)" with -name's UTF-8; the probe reports it whole."""
+    guest = await make_guest(extra_args=("-name", "gäst ☃"))
+    code, out, err = await run_probe(f"unix:{guest.vnc_path}", "--json")
+    assert code == 0, err
+    assert json.loads(out)["name"] == "QEMU (gäst ☃)"
