@@ -199,7 +199,7 @@ class ServerSecurity:
     """What the server demands of viewers.
 
     - `vnc_password`: require VNC Authentication (inside TLS when `tls_context`
-      is set). VNC Authentication uses only the first 8 bytes of the password.
+      is set). VNC Authentication uses only the first 8 bytes of the password's UTF-8.
     - `tls_context`: a server-side context with certificate and key loaded; set
       its `verify_mode` (and CA) to require client certificates. Offers VeNCrypt
       X509Vnc when a password is set, else X509None.

@@ -12,11 +12,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
+import struct
 import sys
 import termios
 from pathlib import Path
 
 from resourced.demo.qemu import QemuGuest
+from resourced.gateway.gateway import Gateway, GatewayConfig
+from resourced.rfb.aio import connect
+from resourced.rfb.constants import VeNCryptSubtype
+from resourced.rfb.pixelformat import RGBX8888
+from resourced.rfb.server import ServerSecurity
+from resourced.rfb.tls import TlsCredentials
+from tests.certs import make_pki
 from tests.integration.conftest import MakeGuest
 from tests.integration.test_gateway import free_port
 
@@ -175,9 +184,79 @@ async def test_gateway_with_non_ascii_passwords_on_both_sides(
             await process.wait()
 
 
-async def test_desktop_name_from_qemu_passes_through(make_guest: MakeGuest) -> None:
-    """QEMU sends "QEMU (NAME)" with -name's UTF-8; the probe reports it whole."""
+async def test_desktop_name_from_qemu_passes_through(
+    make_guest: MakeGuest, guest_dir: Path
+) -> None:
+    """QEMU sends "QEMU (NAME)" with -name's UTF-8; the probe reports it whole,
+    straight from QEMU and through the gateway, which sends it on as UTF-8."""
     guest = await make_guest(extra_args=("-name", "gäst ☃"))
     code, out, err = await run_probe(f"unix:{guest.vnc_path}", "--json")
     assert code == 0, err
     assert json.loads(out)["name"] == "QEMU (gäst ☃)"
+
+    gateway = Gateway(
+        GatewayConfig(upstream=f"unix:{guest.vnc_path}", security=ServerSecurity(allow_none=True))
+    )
+    await gateway.start()
+    try:
+        await gateway.listen_unix(str(guest_dir / "gw.sock"))
+        code, out, err = await run_probe(f"unix:{guest_dir / 'gw.sock'}", "--json")
+    finally:
+        await gateway.close()
+    assert code == 0, err
+    assert json.loads(out)["name"] == "QEMU (gäst ☃)"
+
+
+async def test_vencrypt_plain_sends_utf8_credentials(guest_dir: Path) -> None:
+    """VeNCrypt Plain (rfbproto 7.2.19) carries the user name and password as
+    length-prefixed bytes: UTF-8, as gtk-vnc sends them. No server we run speaks
+    Plain, so a scripted one (real TLS, certificates from tests.certs) reads them."""
+    pki = make_pki(guest_dir / "pki")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    received: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            writer.write(b"RFB 003.008\n")
+            await reader.readexactly(12)
+            writer.write(b"\x01\x13")  # VeNCrypt
+            await reader.readexactly(1)
+            writer.write(b"\x00\x02")
+            await reader.readexactly(2)
+            writer.write(b"\x00" + b"\x01" + struct.pack("!I", VeNCryptSubtype.X509_PLAIN))
+            await reader.readexactly(4)
+            writer.write(b"\x01")
+            await writer.drain()
+            await writer.start_tls(context)
+            user_length, password_length = struct.unpack("!II", await reader.readexactly(8))
+            received.append(await reader.readexactly(user_length))
+            received.append(await reader.readexactly(password_length))
+            writer.write(struct.pack("!I", 0))
+            await reader.readexactly(1)  # ClientInit
+            name = "Plain ☃".encode()
+            writer.write(struct.pack("!HH", 64, 48) + RGBX8888.serialize())
+            writer.write(struct.pack("!I", len(name)) + name)
+            await writer.drain()
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    path = guest_dir / "plain.sock"
+    server = await asyncio.start_unix_server(handler, str(path))
+    async with server:
+        client = await connect(
+            f"unix:{path}",
+            username="jürgen",
+            password=PASSWORD,
+            tls=TlsCredentials(ca_file=pki.ca_cert, server_name="localhost"),
+            server_name="localhost",
+            timeout=TIMEOUT,
+        )
+        async with client:
+            assert client.info is not None
+            assert client.info.security == "VENCRYPT/X509_PLAIN"
+            assert client.info.name == "Plain ☃"
+    assert received == ["jürgen".encode(), PASSWORD.encode()]

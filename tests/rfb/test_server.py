@@ -402,6 +402,33 @@ def test_rfb38_wrong_password_carries_the_reason() -> None:
     assert server.data_to_send() == wire.security_result_failed(b"Authentication failed")
 
 
+def test_non_ascii_password_keys_with_its_utf8() -> None:
+    """The gateway checks a viewer's response as QEMU would (issue #9): DES keyed
+    with the password's UTF-8. "pässwö" is 70 C3A4 73 73 77 C3B6, which keys DES
+    as "pC$sswC6" does (DES ignores the bits VNC's bit reversal puts at the top)."""
+    security = ServerSecurity(vnc_password="pässwö")
+    server = ServerConnection(security, random_bytes=fixed_challenge)
+    server.data_to_send()
+    feed(server, b"RFB 003.008\n" + b"\x02")
+    server.data_to_send()
+    like = ClientConnection(password="pC$sswC6")
+    wire.feed_all(like, b"RFB 003.008\n" + wire.security_types(2) + CHALLENGE)
+    response = like.data_to_send()[len(b"RFB 003.008\n\x02") :]
+    assert feed(server, response + b"\x01") == [ClientInitReceived(True)]
+    assert server.data_to_send() == wire.security_result_ok()
+    # And our own client with the same password gets in.
+    connected_pair(security, password="pässwö")
+
+
+def test_server_init_name_is_utf8() -> None:
+    """rfbproto "String Encodings": UTF-8 for the name the gateway relays."""
+    server = ServerConnection(ServerSecurity(allow_none=True))
+    server.data_to_send()
+    feed(server, b"RFB 003.008\n\x01\x01")
+    server.send_server_init(WIDTH, HEIGHT, RGBX8888, "QEMU (gäst ☃)")
+    assert server.data_to_send().endswith(wire.string("QEMU (gäst ☃)".encode()))
+
+
 @pytest.mark.parametrize("reply", [b"RFB 003.005\n", b"RFB 003.004\n", b"RFB 003.006\n"])
 def test_odd_versions_speak_33(reply: bytes) -> None:
     server = ServerConnection(ServerSecurity(allow_none=True))
