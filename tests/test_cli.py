@@ -301,6 +301,18 @@ async def test_demo_probe_wav_directory_unusable() -> None:
     assert line.startswith("cannot make the directory for /proc/no/beep.wav: /proc/no: ")
 
 
+async def test_bad_sizes_are_usage_errors(short_dir: Path) -> None:
+    code, _, err = await run(
+        *gateway("--vnc", "unix:/x", "--listen", f"unix:{short_dir / 'gw.sock'}", "--history", "-5")
+    )
+    assert code == 2  # argparse's usage error
+    assert err.splitlines()[-1] == (
+        "resourced-gateway: error: argument --history: -5 is not a positive size"
+    )
+    line = await one_line("resourced demo", "-m", "resourced.demo", "--tone-hz", "0")
+    assert "tone" in line
+
+
 # ---------------------------------------------------------------------------
 # The shared part: a bug is the only traceback
 # ---------------------------------------------------------------------------

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--history",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_RING_SIZE,
         help=f"bytes of recent output kept per console (default {DEFAULT_RING_SIZE})",
     )
@@ -132,6 +132,16 @@ def _octal_mode(text: str) -> int:
     if not 0 <= mode <= 0o777:
         raise argparse.ArgumentTypeError(f"mode {text} is outside 0..777")
     return mode
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive size")
+    return value
 
 
 def _group_id(name: str | None) -> int | None:
