@@ -94,7 +94,7 @@ def read_password_file(path: Path) -> str:
         reason = err.strerror or str(err)
         raise ConfigurationError(f"cannot read the password file {path}: {reason}") from err
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # an editor's byte order mark is not the password
     except UnicodeDecodeError as err:
         raise ConfigurationError(
             f"the password file {path} is not UTF-8 text (byte {err.start})"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from resourced.cli import EXIT_BUG, run_command
+from resourced.cli import EXIT_BUG, read_password_file, run_command
 from resourced.errors import ConfigurationError
 from resourced.rfb.pixelformat import RGBX8888
 from tests.certs import make_pki
@@ -311,6 +311,29 @@ async def test_bad_sizes_are_usage_errors(short_dir: Path) -> None:
     )
     line = await one_line("resourced demo", "-m", "resourced.demo", "--tone-hz", "0")
     assert "tone" in line
+
+
+@pytest.mark.parametrize(
+    ("data", "password"),
+    [
+        ("pässwö\n".encode(), "pässwö"),  # echo pässwö > F
+        ("pässwö\r\n".encode(), "pässwö"),  # written on Windows
+        ("pässwö".encode(), "pässwö"),  # printf
+        ("\ufeffpässwö\n".encode(), "pässwö"),  # an editor's byte order mark
+        (b" a b \n\n", " a b "),  # spaces are the password's own
+    ],
+)
+def test_password_file_forms(tmp_path: Path, data: bytes, password: str) -> None:
+    path = tmp_path / "password"
+    path.write_bytes(data)
+    assert read_password_file(path) == password
+
+
+def test_password_file_of_two_lines_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "password"
+    path.write_bytes(b"one\ntwo\n")
+    with pytest.raises(ConfigurationError, match="more than one line"):
+        read_password_file(path)
 
 
 # ---------------------------------------------------------------------------

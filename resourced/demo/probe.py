@@ -69,7 +69,8 @@ async def _console_tour(address: str) -> None:
         typed = b"hello from resourced"
         consoles.write(serial.console_id, typed)
         echo, _ = await _read_until(client, serial.console_id, lambda out: typed in out)
-        print(f"serial0:   typed {typed.decode()!r}, the guest echoed {echo.decode()!r}")
+        shown = echo.decode(errors="replace")
+        print(f"serial0:   typed {typed.decode()!r}, the guest echoed {shown!r}")
         consoles.open(monitor.console_id, history=False)
         client.flush()
         async with asyncio.timeout(TIMEOUT):

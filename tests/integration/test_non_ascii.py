@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import ssl
 import struct
 import sys
 import termios
 from pathlib import Path
+
+import pytest
 
 from resourced.demo.qemu import QemuGuest
 from resourced.gateway.gateway import Gateway, GatewayConfig
@@ -260,3 +263,35 @@ async def test_vencrypt_plain_sends_utf8_credentials(guest_dir: Path) -> None:
             assert client.info.security == "VENCRYPT/X509_PLAIN"
             assert client.info.name == "Plain ☃"
     assert received == ["jürgen".encode(), PASSWORD.encode()]
+
+
+async def test_control_characters_in_a_name_are_not_printed_raw(
+    make_guest: MakeGuest, guest_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A desktop name holding an escape sequence reaches the probe's JSON as it
+    is, but the probe's text report and the gateway's log show it escaped."""
+    guest = await make_guest(extra_args=("-name", "vm\x1b[2J"))
+    code, out, err = await run_probe(f"unix:{guest.vnc_path}", "--json")
+    assert code == 0, err
+    assert json.loads(out)["name"] == "QEMU (vm\x1b[2J)"
+    code, out, err = await run_probe(f"unix:{guest.vnc_path}")
+    assert code == 0, err
+    assert "server:    QEMU (vm\\x1b[2J)\n" in out
+    assert "\x1b" not in out
+
+    caplog.set_level(logging.INFO, logger="resourced.gateway")
+    gateway = Gateway(
+        GatewayConfig(upstream=f"unix:{guest.vnc_path}", security=ServerSecurity(allow_none=True))
+    )
+    await gateway.start()
+    try:
+        await gateway.listen_unix(str(guest_dir / "gw.sock"))
+        client = await connect(f"unix:{guest_dir / 'gw.sock'}", timeout=TIMEOUT)
+        async with client:
+            assert client.info is not None
+            assert client.info.name == "QEMU (vm\x1b[2J)"  # relayed unchanged
+    finally:
+        await gateway.close()
+    connected = [r.getMessage() for r in caplog.records if "connected to" in r.getMessage()]
+    assert connected
+    assert connected[0].endswith("(QEMU (vm\\x1b[2J))")
