@@ -117,6 +117,26 @@ async def test_probe_password_file_against_qemu(make_guest: MakeGuest, guest_dir
         "resourced probe: the server rejected our credentials (VNC_AUTH): Authentication failed"
     ]
 
+    # Set over the human monitor instead: the bytes typed there are the password.
+    await hmp(guest, "change vnc password ößé€")
+    secret.write_bytes("ößé€\n".encode())
+    code, out, err = await run_probe(f"unix:{guest.vnc_path}", "--password-file", str(secret))
+    assert code == 0, err
+    assert "security:  VNC_AUTH" in out
+
+
+async def hmp(guest: QemuGuest, command: str) -> None:
+    """One command on QEMU's human monitor (its -monitor unix socket)."""
+    reader, writer = await asyncio.open_unix_connection(str(guest.monitor_path))
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            await reader.readuntil(b"(qemu) ")
+            writer.write(command.encode() + b"\n")
+            answer = await reader.readuntil(b"(qemu) ")
+    finally:
+        writer.close()
+    assert b"rror" not in answer, answer
+
 
 async def test_gvnccapture_takes_the_same_password_from_qemu(
     make_guest: MakeGuest, tmp_path: Path
