@@ -43,13 +43,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _run(args: argparse.Namespace, workdir: Path) -> int:
-    config = GuestConfig(
-        workdir=workdir,
-        banner=args.banner.encode(),
-        tone_hz=args.tone_hz,
-        audio=not args.no_audio,
-    )
+async def _run(config: GuestConfig) -> int:
     guest = QemuGuest(config)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,9 +89,16 @@ def _main(args: argparse.Namespace) -> int:
     else:
         workdir = args.workdir
     try:
-        return asyncio.run(_run(args, workdir))
-    except ValueError as error:  # the guest's settings (tone, banner) are checked there
-        raise ConfigurationError(str(error)) from None
+        try:
+            config = GuestConfig(
+                workdir=workdir,
+                banner=args.banner.encode(),
+                tone_hz=args.tone_hz,
+                audio=not args.no_audio,
+            )
+        except ValueError as error:  # the tone or banner given is out of range
+            raise ConfigurationError(str(error)) from None
+        return asyncio.run(_run(config))
     finally:
         if temporary:
             with contextlib.suppress(OSError):
