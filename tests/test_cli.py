@@ -270,6 +270,23 @@ async def test_probe_against_an_rfb_5_server(short_dir: Path) -> None:
     assert "protocol:  RFB 3.8" in out
 
 
+async def test_probe_leaves_no_empty_recording(short_dir: Path) -> None:
+    """A server without QEMU audio: one line, and no WAV file of nothing."""
+    path = short_dir / "rfb5.sock"
+    wav = short_dir / "beep.wav"
+    server = await fake_rfb5_server(path, [])
+    async with server:
+        line = await one_line(
+            "resourced probe", *probe(f"unix:{path}", "--audio", str(wav), "--duration", "0.1")
+        )
+        assert line == "the server does not support QEMU audio"
+        assert os.listdir(short_dir) == ["rfb5.sock"]
+        line = await one_line(
+            "resourced probe", *probe(f"unix:{path}", "--audio", "/proc/no/x.wav")
+        )
+        assert line == "/proc/no/x.wav: No such file or directory"
+
+
 # ---------------------------------------------------------------------------
 # python -m resourced.demo, python -m resourced.demo.probe
 # ---------------------------------------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -147,6 +149,9 @@ async def _record(
             raise ResourcedError("audio is enabled but the guest sent none (paused?)") from None
     finally:
         sink.close()
+        if not pcm:  # a WAV file of no sound would only mislead: leave none behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     measured = analyse(bytes(pcm), fmt)
     span = last - first
     rate = (len(pcm) - first_size) / span if span > 0 else 0.0
