@@ -195,6 +195,15 @@ async def test_gateway_bad_certificates(short_dir: Path) -> None:
     assert line == f"cannot load the CA certificate {missing}: No such file or directory"
 
 
+async def test_gateway_bad_vnc_address(short_dir: Path) -> None:
+    line = await one_line(
+        "resourced-gateway",
+        *gateway("--vnc", "host::notaport", "--listen", f"unix:{short_dir / 'gw.sock'}"),
+    )
+    assert "notaport" in line
+    assert os.listdir(short_dir) == []
+
+
 async def test_gateway_libvirt_unreachable(short_dir: Path) -> None:
     uri = f"qemu+unix:///system?socket={short_dir}/no-libvirt-sock"
     line = await one_line(

@@ -34,6 +34,7 @@ from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfi
 from resourced.gateway.hub import DEFAULT_RING_SIZE
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
+from resourced.rfb.aio import parse_address
 from resourced.rfb.server import ServerSecurity
 
 log = logging.getLogger("resourced.gateway")
@@ -190,6 +191,7 @@ async def run(args: argparse.Namespace) -> None:
         consoles += [spec for spec in found if spec.name not in named]
     if not upstream:
         raise ConfigurationError("say where QEMU's VNC server is: --vnc or --libvirt/--domain")
+    parse_address(upstream)  # a bad --vnc is said now, not to each viewer later
     config = GatewayConfig(
         upstream=upstream,
         upstream_password=upstream_password,
