@@ -5,10 +5,10 @@ answers with the version it will speak, never above the server's. This module
 parses those bytes and says which of the three versions that exist (3.3, 3.7,
 3.8) two peers speak. It does not read or write anything itself.
 
-What real peers announce beyond the three: RealVNC 4.x/5.x servers say 4.0, 4.1
-or 5.0, Intel AMT 4.0, Apple Remote Desktop 3.889, UltraVNC 3.4 or 3.6 (3.14 or
-3.16 when it wants its file transfer). All of them speak 3.8 (or, below 3.7, 3.3)
-to a peer that answers so, which is what noVNC, TigerVNC and libvncclient do.
+What real servers announce beyond the three: RealVNC 4.x/5.x say 4.0, 4.1 or
+5.0, Intel AMT 4.0, Apple Remote Desktop 3.889, some UltraVNC versions 3.4 or
+3.6. They speak 3.8 (or, below 3.7, 3.3) with a client that answers so, and
+noVNC, TigerVNC and libvncclient answer so.
 """
 
 from __future__ import annotations
