@@ -18,6 +18,7 @@ each command keeps its own argparse.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import ssl
 import sys
@@ -62,6 +63,10 @@ def failing_as(what: str) -> Iterator[None]:
 
 def run_command(prog: str, body: Callable[[], int]) -> int:
     """Run a command's body; return its exit status, failures told in one line."""
+    # A peer's text (a desktop name) may not fit the terminal's encoding (the C
+    # locale's ASCII): shown escaped, it is no reason to fail.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return body()
     except KeyboardInterrupt:

@@ -46,8 +46,9 @@ async def run_probe(*args: str) -> tuple[int, str, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        # The password file is UTF-8 whatever the locale says.
-        env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+        # The password file is UTF-8 whatever the locale says (here ASCII: C
+        # locale, Python's UTF-8 mode off).
+        env={**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"},
     )
     async with asyncio.timeout(TIMEOUT):
         out, err = await process.communicate()
@@ -175,7 +176,7 @@ async def test_gateway_with_non_ascii_passwords_on_both_sides(
         "--listen",
         f"127.0.0.1:{port}",
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "LC_ALL": "C", "LANG": "C"},
+        env={**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0"},
     )
     assert process.stderr is not None
     log = b""
@@ -216,6 +217,10 @@ async def test_desktop_name_from_qemu_passes_through(
     code, out, err = await run_probe(f"unix:{guest.vnc_path}", "--json")
     assert code == 0, err
     assert json.loads(out)["name"] == "QEMU (gäst ☃)"
+    # On an ASCII terminal the text report shows it escaped rather than failing.
+    code, out, err = await run_probe(f"unix:{guest.vnc_path}")
+    assert code == 0, err
+    assert "server:    QEMU (g\\xe4st \\u2603)\n" in out
 
     gateway = Gateway(
         GatewayConfig(upstream=f"unix:{guest.vnc_path}", security=ServerSecurity(allow_none=True))
