@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from resourced import config as config_module
+from resourced.cli import run_command
 from resourced.dbus.service import install_user_service, serve
-from resourced.errors import ResourcedError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,26 +40,24 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
         format="resourced: %(levelname)s: %(message)s",
     )
-    try:
-        if args.command == "install-user-service":
-            for path in install_user_service(args.prefix):
-                print(f"wrote {path}")
-            return 0
-        config = config_module.load(args.config_dir)
-        if args.idle_exit is not None:
-            config = config_module.Config(
-                idle_exit=args.idle_exit,
-                guest_settings=config.guest_settings,
-                libvirt_uris=config.libvirt_uris,
-                guests=config.guests,
-                directory=config.directory,
-            )
-        return asyncio.run(serve(config, bus_address=args.bus))
-    except ResourcedError as err:
-        print(f"resourced: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command("resourced", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "install-user-service":
+        for path in install_user_service(args.prefix):
+            print(f"wrote {path}")
+        return 0
+    config = config_module.load(args.config_dir)
+    if args.idle_exit is not None:
+        config = config_module.Config(
+            idle_exit=args.idle_exit,
+            guest_settings=config.guest_settings,
+            libvirt_uris=config.libvirt_uris,
+            guests=config.guests,
+            directory=config.directory,
+        )
+    return asyncio.run(serve(config, bus_address=args.bus))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from dbus_fast.service import (
 from resourced import __version__
 from resourced.broker.broker import Broker, BrokerObserver, VncOptions
 from resourced.broker.guest import BrokerConsole, Guest, GuestObserver
+from resourced.cli import read_password_file
 from resourced.dbus.bus import ServiceBus
 from resourced.dbus.errors import BUS_NAME, INVALID_ARGUMENT, NO_SUCH_GUEST, translated
 from resourced.dbus.options import Option, parse_options
@@ -420,13 +421,7 @@ def vnc_options(values: dict[str, Any]) -> VncOptions:
     if values["password-file"] is not None:
         if password is not None:
             raise ConfigurationError("give password or password-file, not both")
-        try:
-            with open(values["password-file"], encoding="utf-8") as file:
-                password = file.read().rstrip("\r\n")
-        except OSError as err:
-            raise ConfigurationError(
-                f"cannot read password-file {values['password-file']}: {err.strerror}"
-            ) from err
+        password = read_password_file(FsPath(values["password-file"]))
     try:
         tls = TlsMode(values["tls"])
     except ValueError:

@@ -17,8 +17,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from resourced.cli import failing_as, run_command
 from resourced.demo.bootsector import DEFAULT_BANNER
-from resourced.demo.qemu import GuestConfig, GuestError, QemuGuest
+from resourced.demo.qemu import GuestConfig, QemuGuest
+from resourced.errors import ConfigurationError
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,20 +43,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def _run(args: argparse.Namespace, workdir: Path) -> int:
-    config = GuestConfig(
-        workdir=workdir,
-        banner=args.banner.encode(),
-        tone_hz=args.tone_hz,
-        audio=not args.no_audio,
-    )
+async def _run(config: GuestConfig) -> int:
     guest = QemuGuest(config)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop_requested.set)
     try:
-        await guest.start()
+        with failing_as("cannot start the guest"):
+            await guest.start()
         print(f"VNC socket:     {guest.vnc_path}")
         print(f"serial socket:  {guest.serial_path}")
         print(f"monitor socket: {guest.monitor_path}")
@@ -81,13 +78,27 @@ async def _run(args: argparse.Namespace, workdir: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    return run_command("resourced demo", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
     temporary = args.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="resourced-demo-")) if temporary else args.workdir
+    if temporary:
+        with failing_as("cannot make a temporary directory"):
+            workdir = Path(tempfile.mkdtemp(prefix="resourced-demo-"))
+    else:
+        workdir = args.workdir
     try:
-        return asyncio.run(_run(args, workdir))
-    except (GuestError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        try:
+            config = GuestConfig(
+                workdir=workdir,
+                banner=args.banner.encode(),
+                tone_hz=args.tone_hz,
+                audio=not args.no_audio,
+            )
+        except ValueError as error:  # the tone or banner given is out of range
+            raise ConfigurationError(str(error)) from None
+        return asyncio.run(_run(config))
     finally:
         if temporary:
             with contextlib.suppress(OSError):

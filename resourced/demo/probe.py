@@ -18,8 +18,9 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from resourced.cli import failing_as, run_command
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
-from resourced.demo.qemu import GuestConfig, QemuGuest
+from resourced.demo.qemu import GuestConfig, GuestError, QemuGuest
 from resourced.errors import ResourcedError
 from resourced.gateway.gateway import Gateway, GatewayConfig
 from resourced.rfb.__main__ import _print_report, build_parser, probe
@@ -68,7 +69,8 @@ async def _console_tour(address: str) -> None:
         typed = b"hello from resourced"
         consoles.write(serial.console_id, typed)
         echo, _ = await _read_until(client, serial.console_id, lambda out: typed in out)
-        print(f"serial0:   typed {typed.decode()!r}, the guest echoed {echo.decode()!r}")
+        shown = echo.decode(errors="replace")
+        print(f"serial0:   typed {typed.decode()!r}, the guest echoed {shown!r}")
         consoles.open(monitor.console_id, history=False)
         client.flush()
         async with asyncio.timeout(TIMEOUT):
@@ -132,18 +134,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wav", type=Path, default=Path("out/demo-beep.wav"))
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args(argv)
-    args.wav.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        asyncio.run(run(args.wav, args.duration))
-    except ResourcedError as err:
-        print(f"resourced demo: {err}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print("resourced demo: the guest did not answer in time", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    def body() -> int:
+        with failing_as(f"cannot make the directory for {args.wav}"):
+            args.wav.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            asyncio.run(run(args.wav, args.duration))
+        except ResourcedError:
+            raise  # HandshakeTimeout is a TimeoutError too, with its own words
+        except TimeoutError:
+            raise GuestError("the guest did not answer in time") from None
+        return 0
+
+    return run_command("resourced demo", body)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ import signal
 import sys
 from pathlib import Path
 
+from resourced.cli import failing_as, read_password_file, run_command
 from resourced.consoles import ConsoleSpec, parse_console_option
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
 from resourced.gateway.hub import DEFAULT_RING_SIZE
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
+from resourced.rfb.aio import parse_address
 from resourced.rfb.server import ServerSecurity
 from resourced.rfb.tls import server_context
 
@@ -85,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--history",
-        type=int,
+        type=_positive_int,
         default=DEFAULT_RING_SIZE,
         help=f"bytes of recent output kept per console (default {DEFAULT_RING_SIZE})",
     )
@@ -108,12 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_secret(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text().rstrip("\r\n")
-    except OSError as err:
-        raise ConfigurationError(f"cannot read {path}: {err.strerror}") from err
+    return None if path is None else read_password_file(path)
 
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:
@@ -153,6 +150,16 @@ def _octal_mode(text: str) -> int:
     if not 0 <= mode <= 0o777:
         raise argparse.ArgumentTypeError(f"mode {text} is outside 0..777")
     return mode
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive size")
+    return value
 
 
 def _group_id(name: str | None) -> int | None:
@@ -201,6 +208,7 @@ async def run(args: argparse.Namespace) -> None:
         consoles += [spec for spec in found if spec.name not in named]
     if not upstream:
         raise ConfigurationError("say where QEMU's VNC server is: --vnc or --libvirt/--domain")
+    parse_address(upstream)  # a bad --vnc is said now, not to each viewer later
     config = GatewayConfig(
         upstream=upstream,
         upstream_password=upstream_password,
@@ -224,14 +232,16 @@ async def run(args: argparse.Namespace) -> None:
     try:
         for address in args.listen:
             if address.startswith("unix:"):
-                await gateway.listen_unix(address[5:], mode=args.socket_mode, group=group)
+                with failing_as(f"cannot listen on {address}"):
+                    await gateway.listen_unix(address[5:], mode=args.socket_mode, group=group)
             else:
                 host, _, port = address.rpartition(":")
                 if not host or not port.isdigit():
                     raise ConfigurationError(
                         f"--listen wants unix:PATH or HOST:PORT, not {address}"
                     )
-                await gateway.listen_tcp(host.strip("[]"), int(port))
+                with failing_as(f"cannot listen on {address}"):
+                    await gateway.listen_tcp(host.strip("[]"), int(port))
         names = ", ".join(f"{s.name} ({s.endpoint})" for s in consoles) or "none"
         log.info("gateway: fronting %s; consoles: %s", upstream, names)
         stop = asyncio.Event()
@@ -280,14 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    try:
+
+    def body() -> int:
         asyncio.run(run(args))
-    except ResourcedError as err:
-        print(f"resourced-gateway: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+        return 0
+
+    return run_command("resourced-gateway", body)
 
 
 if __name__ == "__main__":

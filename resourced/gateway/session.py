@@ -50,6 +50,7 @@ from resourced.rfb.messages import (
 )
 from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, QemuAudio, audio_server_message
 from resourced.rfb.server import ClientClosed, ClientInitReceived, ServerConnection
+from resourced.rfb.text import printable
 
 if TYPE_CHECKING:
     from resourced.gateway.gateway import Gateway
@@ -328,7 +329,8 @@ class Session(asyncio.BufferedProtocol):
         assert conn.pixel_format is not None
         self.server.send_server_init(conn.width, conn.height, conn.pixel_format, conn.name)
         self._flush()
-        log.info("viewer %s: connected to %s (%s)", self.peer, self.config.upstream, conn.name)
+        name = printable(conn.name)  # QEMU's, from -name: no escape sequences into the log
+        log.info("viewer %s: connected to %s (%s)", self.peer, self.config.upstream, name)
 
     def _start_relay(self) -> None:
         assert self.upstream is not None

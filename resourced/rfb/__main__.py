@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from resourced.audio import AudioFormat, SampleFormat, analyse
-from resourced.errors import ResourcedError
+from resourced.cli import read_password_file, run_command
+from resourced.errors import ConfigurationError, ResourcedError
 from resourced.rfb.aio import connect
 from resourced.rfb.qemu import AudioData, AudioEnd, AudioSupported, QemuAudio
 from resourced.rfb.security import TlsMode
+from resourced.rfb.text import printable
 from resourced.rfb.tls import TlsCredentials
 from resourced.sinks.wav import WavFileSink
 
@@ -77,8 +81,11 @@ def _credentials(args: argparse.Namespace) -> TlsCredentials | None:
 async def probe(args: argparse.Namespace) -> dict[str, Any]:
     password = None
     if args.password_file is not None:
-        password = args.password_file.read_text().rstrip("\r\n")
-    fmt = AudioFormat(SampleFormat(args.sample_format), args.channels, args.rate)
+        password = read_password_file(args.password_file)
+    try:
+        fmt = AudioFormat(SampleFormat(args.sample_format), args.channels, args.rate)
+    except ValueError as err:
+        raise ConfigurationError(f"bad audio format: {err}") from None
     audio = QemuAudio(fmt) if args.audio else None
     client = await connect(
         args.address,
@@ -142,6 +149,9 @@ async def _record(
             raise ResourcedError("audio is enabled but the guest sent none (paused?)") from None
     finally:
         sink.close()
+        if not pcm:  # a WAV file of no sound would only mislead: leave none behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     measured = analyse(bytes(pcm), fmt)
     span = last - first
     rate = (len(pcm) - first_size) / span if span > 0 else 0.0
@@ -160,7 +170,7 @@ async def _record(
 
 def _print_report(report: dict[str, Any]) -> None:
     security = report["security"] + (f" ({report['tls']})" if report["tls"] else "")
-    print(f"server:    {report['name']}")
+    print(f"server:    {printable(report['name'])}")
     print(f"address:   {report['address']}")
     print(f"protocol:  RFB {report['protocol']}")
     print(f"security:  {security}")
@@ -179,18 +189,16 @@ def _print_report(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         report = asyncio.run(probe(args))
-    except (ResourcedError, OSError) as err:
-        print(f"resourced probe: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    if args.json:
-        print(json.dumps(report))
-    else:
-        _print_report(report)
-    return 0
+        if args.json:
+            print(json.dumps(report))
+        else:
+            _print_report(report)
+        return 0
+
+    return run_command("resourced probe", body)
 
 
 if __name__ == "__main__":

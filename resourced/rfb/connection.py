@@ -15,7 +15,6 @@ on still encoded.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -69,7 +68,9 @@ from resourced.rfb.security import (
     choose_vencrypt_subtype,
     vnc_auth_response,
 )
+from resourced.rfb.text import credential_bytes, decode_text, printable
 from resourced.rfb.tls import TlsCredentials, TlsLayer, anonymous_context
+from resourced.rfb.version import VERSION_LENGTH, common_minor, parse_version, version_bytes
 
 #: Pixel encodings we advertise by default, best first. We frame them all.
 DEFAULT_ENCODINGS: tuple[int, ...] = (
@@ -87,8 +88,6 @@ CORE_PSEUDO_ENCODINGS: tuple[int, ...] = (
     Encoding.LAST_RECT,
     Encoding.CURSOR,
 )
-
-_VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 
 
 class Message(Protocol):
@@ -255,22 +254,22 @@ class ClientConnection(Engine):
         length = r.u32()
         if length > MAX_REASON_LENGTH:
             raise RemoteProtocolError(f"failure reason of {length} bytes exceeds the limit")
-        return r.take(length).decode("utf-8", errors="replace")
+        return printable(decode_text(r.take(length)))
 
     # --- handshake -------------------------------------------------------------
 
     def _on_version(self, r: Reader) -> list[Any]:
-        greeting = r.take(12)
-        match = _VERSION_RE.fullmatch(greeting)
-        if match is None:
+        greeting = r.take(VERSION_LENGTH)
+        version = parse_version(greeting)
+        if version is None:
             raise RemoteProtocolError(f"not an RFB server: greeting {greeting!r}")
-        major, minor = int(match[1]), int(match[2])
-        if major != 3:
-            raise RemoteProtocolError(f"unsupported RFB major version {major}")
-        # 3.5 (and any other odd minor) was never a real version: speak 3.3.
-        ours = 8 if minor >= 8 else (7 if minor == 7 else 3)
+        ours = common_minor(*version)
+        if ours is None:
+            raise RemoteProtocolError(
+                f"the server speaks RFB {version[0]}.{version[1]}, older than 3.3"
+            )
         self.version = (3, ours)
-        self._write(b"RFB 003.%03d\n" % ours)
+        self._write(version_bytes(ours))
         self.state = State.SECURITY_TYPE_33 if ours == 3 else State.SECURITY_TYPES
         return []
 
@@ -403,8 +402,8 @@ class ClientConnection(Engine):
         elif inner is Inner.VNC:
             self.state = State.VNC_AUTH_CHALLENGE
         elif inner is Inner.PLAIN:
-            user = (self._credentials.username or "").encode()
-            password = (self._credentials.password or "").encode()
+            user = credential_bytes(self._credentials.username or "")
+            password = credential_bytes(self._credentials.password or "")
             self._write(u32(len(user)) + u32(len(password)) + user + password)
             self.state = State.SECURITY_RESULT
         else:  # pragma: no cover - SASL is never chosen
@@ -436,7 +435,7 @@ class ClientConnection(Engine):
         name_length = r.u32()
         if name_length > MAX_SERVER_NAME_LENGTH:
             raise RemoteProtocolError(f"desktop name of {name_length} bytes exceeds the limit")
-        name = r.take(name_length).decode("utf-8", errors="replace")
+        name = decode_text(r.take(name_length))
         _check_size(width, height)
         self.width, self.height, self.pixel_format, self.name = width, height, pixel_format, name
         self.state = State.CONNECTED

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, modes
 
 from resourced.errors import AuthenticationFailed, SecurityNegotiationFailed
 from resourced.rfb.constants import SecurityType, VeNCryptSubtype
+from resourced.rfb.text import credential_bytes
 
 VNC_AUTH_CHALLENGE_SIZE = 16
 
@@ -150,13 +151,14 @@ def choose_vencrypt_subtype(
 def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     """The VNC Authentication response (rfbproto 7.2.2): DES of the challenge.
 
-    The key is the password's first 8 bytes (NUL padded), with the bits of each
-    byte reversed, as the original VNC implementation did. Single DES is expressed
+    The key is the first 8 bytes of the password's UTF-8 (NUL padded), as QEMU
+    and gtk-vnc take it (see `resourced.rfb.text`), with the bits of each byte
+    reversed, as the original VNC implementation did. Single DES is expressed
     as three-key DES with one key repeated, which is the same cipher.
     """
     if len(challenge) != VNC_AUTH_CHALLENGE_SIZE:
         raise ValueError("the VNC challenge is 16 bytes")
-    raw = password.encode("latin-1", errors="replace")[:8].ljust(8, b"\0")
+    raw = credential_bytes(password)[:8].ljust(8, b"\0")
     key = bytes(int(f"{b:08b}"[::-1], 2) for b in raw)
     encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
     return encryptor.update(challenge) + encryptor.finalize()

@@ -27,7 +27,6 @@ import contextlib
 import enum
 import hmac
 import os
-import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -59,9 +58,10 @@ from resourced.rfb.pixelformat import PixelFormat
 from resourced.rfb.qemu import parse_client_audio
 from resourced.rfb.security import VNC_AUTH_CHALLENGE_SIZE, vnc_auth_response
 from resourced.rfb.tls import disable_session_tickets, read_available
+from resourced.rfb.version import VERSION_LENGTH, common_minor, parse_version, version_bytes
 
 #: The version we announce; clients answer with the one they will speak.
-SERVER_VERSION = b"RFB 003.008\n"
+SERVER_VERSION = version_bytes(8)
 
 #: The reason a 3.8 client is given when its credentials are refused (QEMU's words).
 AUTH_FAILED_REASON = "Authentication failed"
@@ -75,7 +75,6 @@ XVP_SHUTDOWN = 2
 XVP_REBOOT = 3
 XVP_RESET = 4
 
-_VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
 _NO_PARSERS: Mapping[int, Callable[[Reader], Any]] = MappingProxyType({})
 
 
@@ -201,7 +200,7 @@ class ServerSecurity:
     """What the server demands of viewers.
 
     - `vnc_password`: require VNC Authentication (inside TLS when `tls_context`
-      is set). VNC Authentication uses only the first 8 bytes of the password.
+      is set). VNC Authentication uses only the first 8 bytes of the password's UTF-8.
     - `tls_context`: a server-side context with certificate and key loaded; set
       its `verify_mode` (and CA) to require client certificates. Offers VeNCrypt
       X509Vnc when a password is set, else X509None. Its session tickets are
@@ -527,20 +526,24 @@ class ServerConnection(Engine):
         """SecurityResult failed; 3.8 alone carries a reason (rfbproto 7.1.3)."""
         data = u32(SecurityResult.FAILED)
         if self._version == (3, 8):
-            encoded = reason.encode()
+            encoded = reason.encode("utf-8")
             data += u32(len(encoded)) + encoded
         self._write(data)
 
     # --- handshake -------------------------------------------------------------
 
     def _on_version(self, r: Reader) -> list[Any]:
-        reply = r.take(12)
-        match = _VERSION_RE.fullmatch(reply)
-        if match is None:
+        reply = r.take(VERSION_LENGTH)
+        version = parse_version(reply)
+        if version is None:
             raise RemoteProtocolError(f"not an RFB client: version {reply!r}")
-        major, minor = int(match[1]), int(match[2])
-        # rfbproto 7.1.1: 3.5 (and any other odd version) is to be taken as 3.3.
-        ours = minor if major == 3 and minor in (7, 8) else 3
+        # A client may not answer above our 3.8 (rfbproto 7.1.1); one that does
+        # still speaks 3.8, as QEMU and libvncserver take it.
+        ours = common_minor(*version)
+        if ours is None:
+            raise RemoteProtocolError(
+                f"the client speaks RFB {version[0]}.{version[1]}, older than 3.3"
+            )
         self._version = (3, ours)
         if ours == 3:
             self._offer_33()

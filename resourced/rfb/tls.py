@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,12 +175,25 @@ def server_context(cert_file: Path, key_file: Path, ca_file: Path | None = None)
     disable_session_tickets(context)
     try:
         context.load_cert_chain(str(cert_file), str(key_file))
-        if ca_file is not None:
-            context.verify_mode = ssl.CERT_REQUIRED
-            context.load_verify_locations(cafile=str(ca_file))
     except (OSError, ssl.SSLError) as err:
-        raise ConfigurationError(f"cannot load TLS certificates: {err}") from err
+        raise ConfigurationError(
+            f"cannot load the TLS certificate {cert_file} with key {key_file}: {_reason(err)}"
+        ) from err
+    if ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        try:
+            context.load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as err:
+            raise ConfigurationError(
+                f"cannot load the CA certificate {ca_file}: {_reason(err)}"
+            ) from err
     return context
+
+
+def _reason(err: OSError) -> str:
+    """An error's reason without the file name (the caller names it) or CPython's
+    source line ("[SSL] PEM lib (_ssl.c:3905)")."""
+    return re.sub(r"\s*\(_ssl\.c:\d+\)", "", err.strerror or str(err))
 
 
 def anonymous_context() -> ssl.SSLContext:

@@ -25,7 +25,10 @@ class WavFileSink:
         self.format = fmt
         self.bytes_written = 0
         self._partial = b""
-        self._wav = wave.open(str(self.path), "wb")  # noqa: SIM115 - closed in close()
+        # Opened here, not by wave.open: when wave opens a path that fails, its
+        # half-made writer prints a traceback from __del__ (CPython 3.11).
+        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._wav = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
         self._wav.setnchannels(fmt.channels)
         self._wav.setsampwidth(fmt.sample_format.size)
         self._wav.setframerate(fmt.rate)
@@ -38,7 +41,10 @@ class WavFileSink:
         self.bytes_written += len(data)
 
     def close(self) -> None:
-        self._wav.close()
+        try:
+            self._wav.close()
+        finally:
+            self._file.close()  # wave leaves a file it was given open
 
 
 def _to_wav_samples(data: bytes, fmt: SampleFormat) -> bytes:

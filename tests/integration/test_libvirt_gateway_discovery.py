@@ -518,3 +518,38 @@ def destroy_domain(name: str) -> None:
             conn.lookupByName(name).destroy()
     finally:
         conn.close()
+
+
+async def test_non_ascii_vnc_password_from_libvirt(system_conn: Any, domain_dir: Path) -> None:
+    """libvirt hands QEMU the `passwd` of the domain XML as UTF-8; the password
+    libvirt gives us back opens QEMU's VNC server with our client (issue #9)."""
+    password = "pässwö"  # 8 bytes of UTF-8, 6 characters
+    name = f"rsd-pw-{uuid.uuid4().hex[:12]}"
+    image = domain_dir / "boot.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    devices = f"""\
+    <graphics type='vnc' passwd='{password}'>
+      <listen type='socket'/>
+    </graphics>
+    <video>
+      <model type='vga'/>
+    </video>"""
+    xml = demo_domain_xml(name, image, devices)
+    domain = await asyncio.to_thread(system_conn.createXML, xml, 0)
+    try:
+        resources = await asyncio.to_thread(lookup_domain, SYSTEM_URI, name)
+        assert resources.vnc is not None
+        assert resources.vnc.password == password
+        socket_path = resources.vnc.socket_path
+        assert socket_path is not None
+        await asyncio.to_thread(
+            wait_for, lambda: os.path.exists(socket_path), f"VNC socket {socket_path}"
+        )
+        client = await connect(f"unix:{socket_path}", password=password, timeout=IO_TIMEOUT)
+        async with client:
+            assert client.info is not None
+            assert client.info.security == "VNC_AUTH"
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(domain.destroy)

@@ -61,9 +61,11 @@ def reverse_bits(byte: int) -> int:
 
 
 def password_for_des_key(key: bytes) -> str:
-    """The VNC password whose key schedule is `key`: VNC uses each password byte
-    with its bits reversed as the DES key byte, so reverse them back."""
-    return bytes(reverse_bits(b) for b in key).decode("latin-1")
+    """A VNC password whose key schedule is `key`: VNC uses each password byte
+    with its bits reversed as the DES key byte, so reverse them back. DES ignores
+    each key byte's lowest (parity) bit, the password byte's highest after the
+    reversal: clearing it gives an ASCII password, the same in any encoding."""
+    return bytes(reverse_bits(b) & 0x7F for b in key).decode("ascii")
 
 
 # Well-known single-DES vectors: key 0123456789ABCDEF encrypts "Now is t" to
@@ -86,8 +88,8 @@ def test_reverse_bits_helper() -> None:
         0x0F,
         0xFF,
     ]
-    assert password_for_des_key(bytes.fromhex("0123456789abcdef")).encode("latin-1") == (
-        bytes.fromhex("80c4a2e691d5b3f7")
+    assert password_for_des_key(bytes.fromhex("0123456789abcdef")).encode() == (
+        bytes.fromhex("0044226611553377")
     )
 
 
@@ -149,6 +151,12 @@ def run_both(make: Callable[[], ClientConnection], data: bytes, eof: bool = Fals
         (b"3.6", b"RFB 003.003\n", "3.3"),
         (b"3.889", b"RFB 003.008\n", "3.8"),  # Apple Remote Desktop
         (b"3.9", b"RFB 003.008\n", "3.8"),
+        # Newer servers speak 3.8 to a client that answers 3.8 (issue #9).
+        (b"4.0", b"RFB 003.008\n", "3.8"),  # RealVNC 4.x, Intel AMT
+        (b"4.1", b"RFB 003.008\n", "3.8"),  # RealVNC 4.6
+        (b"5.0", b"RFB 003.008\n", "3.8"),  # RealVNC 5 and later
+        (b"999.999", b"RFB 003.008\n", "3.8"),
+        (b"3.4", b"RFB 003.003\n", "3.3"),  # UltraVNC
     ],
 )
 def test_version_and_security_none(server: bytes, reply: bytes, spoken: str) -> None:
@@ -193,8 +201,9 @@ def test_greeting_answered_before_anything_else() -> None:
         (b"RFB 003.008\r", "not an RFB server"),
         (b"RFB 3.8\n\0\0\0\0\0", "not an RFB server"),
         (b"SSH-2.0-Open", "not an RFB server"),
-        (b"RFB 004.001\n", "unsupported RFB major version 4"),
-        (b"RFB 002.002\n", "unsupported RFB major version 2"),
+        (b"RFB 002.002\n", "RFB 2.2, older than 3.3"),
+        (b"RFB 003.002\n", "RFB 3.2, older than 3.3"),
+        (b"RFB 000.000\n", "RFB 0.0, older than 3.3"),  # an UltraVNC repeater
     ],
 )
 def test_bad_greeting(greeting: bytes, match: str) -> None:
@@ -315,10 +324,19 @@ def test_requested_pixel_format_is_sent_before_set_encodings() -> None:
     assert conn.data_to_send() == set_pixel_format + DEFAULT_SET_ENCODINGS
 
 
-def test_server_init_name_is_decoded_leniently() -> None:
+@pytest.mark.parametrize(
+    ("name", "decoded"),
+    [
+        ("QEMU (gäst ☃)".encode(), "QEMU (gäst ☃)"),  # QEMU: UTF-8, from -name
+        (b"caf\xe9", "café"),  # a Latin-1 server: not UTF-8, so read as Latin-1
+        (b"caf\xe9 \xc3\xa9", "café Ã©"),  # any bytes: nothing lost to U+FFFD
+    ],
+)
+def test_server_init_name_utf8_else_latin1(name: bytes, decoded: str) -> None:
+    """rfbproto "String Encodings": UTF-8 recommended, Latin-1 in old servers."""
     conn = ClientConnection()
-    connected = wire.handshake(conn, name=b"caf\xe9 \xc3\xa9")
-    assert connected.name == "caf\ufffd \xe9"
+    connected = wire.handshake(conn, name=name)
+    assert connected.name == decoded
     assert conn.name == connected.name
 
 
@@ -381,6 +399,28 @@ def test_vnc_auth_failure_38_carries_reason() -> None:
     assert "Authentication failure: wrong password" in message
     assert "VNC_AUTH" in message
     assert outcome.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("reason", "shown"),
+    [
+        # QEMU counts the NUL that ends its C string (ui/vnc.c, sizeof).
+        (b"Authentication failed\0", "rejected our credentials (VNC_AUTH): Authentication failed"),
+        (b"bad\r\n\x1b[31mred\0\0", "(VNC_AUTH): bad\\r\\n\\x1b[31mred"),
+        ("mot de passe refusé".encode(), "(VNC_AUTH): mot de passe refusé"),
+        (b"refus\xe9", "(VNC_AUTH): refusé"),  # Latin-1
+    ],
+)
+def test_failure_reason_shown_without_nul_or_controls(reason: bytes, shown: str) -> None:
+    data = (
+        wire.greeting(b"3.8")
+        + wire.security_types(2)
+        + wire.vnc_challenge()
+        + wire.security_result_failed(reason)
+    )
+    outcome = run_both(lambda: ClientConnection(password="secret"), data)
+    assert outcome.error is not None
+    assert outcome.error[1].endswith(shown)
 
 
 @pytest.mark.parametrize("version", [b"3.3", b"3.7"])

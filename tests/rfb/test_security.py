@@ -234,8 +234,10 @@ def test_vnc_auth_response_known_vector() -> None:
     # the password bytes bit-reversed as the key, so the password is the key's
     # bytes reversed back.
     key = bytes.fromhex("0123456789abcdef")
-    password = bytes(reverse_bits(b) for b in key).decode("latin-1")
-    assert password.encode("latin-1") == bytes.fromhex("80c4a2e691d5b3f7")
+    # DES ignores the key's parity bits (the lowest), which are the password bytes'
+    # highest, so clearing those gives an ASCII password with the same key.
+    password = bytes(reverse_bits(b) & 0x7F for b in key).decode("ascii")
+    assert password.encode() == bytes.fromhex("0044226611553377")
     response = vnc_auth_response(password, b"Now is tNow is t")
     assert response == bytes.fromhex("3fa40e8a984d4815" * 2)
 
@@ -277,17 +279,35 @@ def test_vnc_auth_blocks_are_independent() -> None:
 
 def test_vnc_auth_only_low_key_bits_matter() -> None:
     # DES ignores each key byte's parity bit, its lowest; after VNC's bit reversal
-    # that is the password byte's *highest* bit: "a" (0x61) and "\xe1" agree.
+    # that is the password byte's *highest* bit: bytes 0x61 and 0xe1 agree.
     challenge = bytes(range(16))
-    assert vnc_auth_response("a", challenge) == vnc_auth_response("\xe1", challenge)
     assert vnc_auth_response("a", challenge) != vnc_auth_response("b", challenge)
+    # So "é" keyed as its UTF-8 bytes C3 A9 answers like "C)" (43 29), and not
+    # like "i" (69), which is what its Latin-1 byte E9 would give.
+    assert vnc_auth_response("é", challenge) == vnc_auth_response("C)", challenge)
+    assert vnc_auth_response("é", challenge) != vnc_auth_response("i", challenge)
 
 
-latin1_text = st.text(alphabet=st.characters(max_codepoint=255), max_size=20)
+def test_vnc_auth_keys_with_the_first_8_utf8_bytes() -> None:
+    """QEMU and gtk-vnc key DES with the first 8 bytes of the password's UTF-8
+    (issue #9: Latin-1 made "pässwö" fail against them, and turned anything
+    outside Latin-1 into "?")."""
+    challenge = bytes(range(16))
+    # "pässwö" is 70 C3A4 73 73 77 C3B6: 8 bytes; top bits cleared, "pC$sswC6".
+    assert vnc_auth_response("pässwö", challenge) == vnc_auth_response("pC$sswC6", challenge)
+    assert vnc_auth_response("pässwö", challenge) == vnc_auth_response("pässwöXYZ", challenge)
+    # A character cut by the 8-byte limit counts by the bytes that fit, as in QEMU.
+    assert vnc_auth_response("abcdefgé", challenge) == vnc_auth_response("abcdefgC", challenge)
+    # Outside Latin-1: no longer all "?".
+    assert vnc_auth_response("日本", challenge) != vnc_auth_response("中文", challenge)
+    assert vnc_auth_response("日本", challenge) != vnc_auth_response("??", challenge)
+
+
+ascii_text = st.text(alphabet=st.characters(max_codepoint=127), max_size=20)
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(latin1_text, st.text(max_size=5), st.binary(min_size=16, max_size=16))
+@given(ascii_text, st.text(max_size=5), st.binary(min_size=16, max_size=16))
 def test_vnc_auth_depends_on_the_nul_padded_first_8_bytes(
     password: str, tail: str, challenge: bytes
 ) -> None:
@@ -335,6 +355,14 @@ def test_pki_dirs_follow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert dirs[-1] == passwd_home / ".pki"
     monkeypatch.setenv("HOME", str(passwd_home))
     assert pki_dirs() == [Path("/etc/pki"), passwd_home / ".pki"]
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.text(min_size=8, max_size=20), st.text(max_size=5), st.binary(min_size=16, max_size=16))
+def test_vnc_auth_ignores_what_follows_8_utf8_bytes(
+    password: str, tail: str, challenge: bytes
+) -> None:
+    assert vnc_auth_response(password + tail, challenge) == vnc_auth_response(password, challenge)
 
 
 def test_discover_follows_gtk_vnc_order(tmp_path: Path) -> None:

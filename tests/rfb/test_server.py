@@ -405,6 +405,33 @@ def test_rfb38_wrong_password_carries_the_reason() -> None:
     assert server.data_to_send() == wire.security_result_failed(b"Authentication failed")
 
 
+def test_non_ascii_password_keys_with_its_utf8() -> None:
+    """The gateway checks a viewer's response as QEMU would (issue #9): DES keyed
+    with the password's UTF-8. "pässwö" is 70 C3A4 73 73 77 C3B6, which keys DES
+    as "pC$sswC6" does (DES ignores the bits VNC's bit reversal puts at the top)."""
+    security = ServerSecurity(vnc_password="pässwö")
+    server = ServerConnection(security, random_bytes=fixed_challenge)
+    server.data_to_send()
+    feed(server, b"RFB 003.008\n" + b"\x02")
+    server.data_to_send()
+    like = ClientConnection(password="pC$sswC6")
+    wire.feed_all(like, b"RFB 003.008\n" + wire.security_types(2) + CHALLENGE)
+    response = like.data_to_send()[len(b"RFB 003.008\n\x02") :]
+    assert feed(server, response + b"\x01") == [ClientInitReceived(True)]
+    assert server.data_to_send() == wire.security_result_ok()
+    # And our own client with the same password gets in.
+    connected_pair(security, password="pässwö")
+
+
+def test_server_init_name_is_utf8() -> None:
+    """rfbproto "String Encodings": UTF-8 for the name the gateway relays."""
+    server = ServerConnection(ServerSecurity(allow_none=True))
+    server.data_to_send()
+    feed(server, b"RFB 003.008\n\x01\x01")
+    server.send_server_init(WIDTH, HEIGHT, RGBX8888, "QEMU (gäst ☃)")
+    assert server.data_to_send().endswith(wire.string("QEMU (gäst ☃)".encode()))
+
+
 @pytest.mark.parametrize("reply", [b"RFB 003.005\n", b"RFB 003.004\n", b"RFB 003.006\n"])
 def test_odd_versions_speak_33(reply: bytes) -> None:
     server = ServerConnection(ServerSecurity(allow_none=True))
@@ -412,6 +439,32 @@ def test_odd_versions_speak_33(reply: bytes) -> None:
     assert feed(server, reply) == []
     assert server.version == (3, 3)
     assert server.data_to_send() == wire.security_type_33(1)
+
+
+@pytest.mark.parametrize(
+    "reply", [b"RFB 003.009\n", b"RFB 003.889\n", b"RFB 004.001\n", b"RFB 005.000\n"]
+)
+def test_versions_above_ours_speak_38(reply: bytes) -> None:
+    """A client may not answer above our 3.8; one that does is taken at 3.8, the
+    highest version both know, not demoted to 3.3 (issue #9)."""
+    server = ServerConnection(ServerSecurity(allow_none=True))
+    server.data_to_send()
+    assert feed(server, reply) == []
+    assert server.version == (3, 8)
+    assert server.data_to_send() == wire.security_types(1)
+    assert feed(server, b"\x01") == []
+    assert server.data_to_send() == wire.security_result_ok()
+    assert feed(server, b"\x01") == [ClientInitReceived(True)]
+
+
+@pytest.mark.parametrize("reply", [b"RFB 002.000\n", b"RFB 003.002\n", b"RFB 000.000\n"])
+def test_versions_below_33_are_refused(reply: bytes) -> None:
+    server = ServerConnection(ServerSecurity(allow_none=True))
+    server.data_to_send()
+    with pytest.raises(RemoteProtocolError, match=r"older than 3\.3") as failed:
+        feed(server, reply)
+    assert_stays_failed(server, failed.value)
+    assert server.data_to_send() == b""
 
 
 @pytest.mark.parametrize(
@@ -777,7 +830,7 @@ def test_server_context_from_files(pki: Pki, tmp_path: Path) -> None:
     assert context.verify_mode is ssl.CERT_REQUIRED
     assert context.minimum_version is ssl.TLSVersion.TLSv1_2
     assert tls.server_context(pki.server_cert, pki.server_key).verify_mode is ssl.CERT_NONE
-    with pytest.raises(ConfigurationError, match="cannot load TLS certificates"):
+    with pytest.raises(ConfigurationError, match="cannot load the TLS certificate"):
         tls.server_context(tmp_path / "missing.pem", pki.server_key)
 
 

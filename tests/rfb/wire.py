@@ -126,10 +126,10 @@ def server_init(
 
 def spoken_version(version: bytes) -> bytes:
     """The version a client answers a server greeting with (rfbproto 7.1.1): 3.8 for
-    3.8 and anything newer, 3.7 for 3.7, and 3.3 for every other 3.x."""
+    3.8 and anything newer (4.x, 5.x too), 3.7 for 3.7, and 3.3 for 3.3 to 3.6."""
     major, minor = (int(part) for part in version.split(b"."))
-    assert major == 3
-    if minor >= 8:
+    assert (major, minor) >= (3, 3)
+    if (major, minor) >= (3, 8):
         return b"3.8"
     return b"3.7" if minor == 7 else b"3.3"
 
