@@ -90,8 +90,8 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
             log.warning("config: guest %s not added: %s", entry.name, err)
 
     configured = config.libvirt_uris is not None
-    uris = config_module.DEFAULT_LIBVIRT_URIS if config.libvirt_uris is None else config.libvirt_uris
-    for uri in uris:
+    uris = config.libvirt_uris if configured else config_module.DEFAULT_LIBVIRT_URIS
+    for uri in uris or ():
         asyncio.get_running_loop().create_task(_follow_libvirt(broker, uri, keep=configured))
 
     stop = asyncio.Event()

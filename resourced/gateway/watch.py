@@ -20,7 +20,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from resourced.gateway.libvirt import (
     _message,
     lookup_domain,
 )
+from resourced.libvirt.thread import libvirt_loop
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,6 @@ SETTLE = 0.2
 #: Keepalive for remote URIs: a probe every 5 s, the connection given up after 3
 #: unanswered ones.
 KEEPALIVE = (5, 3)
-
-_registered_loop: asyncio.AbstractEventLoop | None = None
-_register_lock = threading.Lock()
 
 
 class DomainWatcher:
@@ -75,7 +72,7 @@ class DomainWatcher:
         """Start following. From now on this process's libvirt calls must go through
         `lookup()`: libvirt's event loop lives in the watcher's thread."""
         self._main_loop = asyncio.get_running_loop()
-        self._loop = _libvirt_events_loop()
+        self._loop = libvirt_loop()
         self._follow_future = asyncio.run_coroutine_threadsafe(self._follow(), self._loop)
         self._task = asyncio.wrap_future(self._follow_future)
 
@@ -235,25 +232,3 @@ class DomainWatcher:
     def _post_change(self) -> None:
         assert self._main_loop is not None
         self._main_loop.call_soon_threadsafe(self._changed)
-
-
-def _libvirt_events_loop() -> asyncio.AbstractEventLoop:
-    """The process's one loop for libvirt's events, in a daemon thread (started once)."""
-    global _registered_loop
-    with _register_lock:
-        if _registered_loop is None:
-            import libvirtaio
-
-            loop = asyncio.new_event_loop()
-            ready = threading.Event()
-
-            def run() -> None:
-                asyncio.set_event_loop(loop)
-                libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-                ready.set()
-                loop.run_forever()
-
-            threading.Thread(target=run, name="libvirt-events", daemon=True).start()
-            ready.wait()
-            _registered_loop = loop
-        return _registered_loop

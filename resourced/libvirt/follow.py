@@ -11,9 +11,9 @@ password or TCP) or the address and password in the domain XML for a remote
 one. A domain that is undefined (or a transient one that stops) goes away. If
 libvirtd goes away, the follower reconnects and looks at every domain again.
 
-libvirt's event loop (`libvirtaio`) runs on the service's own asyncio loop;
-every libvirt call that waits for libvirtd runs in the loop's thread pool, so
-none blocks the service.
+Every libvirt call, and libvirt's events, happen on the libvirt thread
+(`resourced.libvirt.thread`); the follower itself, and the guests, live on the
+service's loop, so no libvirt call ever blocks it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +30,7 @@ from resourced.broker.broker import Broker
 from resourced.broker.guest import Guest
 from resourced.errors import AuthenticationFailed, NotConnected, ResourcedError
 from resourced.gateway.libvirt import DomainResources, _libvirt, _message, parse_domain_xml
+from resourced.libvirt import thread
 from resourced.libvirt.stream import LibvirtConsoleSource
 from resourced.rfb.aio import Address, RfbClient, connect
 from resourced.rfb.constants import Encoding
@@ -42,20 +42,6 @@ log = logging.getLogger(__name__)
 RECONNECT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 #: Remote URIs: a keepalive probe every 5 s, given up after 3 unanswered.
 KEEPALIVE = (5, 3)
-
-_registered = False
-_register_lock = threading.Lock()
-
-
-def register_event_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """Run libvirt's event loop on `loop` (once per process, before any connection)."""
-    global _registered
-    with _register_lock:
-        if not _registered:
-            import libvirtaio
-
-            libvirtaio.virEventRegisterAsyncIOImpl(loop=loop)
-            _registered = True
 
 
 def is_local(uri: str) -> bool:
@@ -77,7 +63,8 @@ class LibvirtFollower:
         self._lost: asyncio.Future[None] | None = None
         self._callbacks: list[int] = []
         self._updates: dict[str, asyncio.Task[None]] = {}
-        self.first_sync = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self.first_sync = self._loop.create_future()
         self.last_error = ""
 
     @property
@@ -85,7 +72,6 @@ class LibvirtFollower:
         return list(self._guests.values())
 
     def start(self) -> None:
-        register_event_loop(asyncio.get_running_loop())
         self._task = asyncio.get_running_loop().create_task(
             self._follow(), name=f"libvirt {self.uri}"
         )
@@ -100,8 +86,8 @@ class LibvirtFollower:
         await self._disconnect()
 
     async def _run(self, function: Any, *args: Any) -> Any:
-        """A libvirt call that waits for libvirtd, in the thread pool."""
-        return await asyncio.get_running_loop().run_in_executor(None, function, *args)
+        """A libvirt call, on the libvirt thread."""
+        return await thread.call(function, *args)
 
     # --- the connection ------------------------------------------------------------
 
@@ -144,7 +130,7 @@ class LibvirtFollower:
         with contextlib.suppress(libvirt.libvirtError):
             await self._run(conn.setKeepAlive, *KEEPALIVE)  # local URIs refuse: fine
         try:
-            conn.registerCloseCallback(self._on_close, None)
+            await self._run(conn.registerCloseCallback, self._on_close, None)
             for event_id, callback in (
                 (libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle),
                 (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, self._on_device),
@@ -155,7 +141,7 @@ class LibvirtFollower:
                 )
         except libvirt.libvirtError as error:
             with contextlib.suppress(libvirt.libvirtError):
-                conn.close()
+                await self._run(conn.close)
             raise NotConnected(f"cannot follow events at {self.uri}: {_message(error)}") from None
         self._conn = conn
         log.info("libvirt %s: connected", self.uri)
@@ -170,11 +156,16 @@ class LibvirtFollower:
                 await self._run(conn.domainEventDeregisterAny, callback_id)
         self._callbacks.clear()
         with contextlib.suppress(libvirt.libvirtError):
-            conn.unregisterCloseCallback()
+            await self._run(conn.unregisterCloseCallback)
         with contextlib.suppress(libvirt.libvirtError):
             await self._run(conn.close)
 
+    # libvirt's callbacks come on the libvirt thread: hand them to the service's loop.
+
     def _on_close(self, _conn: Any, _reason: int, _opaque: Any) -> None:
+        self._loop.call_soon_threadsafe(self._closed_by_libvirt)
+
+    def _closed_by_libvirt(self) -> None:
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
 
@@ -189,23 +180,24 @@ class LibvirtFollower:
         seen = set()
         for domain in domains:
             with contextlib.suppress(libvirt.libvirtError):
-                seen.add(domain.UUIDString())
+                seen.add(await self._run(domain.UUIDString))
                 await self._update(domain)
         for uuid in [u for u in self._guests if u not in seen]:
             await self._remove(uuid)
 
     def _on_lifecycle(self, _conn: Any, domain: Any, event: int, _detail: int, _o: Any) -> None:
-        self._schedule(domain, undefined=event == self._libvirt.VIR_DOMAIN_EVENT_UNDEFINED)
+        undefined = event == self._libvirt.VIR_DOMAIN_EVENT_UNDEFINED
+        with contextlib.suppress(self._libvirt.libvirtError):
+            uuid = domain.UUIDString()
+            self._loop.call_soon_threadsafe(self._schedule, uuid, domain, undefined)
 
     def _on_device(self, _conn: Any, domain: Any, _alias: str, _opaque: Any) -> None:
-        self._schedule(domain)
-
-    def _schedule(self, domain: Any, undefined: bool = False) -> None:
-        """Look at a domain again (one look at a time per domain, the latest wins)."""
-        try:
+        with contextlib.suppress(self._libvirt.libvirtError):
             uuid = domain.UUIDString()
-        except self._libvirt.libvirtError:
-            return
+            self._loop.call_soon_threadsafe(self._schedule, uuid, domain, False)
+
+    def _schedule(self, uuid: str, domain: Any, undefined: bool) -> None:
+        """Look at a domain again (one look at a time per domain, the latest wins)."""
         previous = self._updates.get(uuid)
 
         async def look() -> None:
@@ -228,13 +220,13 @@ class LibvirtFollower:
 
     async def _update(self, domain: Any) -> None:
         libvirt = self._libvirt
+        uuid = await self._run(domain.UUIDString)
         try:
-            uuid = domain.UUIDString()
             xml = await self._run(self._xml, domain)
             running = bool(await self._run(domain.isActive))
         except libvirt.libvirtError as error:
             if error.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                await self._remove(domain.UUIDString())  # a transient domain that stopped
+                await self._remove(uuid)  # a transient domain that stopped
                 return
             raise
         resources = parse_domain_xml(xml)

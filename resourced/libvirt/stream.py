@@ -5,14 +5,16 @@ non-blocking `virStream` while someone needs it (`hold()`; released
 `idle_timeout` seconds after the last `release()`), which is how local guests
 get consoles with no gateway. libvirt lets one client hold a console at a time:
 while we hold it, `virsh console` gets "Active console session exists"; we
-never force it away from someone else, and when another client forces it from
-us (`virsh console --force`) the hub is told why and we try again, without
-forcing, until that session ends.
+never force it away from someone else (opening it then fails with `Busy`, and
+we try again every `RETRY_DELAY` seconds while held), and when another client
+forces it from us (`virsh console --force`) the hub is told why and we try
+again, without forcing, until that session ends.
 
-The stream is driven by libvirt's event loop registered on the service's own
-asyncio loop (`libvirtaio`): its callbacks, `recv` and `send` of a non-blocking
-stream run there without blocking; the calls that do block (opening the
-console, aborting the stream) run in the loop's thread pool.
+Threads: the stream lives on the libvirt thread (`resourced.libvirt.thread`),
+where its callbacks fire and its `recv`/`send` run; the hub lives on the
+service's loop. Output crosses with `call_soon_threadsafe`, input with
+`post()`. The fields marked "libvirt thread" are touched only there; the rest
+only on the service's loop.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ from typing import Any
 
 from resourced.consoles.sources import SourceHandler
 from resourced.errors import BrokerError, Busy, NotConnected
+from resourced.libvirt import thread
 
 log = logging.getLogger(__name__)
 
 #: Most bytes one `recv` takes from the stream.
 READ_SIZE = 64 * 1024
-#: Seconds between attempts to get the console back after someone forced it away.
+#: Seconds between attempts to get a console someone else holds.
 RETRY_DELAY = 2.0
 
-#: Looks the domain up (blocking: run in a thread) and returns the libvirt domain.
+#: The libvirt domain, looked up on the libvirt thread (`NotConnected` if it cannot be).
 DomainLookup = Callable[[], Awaitable[Any]]
 
 
@@ -57,15 +60,20 @@ class LibvirtConsoleSource:
         self.idle_timeout = idle_timeout
         self.history_left = 0  # libvirt replays nothing
         self.failure: BrokerError | None = None
+        self._loop = asyncio.get_running_loop()
         self._handler: SourceHandler | None = None
-        self._stream: Any = None
+        self._attached = False
+        self._generation = 0  # which attachment a message from the libvirt thread is about
         self._holds = 0
         self._task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._pending = bytearray()
-        self._reading = True
+        self._backlog = 0  # input handed to the libvirt thread, not yet sent
         self._closed = False
         self._stopped = False  # the domain is not running
+        # libvirt thread
+        self._stream: Any = None
+        self._pending = bytearray()
+        self._reading = True
 
     # --- demand ------------------------------------------------------------------
 
@@ -78,9 +86,8 @@ class LibvirtConsoleSource:
 
     def release(self) -> None:
         self._holds = max(0, self._holds - 1)
-        if self._holds == 0:
-            loop = asyncio.get_running_loop()
-            self._idle_timer = loop.call_later(self.idle_timeout, self._idle_expired)
+        if self._holds == 0 and self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(self.idle_timeout, self._idle_expired)
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
@@ -101,21 +108,20 @@ class LibvirtConsoleSource:
         self._handler = handler
 
     def write(self, data: bytes) -> None:
-        self._pending += data
-        self._flush()
+        if not self._attached:
+            return  # the hub holds input while we are not attached
+        self._backlog += len(data)
+        thread.post(self._send, self._generation, bytes(data))
 
     @property
     def input_backlog(self) -> int:
-        return len(self._pending)
+        return self._backlog
 
     def pause_reading(self) -> None:
-        self._reading = False
-        self._update_events()
+        thread.post(self._set_reading, self._generation, False)
 
     def resume_reading(self) -> None:
-        self._reading = True
-        self._update_events()
-        self._readable()  # what arrived while paused
+        thread.post(self._set_reading, self._generation, True)
 
     def send_break(self) -> bool:
         return False  # a libvirt console stream carries bytes only
@@ -131,18 +137,18 @@ class LibvirtConsoleSource:
                 await task
         self.detach("closed")
 
-    # --- attaching ------------------------------------------------------------------
+    # --- attaching (service loop) -------------------------------------------------------
 
     def _ensure_attaching(self) -> None:
-        if self._closed or self._stopped or self._stream is not None:
+        if self._closed or self._stopped or self._attached:
             return
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(
+            self._task = self._loop.create_task(
                 self._attach_loop(), name=f"libvirt-console-{self.device}"
             )
 
     async def _attach_loop(self) -> None:
-        while self._holds and self._stream is None and not self._closed and not self._stopped:
+        while self._holds and not self._attached and not self._closed and not self._stopped:
             try:
                 await self._attach()
                 self.failure = None
@@ -153,15 +159,59 @@ class LibvirtConsoleSource:
             await asyncio.sleep(RETRY_DELAY)
 
     async def _attach(self) -> None:
+        domain = await self._domain()
+        self._generation += 1
+        await thread.call(self._open, domain, self._generation)
+        self._attached = True
+        self._backlog = 0
+        log.info("%s: attached", self.description)
+        if self._handler is not None:
+            self._handler.source_connected()
+
+    def detach(self, reason: str) -> None:
+        if not self._attached:
+            return
+        self._attached = False
+        self._generation += 1
+        self._backlog = 0
+        thread.post(self._close_stream)
+        if self._handler is not None:
+            self._handler.source_lost(reason)
+
+    # --- from the libvirt thread (service loop) --------------------------------------------
+
+    def _data(self, generation: int, chunks: list[bytes]) -> None:
+        if generation != self._generation or self._handler is None:
+            return
+        for chunk in chunks:
+            self._handler.source_data(chunk)
+
+    def _sent(self, generation: int, count: int) -> None:
+        if generation != self._generation:
+            return
+        self._backlog = max(0, self._backlog - count)
+        if self._backlog == 0 and self._handler is not None:
+            self._handler.source_drained()
+
+    def _lost(self, generation: int, reason: str) -> None:
+        if generation != self._generation:
+            return
+        log.info("%s: %s", self.description, reason)
+        self.detach(reason)
+        if self._holds and not self._closed and not self._stopped:
+            self._ensure_attaching()
+
+    # --- the stream (libvirt thread) ----------------------------------------------------------
+
+    def _open(self, domain: Any, generation: int) -> None:
         libvirt = self._libvirt
         conn = self._conn()
         if conn is None:
             raise NotConnected("libvirt is not connected")
-        domain = await self._domain()
+        self._close_stream()
         stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, domain.openConsole, self.device, stream, 0)
+            domain.openConsole(self.device, stream, 0)
         except libvirt.libvirtError as error:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
@@ -173,15 +223,13 @@ class LibvirtConsoleSource:
                 ) from None
             raise NotConnected(f"cannot open console {self.device}: {message}") from None
         self._stream = stream
+        self._pending.clear()
         self._reading = True
-        stream.eventAddCallback(self._events(), self._on_event, None)
-        log.info("%s: attached", self.description)
-        if self._handler is not None:
-            self._handler.source_connected()
-        self._flush()
+        stream.eventAddCallback(self._events(), self._on_event, generation)
 
-    def detach(self, reason: str) -> None:
+    def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
+        self._pending.clear()
         if stream is None:
             return
         libvirt = self._libvirt
@@ -189,16 +237,6 @@ class LibvirtConsoleSource:
             stream.eventRemoveCallback()
         with contextlib.suppress(libvirt.libvirtError):
             stream.abort()
-        if self._handler is not None:
-            self._handler.source_lost(reason)
-
-    def _lost(self, reason: str) -> None:
-        log.info("%s: %s", self.description, reason)
-        self.detach(reason)
-        if self._holds and not self._closed and not self._stopped:
-            self._ensure_attaching()
-
-    # --- the stream --------------------------------------------------------------------
 
     def _events(self) -> int:
         libvirt = self._libvirt
@@ -214,47 +252,74 @@ class LibvirtConsoleSource:
             with contextlib.suppress(self._libvirt.libvirtError):
                 self._stream.eventUpdateCallback(self._events())
 
-    def _on_event(self, _stream: Any, events: int, _opaque: Any) -> None:
+    def _set_reading(self, generation: int, reading: bool) -> None:
+        self._reading = reading
+        self._update_events()
+        if reading:
+            self._read(generation)
+
+    def _on_event(self, stream: Any, events: int, generation: int) -> None:
+        if stream is not self._stream:
+            return
         libvirt = self._libvirt
         if events & libvirt.VIR_STREAM_EVENT_READABLE:
-            self._readable()
+            self._read(generation)
         if events & libvirt.VIR_STREAM_EVENT_WRITABLE:
-            self._flush()
+            self._flush(generation)
         if self._stream is not None and events & (
             libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
         ):
-            self._lost("libvirt closed the console (the guest stopped, or someone forced it away)")
+            self._fail(
+                generation,
+                "libvirt closed the console (the guest stopped, or it was forced away)",
+            )
 
-    def _readable(self) -> None:
+    def _fail(self, generation: int, reason: str) -> None:
+        self._close_stream()
+        self._loop.call_soon_threadsafe(self._lost, generation, reason)
+
+    def _read(self, generation: int) -> None:
         libvirt = self._libvirt
-        while self._stream is not None and self._reading:
-            try:
-                data = self._stream.recv(READ_SIZE)
-            except libvirt.libvirtError as error:
-                self._lost(f"reading the console failed: {error.get_error_message()}")
-                return
-            if data == -2:  # nothing more now
-                return
-            if not isinstance(data, bytes) or not data:
-                self._lost("libvirt ended the console stream")
-                return
-            if self._handler is not None:
-                self._handler.source_data(data)
+        chunks: list[bytes] = []
+        try:
+            while self._stream is not None and self._reading:
+                try:
+                    data = self._stream.recv(READ_SIZE)
+                except libvirt.libvirtError as error:
+                    self._fail(generation, f"reading failed: {error.get_error_message()}")
+                    return
+                if data == -2:  # nothing more now
+                    return
+                if not isinstance(data, bytes) or not data:
+                    self._fail(generation, "libvirt ended the console stream")
+                    return
+                chunks.append(data)
+        finally:
+            if chunks:
+                self._loop.call_soon_threadsafe(self._data, generation, chunks)
 
-    def _flush(self) -> None:
+    def _send(self, generation: int, data: bytes) -> None:
+        if self._stream is None:
+            return
+        self._pending += data
+        self._flush(generation)
+
+    def _flush(self, generation: int) -> None:
         stream = self._stream
         if stream is None:
             return
         libvirt = self._libvirt
+        sent_now = 0
         while self._pending:
             try:
                 sent = stream.send(bytes(self._pending[:READ_SIZE]))
             except libvirt.libvirtError as error:
-                self._lost(f"writing to the console failed: {error.get_error_message()}")
+                self._fail(generation, f"writing failed: {error.get_error_message()}")
                 return
             if sent == -2 or sent <= 0:
                 break
             del self._pending[:sent]
+            sent_now += sent
         self._update_events()
-        if not self._pending and self._handler is not None:
-            self._handler.source_drained()
+        if sent_now:
+            self._loop.call_soon_threadsafe(self._sent, generation, sent_now)
