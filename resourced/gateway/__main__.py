@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 from resourced.consoles import ConsoleSpec, parse_console_option
+from resourced.consoles.hub import DEFAULT_RING_SIZE
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
-from resourced.gateway.hub import DEFAULT_RING_SIZE
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
 from resourced.rfb.server import ServerSecurity

@@ -15,8 +15,8 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+from resourced.consoles.hub import ConsoleHub, Overrun
 from resourced.errors import RemoteProtocolError, ResourcedError
-from resourced.gateway.hub import ConsoleHub, Overrun
 from resourced.rfb.aio import RfbClient, connect
 from resourced.rfb.connection import Message
 from resourced.rfb.consoles import (

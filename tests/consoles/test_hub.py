@@ -1,28 +1,28 @@
-"""The console hub against a real Unix-socket peer standing in for a QEMU chardev."""
+"""The console hub with its real sources: a Unix-socket peer standing in for a QEMU
+chardev, and a real PTY pair. The ring alone is tested in test_ring.py."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import itertools
+import os
+import termios
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
-from resourced.gateway import hub as hub_module
-from resourced.gateway.hub import (
-    _MERGE_MAX,
-    _MERGE_RUN,
-    READ_SLACK,
+from resourced.consoles.hub import MAX_PENDING_INPUT, ConsoleHub, Overrun
+from resourced.consoles.ring import READ_SLACK
+from resourced.consoles.sources import (
+    PTY_READ_SIZE,
     UNIX_READ_SIZE,
-    ConsoleHub,
-    Overrun,
+    ChardevSocketSource,
+    PtySource,
 )
+from tests.consoles.streams import stream
 
 TIMEOUT = 30.0
 
@@ -65,7 +65,7 @@ async def peer(tmp_path: Path) -> AsyncIterator[Peer]:
 
 def make_hub(path: Path, ring: int) -> ConsoleHub:
     spec = ConsoleSpec("serial0", ConsoleKind.SERIAL, Endpoint(EndpointType.UNIX, str(path)))
-    return ConsoleHub(1, spec, ring)
+    return ConsoleHub.from_spec(1, spec, ring)
 
 
 async def until(condition: Callable[[], bool], hub: ConsoleHub) -> None:
@@ -182,11 +182,16 @@ async def test_reconnects_and_delivers_input_held_while_down(tmp_path: Path) -> 
         await asyncio.wait_for(hub.wait_connected(), TIMEOUT)
         await first.stop()
         await until(lambda: not hub.connected, hub)
+        assert hub.last_error is not None
         hub.write(b"while down")
+        assert hub.input_backlog == len(b"while down")
+        drained = asyncio.Event()
+        hub.when_drained(lambda _hub: drained.set())  # credit comes back once it is through
         second = Peer(path)
         await second.start()
         try:
             await asyncio.wait_for(hub.wait_connected(), TIMEOUT)
+            await asyncio.wait_for(drained.wait(), TIMEOUT)
             await until(lambda: bytes(second.received) == b"while down", hub)
             assert second.writer is not None
             second.writer.write(b"back")
@@ -197,21 +202,7 @@ async def test_reconnects_and_delivers_input_held_while_down(tmp_path: Path) -> 
         await hub.close()
 
 
-# --- the ring: a list of chunks as received ------------------------------------------
-
-#: Byte `i` of every stream in these tests is PATTERN[i % 251] (a prime period, so
-#: that a byte out of place shows).
-PATTERN = bytes(range(251)) * 8
-
-
-def stream(start: int, stop: int) -> bytes:
-    """Bytes `start` to `stop` of the test stream."""
-    out = bytearray()
-    while start < stop:
-        piece = PATTERN[start % 251 : start % 251 + min(stop - start, 1500)]
-        out += piece
-        start += len(piece)
-    return bytes(out)
+# --- output in chunks, as the socket brings it ------------------------------------------
 
 
 async def send_chunks(peer: Peer, hub: ConsoleHub, sizes: list[int]) -> None:
@@ -235,9 +226,6 @@ async def test_history_replays_across_many_small_chunks(peer: Peer) -> None:
         total = sum(sizes)
         assert hub.total == total
         assert hub.oldest == total - ring  # exact to the byte
-        # Runs of tiny chunks are joined: a ring of one-byte chunks does not hold
-        # a chunk per byte.
-        assert len(hub._chunks) - hub._head < 2 * _MERGE_RUN
         # A late subscriber replays the history, in reads of any size.
         for limit in (1, 7, 64, 299, 300, 1000):
             got = bytearray()
@@ -327,138 +315,173 @@ async def test_one_read_from_the_host_end_fits_the_slack(peer: Peer) -> None:
         await hub.close()
 
 
-class _Model:
-    """Readers of a hub fed by hand, and what the ring must hold after each chunk."""
-
-    def __init__(self, hub: ConsoleHub, slack: int) -> None:
-        self.hub = hub
-        self.slack = slack
-        self.readers: list[Callable[[ConsoleHub], None]] = []
-        self.positions: dict[Callable[[ConsoleHub], None], int] = {}
-        self.largest = 0
-
-    def add_reader(self, position: int) -> None:
-        def reader(_hub: ConsoleHub) -> None:
-            pass
-
-        self.readers.append(reader)
-        self.positions[reader] = position
-        self.hub.subscribe(reader, position)
-
-    def check(self) -> None:
-        hub = self.hub
-        ring = hub.ring_size
-        assert hub.oldest <= max(0, hub.total - ring)  # at least a ring's worth kept
-        assert hub.total - hub.oldest <= ring + self.slack
-        assert hub.total - hub.oldest <= hub._held()
-        assert hub._held() <= ring + self.slack + max(self.largest, _MERGE_MAX)
+async def test_input_held_while_down_is_bounded(tmp_path: Path) -> None:
+    hub = make_hub(tmp_path / "nobody-listens.sock", 64)
+    hub.start()
+    try:
+        await until(lambda: hub.last_error is not None, hub)
+        assert not hub.connected
+        hub.write(b"x" * (MAX_PENDING_INPUT - 1))
+        hub.write(b"yy")  # past the bound: dropped, and said so in the log
+        assert hub.input_backlog == MAX_PENDING_INPUT - 1
+        hub.write(b"z")
+        assert hub.input_backlog == MAX_PENDING_INPUT
+    finally:
+        await hub.close()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    ring=st.integers(1, 200),
-    slack=st.one_of(st.integers(1, 400), st.just(READ_SLACK)),
-    eager=st.booleans(),
-    steps=st.lists(
-        st.one_of(
-            st.tuples(
-                st.just("receive"),
-                st.one_of(st.integers(1, 4), st.integers(1, 700)),
-                st.one_of(st.just(1), st.integers(1, 150)),  # how many chunks of that size
-            ),
-            st.tuples(st.just("subscribe"), st.booleans()),
-            st.tuples(st.just("advance"), st.integers(0, 7), st.integers(0, 800)),
-            st.tuples(st.just("unsubscribe"), st.integers(0, 7)),
-            st.tuples(st.just("give up"), st.just(0)),
-            st.tuples(st.just("read"), st.integers(-5, 1000), st.integers(0, 1000)),
-        ),
-        max_size=120,
-    ),
-)
-def test_the_ring_keeps_what_it_must_and_no_more(
-    ring: int, slack: int, eager: bool, steps: list[tuple[Any, ...]]
-) -> None:
-    """Chunks of any sizes, readers of any speeds: the ring keeps exactly the newest
-    `ring` bytes and beyond them, up to `ring + READ_SLACK`, what the slowest reader
-    not given up on still needs; reads give the right bytes or `Overrun`; memory
-    stays within that plus one chunk (as received, or small ones joined)."""
+async def test_the_hub_is_made_from_a_spec(tmp_path: Path) -> None:
+    unix = ConsoleSpec("serial0", ConsoleKind.SERIAL, Endpoint(EndpointType.UNIX, "/run/s.sock"))
+    pty = ConsoleSpec("console0", ConsoleKind.VIRTIO_CONSOLE, Endpoint(EndpointType.PTY, "/dev/x"))
+    a = ConsoleHub.from_spec(3, unix, 128)
+    b = ConsoleHub.from_spec(4, pty)
+    assert (a.console_id, a.name, a.kind, a.spec) == (3, "serial0", unix.kind, unix)
+    assert a.ring_size == 128
+    assert isinstance(a.source, ChardevSocketSource)
+    assert a.source.description == "unix:/run/s.sock"
+    assert (b.name, b.kind, b.spec) == ("console0", ConsoleKind.VIRTIO_CONSOLE, pty)
+    assert isinstance(b.source, PtySource)
+    assert b.source.description == "pty:/dev/x"
 
-    async def scenario() -> None:
-        hub = ConsoleHub(
-            1, ConsoleSpec("c", ConsoleKind.SERIAL, Endpoint(EndpointType.UNIX, "/x")), ring
-        )
-        model = _Model(hub, slack)
-        keeping_up = bytearray()  # what the eager reader got
-        last = [b""]  # the chunk received last
-        uncopied: list[bool] = []  # whether each chunk read whole was the chunk itself
 
-        def eager_reader(h: ConsoleHub) -> None:
-            # Reads all there is, as a session does, the newest chunk whole.
-            position = len(keeping_up)
-            if h.total - position == len(last[0]):  # (asserts here would be logged only)
-                uncopied.append(h.read(position, len(last[0])) is last[0])
-            while position < h.total:
-                piece = h.read(position, 1 + position % 97)
-                keeping_up.extend(piece)
-                position += len(piece)
-            h.advance(eager_reader, position)
+async def test_no_break_over_a_chardev_socket(peer: Peer) -> None:
+    hub = make_hub(peer.path, 64)
+    hub.start()
+    try:
+        await asyncio.wait_for(hub.wait_connected(), TIMEOUT)
+        assert hub.send_break() is False
+    finally:
+        await hub.close()
 
-        if eager:
-            hub.subscribe(eager_reader, 0)
-        for step in steps:
-            kind = step[0]
-            if kind == "receive":
-                size = step[1]
-                model.largest = max(model.largest, size)
-                for _ in range(step[2]):
-                    data = stream(hub.total, hub.total + size)
-                    last[0] = data
-                    before = hub.oldest
-                    hub._received(data)
-                    given_up = hub._given_up
-                    behind = [p for r, p in model.positions.items() if r not in given_up]
-                    if eager:
-                        behind.append(len(keeping_up))
-                    keep_from = hub.total - ring
-                    if behind and min(behind) < keep_from:
-                        keep_from = max(min(behind), keep_from - slack)
-                    assert hub.oldest == max(before, keep_from)
-                    model.check()
-            elif kind == "subscribe" and len(model.readers) < 8:
-                model.add_reader(hub.oldest if step[1] else hub.total)
-            elif kind == "advance" and model.readers:
-                reader = model.readers[step[1] % len(model.readers)]
-                position = model.positions[reader]
-                if position < hub.oldest:
-                    with pytest.raises(Overrun):
-                        hub.read(position, 1)
-                    position = hub.oldest  # the reader skips what it lost
-                piece = hub.read(position, step[2])
-                assert piece == stream(position, min(hub.total, position + step[2]))
-                model.positions[reader] = position + len(piece)
-                hub.advance(reader, position + len(piece))
-            elif kind == "unsubscribe" and model.readers:
-                reader = model.readers.pop(step[1] % len(model.readers))
-                del model.positions[reader]
-                hub.unsubscribe(reader)
-            elif kind == "give up" and hub._stall_timer is not None:
-                hub._stall_timer.cancel()
-                hub._stall_expired()
-            elif kind == "read":
-                offset = hub.oldest + step[1] - 5
-                if offset < hub.oldest:
-                    with pytest.raises(Overrun):
-                        hub.read(offset, step[2])
-                else:
-                    expected = stream(offset, min(hub.total, offset + step[2]))
-                    assert hub.read(offset, step[2]) == expected
-            model.check()
-        if eager:
-            assert bytes(keeping_up) == stream(0, hub.total)
-            assert all(uncopied)
-        if hub._stall_timer is not None:
-            hub._stall_timer.cancel()
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hub_module, "READ_SLACK", slack)
-        asyncio.run(scenario())
+# --- a PTY host end (what libvirt's <serial type='pty'> gives) ------------------------
+
+
+class PtyPeer:
+    """The master side of a real PTY pair, as QEMU holds it; the hub opens the slave."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = os.openpty()
+        self.path = os.ttyname(self.slave)
+        os.set_blocking(self.master, False)
+        self.received = bytearray()
+        self._out = bytearray()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.master, self._readable)
+
+    def _readable(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.received += os.read(self.master, 65536)
+
+    def write(self, data: bytes) -> None:
+        self._out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while self._out:
+                del self._out[: os.write(self.master, self._out)]
+        if self._out:
+            self._loop.add_writer(self.master, self._flush)
+        else:
+            self._loop.remove_writer(self.master)
+
+    def close_slave(self) -> None:
+        """Our own slave fd: the hub holds the PTY open by its own."""
+        os.close(self.slave)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.master)
+        self._loop.remove_writer(self.master)
+        os.close(self.master)
+
+
+@pytest.fixture
+async def pty_peer() -> AsyncIterator[PtyPeer]:
+    p = PtyPeer()
+    yield p
+    with contextlib.suppress(OSError):
+        p.close_slave()
+    with contextlib.suppress(OSError):
+        p.close()
+
+
+def make_pty_hub(peer: PtyPeer, ring: int) -> ConsoleHub:
+    spec = ConsoleSpec("serial1", ConsoleKind.SERIAL, Endpoint(EndpointType.PTY, peer.path))
+    return ConsoleHub.from_spec(2, spec, ring)
+
+
+async def test_pty_output_input_and_break(pty_peer: PtyPeer) -> None:
+    hub = make_pty_hub(pty_peer, 64)
+    hub.start()
+    try:
+        await asyncio.wait_for(hub.wait_connected(), TIMEOUT)
+        # Raw mode: no echo and no CR/LF translation between the guest and us.
+        attrs = termios.tcgetattr(pty_peer.slave)
+        assert not attrs[3] & (termios.ECHO | termios.ICANON)
+        pty_peer.write(b"guest says\r\nhello")
+        await until(lambda: hub.total == 17, hub)
+        assert hub.read(0, 64) == b"guest says\r\nhello"
+        drained = asyncio.Event()
+        hub.write(b"typed\n")
+        hub.when_drained(lambda _hub: drained.set())
+        await asyncio.wait_for(drained.wait(), TIMEOUT)
+        await until(lambda: bytes(pty_peer.received) == b"typed\n", hub)
+        assert hub.send_break() is True
+    finally:
+        await hub.close()
+
+
+async def test_pty_closed_by_the_other_side_is_lost(pty_peer: PtyPeer) -> None:
+    hub = make_pty_hub(pty_peer, 64)
+    hub.start()
+    try:
+        await asyncio.wait_for(hub.wait_connected(), TIMEOUT)
+        pty_peer.close_slave()
+        pty_peer.close()  # QEMU went away: the slave reads EIO
+        await until(lambda: not hub.connected, hub)
+        assert hub.last_error is not None
+        hub.write(b"held")  # for when it comes back
+        assert hub.input_backlog == 4
+    finally:
+        await hub.close()
+
+
+async def test_a_reader_a_ring_behind_pauses_the_pty(pty_peer: PtyPeer) -> None:
+    """Back-pressure reaches the PTY: the hub stops reading it while a reader is a
+    ring behind, and reads on once that reader is gone; nothing is lost."""
+    ring = 4096
+    hub = make_pty_hub(pty_peer, ring)
+    hub.stall_timeout = 10 * TIMEOUT  # only the reader going away ends this pause
+    hub.start()
+
+    def stuck(_hub: ConsoleHub) -> None:
+        pass
+
+    got = bytearray()
+
+    def reader(h: ConsoleHub) -> None:
+        position = len(got)
+        while position < h.total:
+            chunk = h.read(position, 1000)
+            got.extend(chunk)
+            position += len(chunk)
+        h.advance(reader, position)
+
+    try:
+        await asyncio.wait_for(hub.wait_connected(), TIMEOUT)
+        hub.subscribe(stuck, 0)
+        hub.subscribe(reader, 0)
+        payload = stream(0, 1024 * 1024)
+        pty_peer.write(payload)
+        await until(lambda: hub.paused, hub)
+        assert ring <= hub.total <= ring + PTY_READ_SIZE
+        assert hub.read(0, 10) == payload[:10]  # held for the reader behind
+        hub.unsubscribe(stuck)
+        assert not hub.paused
+        await until(lambda: len(got) == len(payload), hub)
+        assert bytes(got) == payload
+    finally:
+        hub.unsubscribe(stuck)
+        hub.unsubscribe(reader)
+        await hub.close()
