@@ -298,7 +298,7 @@ def test_any_interleaving_keeps_the_invariants(
             behind = {
                 k
                 for k, p in ring.positions.items()
-                if k not in ring.given_up and ring.total - p >= size // 2
+                if k not in ring.given_up and ring.total - p >= (size + 1) // 2
             }
             given_up = ring.expire(now)
             if deadline is not None and now >= deadline:
