@@ -7,13 +7,14 @@ Run from the repository root:
 Each case feeds chunks of one size to a hub with one caught-up reader, the way a
 gateway session reads (`read(offset, min(credit, max_data))` until it has all,
 then `advance()`), with no sockets and no event loop: only the hub's
-`_received()` and `read()` path (notify, trim, back-pressure check, read). It
+`source_data()` and `read()` path (notify, trim, back-pressure check, read). It
 does so, interleaved round by round, for
 
 - `BytearrayRing`: the hub's ring as it was (one `bytearray`, `+=` on the
   right and `del` on the left, `read()` returning `bytes(ring[a:b])`), copied
   here for comparison only;
-- `ConsoleHub`: the real hub (`resourced.gateway.hub`), a list of chunks.
+- `ConsoleHub`: the real hub (`resourced.consoles.hub`), its `Ring` a list of
+  chunks.
 
 The cases: 1-byte chunks (keystroke echoes: the count of Python operations is
 what matters), 64 KiB and 256 KiB chunks (bulk: copies matter). The reader
@@ -34,7 +35,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
-from resourced.gateway.hub import DEFAULT_RING_SIZE, READ_SLACK, ConsoleHub, Overrun
+from resourced.consoles.hub import ConsoleHub
+from resourced.consoles.ring import DEFAULT_RING_SIZE, READ_SLACK, Overrun
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,13 @@ class _Hub(Protocol):
 
     def read(self, offset: int, limit: int) -> bytes: ...
     def advance(self, listener: Callable[[_Hub], None], position: int) -> None: ...
-    def _received(self, data: bytes) -> None: ...
+    def source_data(self, data: bytes) -> None: ...
 
 
 class BytearrayRing:
-    """The hub's ring before the chunk list (for comparison only): `_received`,
-    `read` and what they call, as they were, without the host end."""
+    """The hub's ring before the chunk list (for comparison only): `_received`
+    (here `source_data`), `read` and what they call, as they were, without the
+    host end."""
 
     def __init__(self, ring_size: int = DEFAULT_RING_SIZE) -> None:
         self.name = "baseline"
@@ -77,7 +80,7 @@ class BytearrayRing:
         start = offset - self.oldest
         return bytes(self._ring[start : start + limit])
 
-    def _received(self, data: bytes) -> None:
+    def source_data(self, data: bytes) -> None:
         self._ring += data
         self.total += len(data)
         keep = self.ring_size
@@ -145,13 +148,13 @@ class Reader:
 
 def new_hub() -> ConsoleHub:
     spec = ConsoleSpec("bench", ConsoleKind.SERIAL, Endpoint(EndpointType.UNIX, "/nonexistent"))
-    return ConsoleHub(0, spec)
+    return ConsoleHub.from_spec(0, spec)  # never started: fed by hand
 
 
 def run(make: Callable[[], tuple[_Hub, Reader]], chunks: list[bytes], count: int) -> float:
     """CPU seconds for `count` chunks into a hub whose ring is already full."""
     hub, reader = make()
-    received = hub._received
+    received = hub.source_data
     for chunk in chunks * max(1, 2 * DEFAULT_RING_SIZE // sum(map(len, chunks))):
         received(chunk)  # fill the ring first: the steady state is what counts
     before = reader.received

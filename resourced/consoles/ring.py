@@ -108,6 +108,10 @@ class Ring(Generic[K]):
         self._merge_from = 0
         self._positions: dict[K, int] = {}
         self._given_up: set[K] = set()
+        #: At most the position of the slowest reader not given up on (any value
+        #: when there is none): while the newest ring's worth starts before it,
+        #: no reader is a ring behind, and `trim()` need not look at each.
+        self._low: float = math.inf
         self._paused = False
         #: When the current pause began, once the owner has said (`expire(now)`).
         self._stall_since: float | None = None
@@ -181,18 +185,30 @@ class Ring(Generic[K]):
     def trim(self) -> bool:
         """Drop what no reader needs any more and decide the pause, now that the
         readers have had the newest chunk. Returns whether `paused` changed."""
-        positions = self._positions
-        if not positions:
-            slowest = None
-        elif not self._given_up:
-            slowest = min(positions.values())
-        else:
-            slowest = self._slowest()
         total = self.total
-        size = self.size
-        keep_from = total - size
-        if slowest is not None and slowest < keep_from:
-            keep_from = max(slowest, keep_from - self.slack)
+        keep_from = total - self.size
+        changed = False
+        # Only when a reader may be a ring behind (or the ring is paused) is it
+        # worth looking at each: with readers that keep up, once a ring's worth.
+        if keep_from >= self._low or self._paused:
+            # `_slowest()` and `_decide()`, inline: with chunks of a ring or more,
+            # this is the hot path.
+            positions = self._positions
+            if not positions:
+                slowest = None
+                self._low = math.inf
+            elif not self._given_up:
+                slowest = self._low = min(positions.values())
+            else:
+                slowest = self._slowest()
+            if slowest is None or total - slowest < self._half:
+                if self._paused:
+                    changed = self._set_paused(False)
+            else:
+                if slowest < keep_from:
+                    keep_from = max(slowest, keep_from - self.slack)
+                if total - slowest >= self.size and not self._paused:
+                    changed = self._set_paused(True)
         if keep_from > self._oldest:
             self._oldest = keep_from
             ends = self._ends
@@ -210,13 +226,7 @@ class Ring(Generic[K]):
                 self._head = head
         if len(self._ends) - self._merge_from >= _MERGE_RUN:
             self._merge()
-        # `_decide()`, inline, with the `slowest` already found: this is the hot path.
-        if slowest is None or total - slowest < self._half:
-            if self._paused:
-                return self._set_paused(False)
-        elif total - slowest >= size and not self._paused:
-            return self._set_paused(True)
-        return False
+        return changed
 
     def _merge(self) -> None:
         """Join the chunks from `_merge_from` on into one, if they are small."""
@@ -253,13 +263,13 @@ class Ring(Generic[K]):
     def add_reader(self, key: K, position: int) -> bool:
         """Track a reader that will take output from absolute offset `position`."""
         self._positions[key] = position
-        return self._decide()
+        return self._decide(self._slowest())
 
     def remove_reader(self, key: K) -> bool:
         if self._positions.pop(key, None) is None:
             return False
         self._given_up.discard(key)
-        return self._decide()
+        return self._decide(self._slowest())
 
     def advance(self, key: K, position: int) -> bool:
         """A reader has taken output up to absolute offset `position`."""
@@ -267,20 +277,28 @@ class Ring(Generic[K]):
         if key not in positions:
             return False
         positions[key] = position
+        if position < self._low or len(positions) == 1:
+            self._low = position  # exact for a reader alone: `trim()` then never looks
         given_up = self._given_up
         if given_up and key in given_up and self.total - position < self._half:
             given_up.discard(key)  # caught up after all
         if self._paused:
-            return self._decide()
+            return self._decide(self._slowest())
         return False
 
     def _slowest(self) -> int | None:
+        """The position of the slowest reader not given up on (also the new `_low`)."""
         given_up = self._given_up
-        behind = [p for key, p in self._positions.items() if key not in given_up]
-        return min(behind) if behind else None
+        if given_up:
+            behind = [p for key, p in self._positions.items() if key not in given_up]
+            slowest = min(behind) if behind else None
+        else:
+            slowest = min(self._positions.values()) if self._positions else None
+        self._low = math.inf if slowest is None else slowest
+        return slowest
 
-    def _decide(self) -> bool:
-        slowest = self._slowest()
+    def _decide(self, slowest: int | None) -> bool:
+        """Pause at a ring behind, resume below half; returns whether that changed."""
         if slowest is None or self.total - slowest < self._half:
             return self._set_paused(False)
         if self.total - slowest >= self.size:
@@ -328,6 +346,6 @@ class Ring(Generic[K]):
         }
         given_up |= laggards
         self._set_paused(False)
-        if self._decide():
+        if self._decide(self._slowest()):
             self._stall_since = now
         return laggards

@@ -28,9 +28,9 @@ from pathlib import Path
 
 from resourced.cli import failing_as, read_password_file, run_command
 from resourced.consoles import ConsoleSpec, parse_console_option
+from resourced.consoles.hub import DEFAULT_RING_SIZE
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
-from resourced.gateway.hub import DEFAULT_RING_SIZE
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
 from resourced.rfb.aio import parse_address

@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from resourced.consoles import ConsoleSpec
+from resourced.consoles.hub import DEFAULT_RING_SIZE, ConsoleHub
 from resourced.errors import ConfigurationError
-from resourced.gateway.hub import DEFAULT_RING_SIZE, ConsoleHub
 from resourced.gateway.session import Session
 from resourced.rfb.consoles import ConsoleInfo
 from resourced.rfb.server import ServerSecurity
@@ -69,13 +69,13 @@ class Gateway:
     def _new_hub(self, spec: ConsoleSpec) -> ConsoleHub:
         if any(hub.name == spec.name for hub in self.hubs.values()):
             raise ConfigurationError(f"two consoles named {spec.name}")
-        hub = ConsoleHub(next(self._ids), spec, self.config.history)
+        hub = ConsoleHub.from_spec(next(self._ids), spec, self.config.history)
         self.hubs[hub.console_id] = hub
         return hub
 
     @staticmethod
     def info(hub: ConsoleHub) -> ConsoleInfo:
-        return ConsoleInfo(hub.console_id, hub.spec.kind, hub.name, history=True)
+        return ConsoleInfo(hub.console_id, hub.kind, hub.name, history=True)
 
     def console_infos(self) -> list[ConsoleInfo]:
         return [self.info(hub) for hub in self.hubs.values()]

@@ -15,27 +15,26 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any, cast
 
+from resourced.consoles.hub import ConsoleHub, Overrun
 from resourced.errors import RemoteProtocolError, ResourcedError
-from resourced.gateway.hub import ConsoleHub, Overrun
 from resourced.rfb.aio import RfbClient, connect
 from resourced.rfb.connection import Message
 from resourced.rfb.consoles import (
+    INPUT_WINDOW,
     MAX_CONSOLE_DATA,
-    MAX_CREDIT,
     VERSION,
     CloseReason,
     ConsoleAdded,
     ConsoleBreak,
     ConsoleClose,
     ConsoleClosed,
-    ConsoleCredit,
     ConsoleData,
     ConsoleGrant,
     ConsoleOpen,
-    ConsoleOpened,
     ConsoleRemoved,
     ConsolesAnnounced,
     ConsoleWrite,
+    ServedConsole,
     parse_client_message,
 )
 from resourced.rfb.constants import Encoding, QemuAudioServerOp, QemuClientSubtype
@@ -57,9 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Input a viewer may have in flight per console before the host end takes it
-#: (credit comes back in halves as the host end drains: a bulk upload's pipeline).
-INPUT_WINDOW = 256 * 1024
 #: Bytes queued for a viewer before console output waits for it to drain: small,
 #: so console output goes to the socket from the hub's chunks, not through
 #: another copy into the transport's buffer. Display and audio wait only past
@@ -89,15 +85,15 @@ def filter_encodings(encodings: tuple[int, ...]) -> tuple[tuple[int, ...], bool]
 
 
 class _OpenConsole:
-    __slots__ = ("credit", "hub", "input_credit", "listener", "max_data", "offset", "returning")
+    """A console the viewer has open: where its output comes from and how far it
+    got; the credit both ways is `served`'s."""
 
-    def __init__(self, hub: ConsoleHub, offset: int, credit: int, max_data: int) -> None:
+    __slots__ = ("hub", "listener", "offset", "served")
+
+    def __init__(self, hub: ConsoleHub, offset: int, served: ServedConsole) -> None:
         self.hub = hub
         self.offset = offset  # next absolute hub offset to send
-        self.credit = credit  # bytes the viewer lets us send
-        self.max_data = max_data
-        self.input_credit = INPUT_WINDOW  # bytes the viewer may still send us
-        self.returning = 0  # input written to the host end, credit not yet returned
+        self.served = served
         self.listener: Any = None
 
 
@@ -450,9 +446,7 @@ class Session(asyncio.BufferedProtocol):
         if isinstance(message, ConsoleClose):
             self._close_console(console_id, CloseReason.REQUESTED, "")
         elif isinstance(message, ConsoleGrant):
-            if console.credit + message.increment > MAX_CREDIT:
-                raise RemoteProtocolError("console credit beyond 2**32-1")
-            console.credit += message.increment
+            console.served.grant(message)
             self._pump(console_id)
         elif isinstance(message, ConsoleWrite):
             self._console_input(console, message.data)
@@ -466,7 +460,7 @@ class Session(asyncio.BufferedProtocol):
             return
         hub = self.gateway.hubs[console_id]
         offset = hub.oldest if message.history else hub.total
-        console = _OpenConsole(hub, offset, message.credit, message.max_data)
+        console = _OpenConsole(hub, offset, ServedConsole(message, hub.name, INPUT_WINDOW))
 
         def listener(_hub: ConsoleHub, console_id: int = console_id) -> None:
             self._pump(console_id)
@@ -474,7 +468,7 @@ class Session(asyncio.BufferedProtocol):
         console.listener = listener
         self._open[console_id] = console
         hub.subscribe(listener, offset)
-        self._send(ConsoleOpened(console_id, console.input_credit, hub.total - offset))
+        self._send(console.served.opened(hub.total - offset))
         self._pump(console_id)
 
     def _close_console(self, console_id: int, reason: CloseReason, text: str) -> None:
@@ -491,14 +485,16 @@ class Session(asyncio.BufferedProtocol):
         if self._transport.is_closing():
             return
         hub = console.hub
+        served = console.served
         server = self.server
         try:
             start = console.offset
-            while console.credit > 0 and console.offset < hub.total and not self._write_paused:
-                chunk = hub.read(console.offset, min(console.credit, console.max_data))
+            sendable = served.sendable
+            while sendable > 0 and console.offset < hub.total and not self._write_paused:
+                chunk = hub.read(console.offset, sendable)
                 server.send_raw(ConsoleData.encode(console_id, chunk))
                 console.offset += len(chunk)
-                console.credit -= len(chunk)
+                sendable = served.sent(len(chunk))
                 self._flush()  # may pause writing: the rest waits in the hub
             if console.offset != start:
                 hub.advance(console.listener, console.offset)
@@ -509,26 +505,18 @@ class Session(asyncio.BufferedProtocol):
             self._close_console(console_id, CloseReason.OVERRUN, str(err))
 
     def _console_input(self, console: _OpenConsole, data: bytes) -> None:
-        if len(data) > console.input_credit:
-            raise RemoteProtocolError(
-                f"console {console.hub.name}: {len(data)} bytes of input beyond the "
-                f"{console.input_credit} bytes of credit"
-            )
-        console.input_credit -= len(data)
-        console.returning += len(data)
+        credit_due = console.served.received(data)  # checks the viewer's credit
         console.hub.write(data)
-        if console.returning < INPUT_WINDOW // 2:
+        if not credit_due:
             return  # a keystroke costs no CREDIT message, and no drain watch
         console_id = console.hub.console_id
 
         def drained(_hub: ConsoleHub) -> None:
-            # Credit goes back in batches of half the window: the viewer always
-            # keeps at least that much, and a keystroke costs no CREDIT message.
-            if self._open.get(console_id) is not console or console.returning < INPUT_WINDOW // 2:
-                return
-            amount, console.returning = console.returning, 0
-            console.input_credit += amount
-            self._send(ConsoleCredit(console_id, amount))
+            if self._open.get(console_id) is not console:
+                return  # closed (or reopened) meanwhile
+            credit = console.served.drained()
+            if credit is not None:
+                self._send(credit)
 
         console.hub.when_drained(drained)
 

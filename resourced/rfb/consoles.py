@@ -1,4 +1,5 @@
-"""The RFB console extension (ours, provisional): messages and the client half.
+"""The RFB console extension (ours, provisional): messages, the client half and the
+server half's accounting.
 
 Wire format and rules: docs/protocol/console-extension.md. In short: the client
 advertises pseudo-encoding -262; a server that knows the extension answers with
@@ -8,8 +9,9 @@ sent a break, and closed; data in each direction is bounded by credit the reader
 grants, per console, so a slow reader never stalls anything else.
 
 This module holds one frozen dataclass per message (server messages double as
-the client's events) and `Consoles`, the client-side `Extension`. The server half
-(the gateway) reuses the messages. No I/O.
+the client's events), `Consoles`, the client-side `Extension`, and
+`ServedConsole`, the credit of one console a client has open on a server (the
+gateway's session does the I/O around it). No I/O.
 """
 
 from __future__ import annotations
@@ -714,3 +716,104 @@ _HANDLERS: dict[int, Callable[[Consoles, Any], list[Any]]] = {
     ConsoleServerOp.CLOSED: Consoles._on_closed,
     ConsoleServerOp.CREDIT: Consoles._on_credit,
 }
+
+
+# ---------------------------------------------------------------------------
+# The server half: one open console's credit, both ways
+# ---------------------------------------------------------------------------
+
+#: Input a client may have in flight per console before the host end takes it
+#: (credit goes back in halves as the host end drains: a bulk upload's pipeline).
+INPUT_WINDOW = 256 * 1024
+
+
+class ServedConsole:
+    """A console a client has open, as the server accounts for it: how much output
+    the client's credit lets the server send (in DATA of at most `max_data`), and
+    how much input the client may still write.
+
+    Output: `sendable` is the most the next DATA may carry; `sent(size)` counts
+    one. Input: `received(data)` checks a WRITE against the client's credit;
+    credit goes back once the host end has taken the input (`drained()`), in
+    batches of half the window, so that a keystroke costs no CREDIT message and
+    the client always keeps at least half a window to write into.
+
+    No I/O and no console: the server reads its console and writes to the host
+    end, and asks this how much and when.
+    """
+
+    __slots__ = (
+        "console_id",
+        "credit",
+        "input_credit",
+        "input_window",
+        "max_data",
+        "name",
+        "returning",
+        "sendable",
+    )
+
+    def __init__(self, message: ConsoleOpen, name: str, input_window: int = INPUT_WINDOW) -> None:
+        if not 0 < input_window <= MAX_CREDIT:
+            raise LocalProtocolError("input window out of range")
+        self.console_id = message.console_id
+        self.name = name
+        #: Output bytes the client lets us send.
+        self.credit = message.credit
+        self.max_data = message.max_data
+        #: The most the next DATA may carry (0: wait for a GRANT).
+        self.sendable = min(self.credit, self.max_data)
+        self.input_window = input_window
+        #: Input bytes the client may still write.
+        self.input_credit = input_window
+        #: Input passed on to the host end whose credit has not gone back yet.
+        self.returning = 0
+
+    def opened(self, history_length: int) -> ConsoleOpened:
+        """The answer to the OPEN: the client's input credit, and the replay to come."""
+        return ConsoleOpened(self.console_id, self.input_credit, history_length)
+
+    # --- output ------------------------------------------------------------------
+
+    def sent(self, size: int) -> int:
+        """A DATA of `size` bytes went out; returns what the next may carry."""
+        if size > self.sendable:
+            raise LocalProtocolError(
+                f"console {self.name}: DATA of {size} bytes beyond the {self.sendable} allowed"
+            )
+        credit = self.credit - size
+        self.credit = credit
+        max_data = self.max_data
+        self.sendable = sendable = credit if credit < max_data else max_data
+        return sendable
+
+    def grant(self, message: ConsoleGrant) -> None:
+        """The client lets us send more (GRANT)."""
+        credit = self.credit + message.increment
+        if credit > MAX_CREDIT:
+            raise RemoteProtocolError(f"console {self.name}: credit beyond 2**32-1")
+        self.credit = credit
+        self.sendable = min(credit, self.max_data)
+
+    # --- input -------------------------------------------------------------------
+
+    def received(self, data: bytes) -> bool:
+        """Input from the client (WRITE), to pass on to the host end; returns whether
+        credit is due back once the host end has taken it (then call `drained()`)."""
+        size = len(data)
+        if size > self.input_credit:
+            raise RemoteProtocolError(
+                f"console {self.name}: {size} bytes of input beyond the "
+                f"{self.input_credit} bytes of credit"
+            )
+        self.input_credit -= size
+        self.returning += size
+        return self.returning >= self.input_window // 2
+
+    def drained(self) -> ConsoleCredit | None:
+        """The host end has taken all input passed on: the CREDIT to send, if due."""
+        if self.returning < self.input_window // 2:
+            return None
+        amount, self.returning = self.returning, 0
+        self.input_credit += amount
+        return ConsoleCredit(self.console_id, amount)

@@ -614,7 +614,7 @@ async def test_console_output_for_a_stalled_viewer_waits_in_the_hub(make_rig: Ma
         v.client.pause_reading()
         v.write(flood, b"!")
         async with asyncio.timeout(TIMEOUT):
-            while not hub._paused:  # noqa: ASYNC110 (a hub offers no event for this)
+            while not hub.paused:  # noqa: ASYNC110 (a hub offers no event for this)
                 await asyncio.sleep(0.01)
         assert session._transport is not None
         queued = session._transport.get_write_buffer_size()
