@@ -185,6 +185,21 @@ async def _end(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+async def name_has_owner(bus: MessageBus) -> bool:
+    """Whether the service's name is owned now (asking does not activate it)."""
+    reply = await bus.call(
+        Message(
+            destination="org.freedesktop.DBus",
+            path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus",
+            member="NameHasOwner",
+            signature="s",
+            body=[BUS_NAME],
+        )
+    )
+    return bool(checked(reply, "NameHasOwner")[0])
+
+
 def checked(reply: Message | None, what: str) -> list[Any]:
     """The body of a METHOD_RETURN; `ServiceCallError` with the error otherwise."""
     if reply is None:

@@ -53,7 +53,14 @@ from typing import Any
 from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
-from bench.bus import PrivateBus, add_guest, console_path, open_console, wait_consoles
+from bench.bus import (
+    PrivateBus,
+    add_guest,
+    console_path,
+    name_has_owner,
+    open_console,
+    wait_consoles,
+)
 from bench.bus import cpu_seconds as process_cpu_seconds
 from bench.peer import (
     ACK,
@@ -155,6 +162,8 @@ class Options:
     gateway_history: int | None = None
     #: Run the gateway subprocess under cProfile, writing this file.
     profile_gateway: Path | None = None
+    #: Run the service (started by us, not activated) under cProfile, writing this file.
+    profile_service: Path | None = None
     #: Profile this process (our client) with cProfile, writing this file.
     profile_client: Path | None = None
     keep_workdir: bool = False
@@ -922,12 +931,34 @@ async def start_service(
     rig.on_close(bus.stop)
     bus.write_config("[service]\nidle-exit = 0\n")
     await bus.start(options.timeout)
+    if options.profile_service is not None:
+        # Started by us under cProfile; it owns the name before anyone calls, so
+        # nothing is activated. SIGTERM (from bus.stop) is a clean stop: the profile
+        # is written.
+        profile = options.profile_service.absolute()
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile)]
+        command += ["-m", "resourced.dbus", "run", "--bus", bus.address]
+        with (workdir / "service.log").open("wb") as output:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=bus.env
+            )
+
+        async def stop_profiled() -> None:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                await process.wait()
+
+        rig.on_close(stop_profiled)
     client = await bus.client()
 
     async def disconnect() -> None:
         client.disconnect()
 
     rig.on_close(disconnect)
+    if options.profile_service is not None:
+        async with asyncio.timeout(options.timeout):
+            while not await name_has_owner(client):  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.05)
     try:
         await add_guest(client, SERVICE_GUEST, gateway_address, options.timeout)
         serial = console_path(SERVICE_GUEST, "serial0")
@@ -1634,6 +1665,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--profile-gateway", type=Path, metavar="FILE", help="cProfile output")
     parser.add_argument("--profile-client", type=Path, metavar="FILE", help="cProfile output")
+    parser.add_argument(
+        "--profile-service", type=Path, metavar="FILE", help="cProfile output of the service"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser
 
@@ -1661,6 +1695,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         options.window = args.window_kib * 1024
     options.profile_gateway = args.profile_gateway
     options.profile_client = args.profile_client
+    options.profile_service = args.profile_service
     options.keep_workdir = args.keep
     if options.samples < 1 or options.bulk_bytes < 1 or options.bulk_rounds < 1:
         raise SystemExit("samples, bulk size and rounds must be positive")
