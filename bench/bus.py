@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -121,10 +122,20 @@ class PrivateBus:
                 stderr=log,
             )
         async with asyncio.timeout(timeout):
-            while not self.socket_path.exists():
+            while not await asyncio.to_thread(self._accepts):
                 if self._daemon.poll() is not None:
                     raise RuntimeError(f"dbus-daemon exited: {self.log()}")
                 await asyncio.sleep(0.01)
+
+    def _accepts(self) -> bool:
+        """Whether the daemon accepts connections yet (its socket appears before it
+        listens)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket_path))
+            except OSError:
+                return False
+        return True
 
     def log(self) -> str:
         """The daemon's stderr, where the activated service's own output goes too."""
