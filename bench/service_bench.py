@@ -133,6 +133,10 @@ class ActivationRun:
 class ActivationResults:
     cold: ActivationRun | None = None
     runs: list[ActivationRun] = field(default_factory=list)
+    #: The floor on this machine now, in ms (p50): `python -c pass`, and a Python
+    #: that imports the service's code and exits (with the same bytecode cache).
+    interpreter_ms: float = 0.0
+    imports_ms: float = 0.0
 
     def of(self, way: str) -> list[ActivationRun]:
         return [run for run in self.runs if run.way == way]
@@ -152,6 +156,8 @@ class ActivationResults:
                 "first_byte_max_ms": round(max(r.first_byte_ms for r in runs), 1),
                 "first_byte_ms": [round(r.first_byte_ms, 1) for r in runs],
             }
+        out["interpreter_p50_ms"] = round(self.interpreter_ms, 1)
+        out["imports_p50_ms"] = round(self.imports_ms, 1)
         if self.cold is not None:
             out["cold_start"] = {
                 "way": self.cold.way,
@@ -260,6 +266,7 @@ async def activation_run(
             else:
                 async with asyncio.timeout(options.timeout):
                     known = await watch.wait(path)
+        known = max(known, replied)  # a signal handled first is still used after the reply
         fd = await open_console(client, path, timeout=options.timeout)
         opened = time.perf_counter()
         sock = socket.socket(fileno=fd)
@@ -282,6 +289,18 @@ async def activation_run(
     return ActivationRun(
         way, ms(replied), ms(known), ms(opened), ms(first), (echoed - first) * 1000
     )
+
+
+async def startup_floor(code: str, env: dict[str, str], runs: int) -> float:
+    """p50 ms of running `python -c code` to its exit."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env)
+        if await process.wait() != 0:
+            raise BenchError(f"python -c {code!r} failed")
+        times.append((time.perf_counter() - start) * 1000)
+    return _p50(times)
 
 
 async def measure_activation(workdir: Path, options: Options) -> ActivationResults:
@@ -319,6 +338,11 @@ async def measure_activation(workdir: Path, options: Options) -> ActivationResul
             run = await activation_run(way, address, workdir / f"bus{index}", cache, options)
             log(f"activation {way}: first byte after {run.first_byte_ms:.1f} ms")
             results.runs.append(run)
+        env = PrivateBus(workdir / "floor", bytecode_cache=cache).env
+        results.interpreter_ms = await startup_floor("pass", env, options.runs)
+        results.imports_ms = await startup_floor(
+            "import resourced.dbus.__main__", env, options.runs
+        )
     finally:
         await gateway.stop()
         await guest.stop()
@@ -631,6 +655,10 @@ def format_table(results: Results) -> str:
                 f"{p50('open_ms'):>8.1f}{p50('first_byte_ms'):>10.1f}"
                 f"{max(r.first_byte_ms for r in runs):>8.1f}{p50('echo_ms'):>7.1f}"
             )
+        lines.append(
+            f"floor (p50): python -c pass {activation.interpreter_ms:.1f} ms; python importing "
+            f"the service's modules {activation.imports_ms:.1f} ms"
+        )
         if activation.cold is not None:
             lines.append(
                 f"first start of all (compiling bytecode, not counted): "
