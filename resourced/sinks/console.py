@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import pty
 import socket
@@ -192,7 +193,8 @@ class StreamClient(ConsoleClient, asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._view is None:
-            self._view = memoryview(bytearray(STREAM_READ_SIZE))
+            # Mapped, not a (zero-filled) bytearray: only what reads reach is resident.
+            self._view = memoryview(mmap.mmap(-1, STREAM_READ_SIZE))
         return self._view
 
     def buffer_updated(self, nbytes: int) -> None:
