@@ -1,4 +1,4 @@
-"""Console latency and throughput: the resourced gateway against the direct paths.
+"""Console latency and throughput: resourced's gateway and service against the direct paths.
 
 Run from the repository root (as root for the libvirt rows):
 
@@ -7,15 +7,15 @@ Run from the repository root (as root for the libvirt rows):
 It measures, in one run and interleaved block by block:
 
 1. the round-trip time of a one-byte echo through the demo guest's COM1 (TCG
-   QEMU), by four paths: straight to QEMU's chardev socket; through the gateway
-   (a separate `python -m resourced.gateway` process, as deployed) with our own
-   client; through the resourced D-Bus service, started by D-Bus activation on a
-   private bus, with the fd `Console.Open` returned (the service in front of a
-   gateway of its own); libvirt's `virDomainOpenConsole` stream; and `virsh
-   console` under a pty. Every path has an identical demo guest of its own (a
-   chardev socket takes one client and a gateway holds its guest's); the libvirt
-   paths have a transient domain each (libvirt gives a console to one stream at
-   a time);
+   QEMU), by these paths: straight to QEMU's chardev socket (and through socat);
+   through the gateway (a separate `python -m resourced.gateway` process, as
+   deployed) with our own client; through the resourced D-Bus service, started
+   by D-Bus activation on a private bus, with the fd `Console.Open` returned
+   (the service in front of a gateway of its own); libvirt's
+   `virDomainOpenConsole` stream; and `virsh console` under a pty. Every path
+   has an identical demo guest of its own (a chardev socket takes one client
+   and a gateway holds its guest's); the libvirt paths have a transient domain
+   each (libvirt gives a console to one stream at a time);
 2. the throughput of a one-way bulk stream, console to client and client to
    console, with a local socket peer (`bench.peer`) as the chardev, read straight
    from the peer's socket, through the gateway, or through the service's fd.
