@@ -121,11 +121,15 @@ class PrivateBus:
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
-        async with asyncio.timeout(timeout):
-            while not await asyncio.to_thread(self._accepts):
-                if self._daemon.poll() is not None:
-                    raise RuntimeError(f"dbus-daemon exited: {self.log()}")
-                await asyncio.sleep(0.01)
+        try:
+            async with asyncio.timeout(timeout):
+                while not await asyncio.to_thread(self._accepts):
+                    if self._daemon.poll() is not None:
+                        raise RuntimeError(f"dbus-daemon exited: {self.log()}")
+                    await asyncio.sleep(0.01)
+        except BaseException:
+            await self.stop()  # no daemon left behind
+            raise
 
     def _accepts(self) -> bool:
         """Whether the daemon accepts connections yet (its socket appears before it

@@ -254,10 +254,11 @@ async def activation_run(
     if way == CONFIG:
         config += f'[[guest]]\nname = "{GUEST}"\naddress = "{address}"\n'
     bus.write_config(config)
-    await bus.start(options.timeout)
-    client = await bus.client()
+    client: MessageBus | None = None
     sock: socket.socket | None = None
     try:
+        await bus.start(options.timeout)
+        client = await bus.client()
         watch = await watch_consoles(client)
         path = console_path(GUEST, "serial0")
         start = time.perf_counter()
@@ -288,7 +289,8 @@ async def activation_run(
     finally:
         if sock is not None:
             sock.close()
-        client.disconnect()
+        if client is not None:
+            client.disconnect()
         await bus.stop()
 
     def ms(t: float) -> float:
@@ -497,8 +499,8 @@ async def measure_many(workdir: Path, options: Options) -> ManyResults:
 
         bus = PrivateBus(workdir / "bus", bytecode_cache=workdir / "pycache")
         bus.write_config("[service]\nidle-exit = 0\n")
-        await bus.start(options.timeout)
         closers.append(bus.stop)
+        await bus.start(options.timeout)
         client = await bus.client()
 
         async def disconnect() -> None:
