@@ -1,4 +1,4 @@
-"""Console latency and throughput: the resourced gateway against the direct paths.
+"""Console latency and throughput: resourced's gateway and service against the direct paths.
 
 Run from the repository root (as root for the libvirt rows):
 
@@ -7,15 +7,18 @@ Run from the repository root (as root for the libvirt rows):
 It measures, in one run and interleaved block by block:
 
 1. the round-trip time of a one-byte echo through the demo guest's COM1 (TCG
-   QEMU), by four paths: straight to QEMU's chardev socket; through the gateway
-   (a separate `python -m resourced.gateway` process, as deployed) with our own
-   client; libvirt's `virDomainOpenConsole` stream; and `virsh console` under a
-   pty. Two identical demo guests serve the first two paths (a chardev socket
-   takes one client and the gateway holds its guest's), two libvirt transient
-   domains the last two (libvirt gives a console to one stream at a time);
+   QEMU), by these paths: straight to QEMU's chardev socket (and through socat);
+   through the gateway (a separate `python -m resourced.gateway` process, as
+   deployed) with our own client; through the resourced D-Bus service, started
+   by D-Bus activation on a private bus, with the fd `Console.Open` returned
+   (the service in front of a gateway of its own); libvirt's
+   `virDomainOpenConsole` stream; and `virsh console` under a pty. Every path
+   has an identical demo guest of its own (a chardev socket takes one client
+   and a gateway holds its guest's); the libvirt paths have a transient domain
+   each (libvirt gives a console to one stream at a time);
 2. the throughput of a one-way bulk stream, console to client and client to
    console, with a local socket peer (`bench.peer`) as the chardev, read straight
-   from the peer's socket or through the gateway.
+   from the peer's socket, through the gateway, or through the service's fd.
 
 It prints a table with each figure's ratio to the direct path and the targets
 (PASS/MISS), or one JSON object with `--json`. Progress goes to stderr.
@@ -47,6 +50,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dbus_fast import Variant
+from dbus_fast.aio import MessageBus
+
+from bench.bus import (
+    PrivateBus,
+    add_guest,
+    console_path,
+    name_has_owner,
+    open_console,
+    wait_consoles,
+)
+from bench.bus import cpu_seconds as process_cpu_seconds
 from bench.peer import (
     ACK,
     CHUNK,
@@ -105,6 +120,9 @@ RELAY = "relay"
 GATEWAY_BLOCKING = "gateway_blocking"
 LIBVIRT_STREAM = "libvirt_stream"
 VIRSH = "virsh"
+SERVICE = "service"
+#: The guest's name in the service, and its gateway's socket.
+SERVICE_GUEST = "bench"
 
 
 class BenchError(Exception):
@@ -132,6 +150,8 @@ class Options:
     window: int = BULK_WINDOW
     reverse: bool = True
     libvirt: bool = True
+    #: The resourced service rows (D-Bus activated, behind a gateway of its own).
+    service: bool = True
     rtt: bool = True
     bulk: bool = True
     #: "subprocess" (as deployed) or "inprocess" (the gateway in this event loop).
@@ -142,6 +162,8 @@ class Options:
     gateway_history: int | None = None
     #: Run the gateway subprocess under cProfile, writing this file.
     profile_gateway: Path | None = None
+    #: Run the service (started by us, not activated) under cProfile, writing this file.
+    profile_service: Path | None = None
     #: Profile this process (our client) with cProfile, writing this file.
     profile_client: Path | None = None
     keep_workdir: bool = False
@@ -210,6 +232,8 @@ class Results:
     notes: list[str] = field(default_factory=list)
     #: CPU the gateway process used: per echo (us) and per bulk MiB (ms).
     gateway_cpu: dict[str, float] = field(default_factory=dict)
+    #: The same for the service process (not counting its gateway's).
+    service_cpu: dict[str, float] = field(default_factory=dict)
 
     def targets(self) -> list[dict[str, Any]]:
         """Each target with the measured value and PASS/MISS (and the stretch goal)."""
@@ -230,6 +254,31 @@ class Results:
                         "stretch": "PASS" if ratio <= RTT_STRETCH else "MISS",
                     }
                 )
+        service, virsh = self.rtt.get(SERVICE), self.rtt.get(VIRSH)
+        if service is not None and virsh is not None:
+            for name, fraction in (("p50", 0.50), ("p99", 0.99)):
+                ratio = service.percentile_us(fraction) / virsh.percentile_us(fraction)
+                out.append(
+                    {
+                        "target": f"echo RTT {name}: service fd <= virsh console",
+                        "value": round(ratio, 2),
+                        "result": "PASS" if ratio <= 1.0 else "MISS",
+                    }
+                )
+        for direction in ("to_client", "to_console"):
+            failure = self.unavailable.get(f"bulk_{SERVICE}_{direction}")
+            s = self.bulk.get(f"{SERVICE}_{direction}")
+            if failure is None and s is None:
+                continue
+            out.append(
+                {
+                    "target": f"bulk {direction}: service fd >= {BULK_ABSOLUTE_TARGET:g} MB/s",
+                    "value": f"failed: {failure}" if s is None else round(s.mb_per_s, 1),
+                    "result": "PASS"
+                    if s is not None and s.mb_per_s >= BULK_ABSOLUTE_TARGET
+                    else "MISS",
+                }
+            )
         for direction in ("to_client", "to_console"):
             d = self.bulk.get(f"{DIRECT}_{direction}")
             g = self.bulk.get(f"{GATEWAY}_{direction}")
@@ -279,6 +328,7 @@ class Results:
             "rtt": {key: r.summary() for key, r in self.rtt.items()},
             "bulk": {key: b.summary() for key, b in self.bulk.items()},
             "gateway_cpu": self.gateway_cpu,
+            "service_cpu": self.service_cpu,
             "unavailable": self.unavailable,
             "targets": self.targets(),
             "notes": self.notes,
@@ -350,6 +400,8 @@ class SocketProbe(EchoProbe):
 
     key = DIRECT
     label = "direct chardev socket"
+    #: What reading EOF means on this path.
+    ended = "QEMU closed the chardev socket"
 
     def __init__(self, sock: socket.socket, timeout: float) -> None:
         super().__init__()
@@ -365,7 +417,7 @@ class SocketProbe(EchoProbe):
         while True:
             data = sock.recv(4096)
             if not data:
-                raise BenchError("QEMU closed the chardev socket")
+                raise BenchError(self.ended)
             if self._check(data, byte):
                 return time.perf_counter_ns() - start
 
@@ -379,6 +431,15 @@ class RelayProbe(SocketProbe):
 
     key = RELAY
     label = "socat relay (one C process hop)"
+
+
+class ServiceProbe(SocketProbe):
+    """The same blocking socket, on the fd the service's `Console.Open` returned: the
+    path an app takes (fd -> service -> RFB -> gateway -> chardev)."""
+
+    key = SERVICE
+    label = "resourced fd (service behind gateway)"
+    ended = "the service closed the console's fd"
 
 
 class GatewayProbe(EchoProbe):
@@ -726,10 +787,11 @@ async def start_gateway(
     options: Options,
     rig: Rig,
     second: QemuGuest | None = None,
+    name: str = "gw",
 ) -> GatewayHandle:
     """Start the gateway in front of `guest` (serial0) and the peer (bulk0); boot the
-    guest once the gateway holds its COM1."""
-    listen = workdir / "gw.sock"
+    guest once the gateway holds its COM1. It listens on `workdir/NAME.sock`."""
+    listen = workdir / f"{name}.sock"
     if options.gateway_mode == "inprocess":
         consoles = [
             ConsoleSpec(
@@ -778,7 +840,7 @@ async def start_gateway(
                     else ["--history", str(options.gateway_history)]
                 ),
             ],
-            workdir / "gateway.log",
+            workdir / f"{name}.log",
             options.profile_gateway,
         )
         rig.on_close(process.stop)
@@ -838,6 +900,114 @@ async def open_gateway_probe(address: str, label: str, timeout: float) -> Gatewa
         await client.close()
         raise
     return GatewayProbe(client, consoles, console_id, label)
+
+
+# --- the resourced service ----------------------------------------------------------
+
+
+@dataclass
+class ServiceHandle:
+    """The service on its private bus with the benchmark's guest added."""
+
+    bus: PrivateBus
+    client: MessageBus
+    pid: int
+    serial: str  # the object path of the guest's serial0
+    bulk: str  # ...and of its bulk0 (the socket peer)
+
+    def cpu_seconds(self) -> float | None:
+        """User plus system CPU time the service process has used so far."""
+        with contextlib.suppress(OSError):
+            return process_cpu_seconds(self.pid)
+        return None
+
+
+async def start_service(
+    gateway_address: str, workdir: Path, options: Options, rig: Rig
+) -> ServiceHandle:
+    """A private bus with resourced activatable; `AddGuest` (which starts the service
+    by activation) for the gateway at `gateway_address`; its consoles published."""
+    bus = PrivateBus(workdir / "bus", bytecode_cache=workdir / "pycache")
+    rig.on_close(bus.stop)
+    bus.write_config("[service]\nidle-exit = 0\n")
+    await bus.start(options.timeout)
+    if options.profile_service is not None:
+        # Started by us under cProfile; it owns the name before anyone calls, so
+        # nothing is activated. SIGTERM (from bus.stop) is a clean stop: the profile
+        # is written.
+        profile = options.profile_service.absolute()
+        command = [sys.executable, "-m", "cProfile", "-o", str(profile)]
+        command += ["-m", "resourced.dbus", "run", "--bus", bus.address]
+        with (workdir / "service.log").open("wb") as output:
+            process = await asyncio.create_subprocess_exec(
+                *command, stdin=subprocess.DEVNULL, stdout=output, stderr=output, env=bus.env
+            )
+
+        async def stop_profiled() -> None:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                await process.wait()
+
+        rig.on_close(stop_profiled)
+    client = await bus.client()
+
+    async def disconnect() -> None:
+        client.disconnect()
+
+    rig.on_close(disconnect)
+    if options.profile_service is not None:
+        async with asyncio.timeout(options.timeout):
+            while not await name_has_owner(client):  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.05)
+    try:
+        await add_guest(client, SERVICE_GUEST, gateway_address, options.timeout)
+        serial = console_path(SERVICE_GUEST, "serial0")
+        bulk = console_path(SERVICE_GUEST, "bulk0")
+        await wait_consoles(client, {serial, bulk}, options.timeout)
+        pid = await bus.service_pid(client)
+    except Exception as error:
+        raise BenchError(f"the service did not come up: {error}\n{bus.log()}") from error
+    return ServiceHandle(bus, client, pid, serial, bulk)
+
+
+async def open_service_socket(
+    service: ServiceHandle, path: str, timeout: float, **options: Any
+) -> socket.socket:
+    """`Console.Open` on `path`; the fd it returned as a blocking socket."""
+    fd = await open_console(service.client, path, options, timeout)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    sock.settimeout(timeout)
+    return sock
+
+
+async def open_service_probe(service: ServiceHandle, timeout: float) -> ServiceProbe:
+    sock = await open_service_socket(service, service.serial, timeout)
+    try:
+        seen = b""
+        deadline = time.monotonic() + timeout
+        while DEFAULT_BANNER not in seen:  # from the history, or live if it came later
+            if time.monotonic() > deadline:
+                raise BenchError(f"no banner through the service's fd: {seen[-200:]!r}")
+            data = await asyncio.to_thread(sock.recv, 4096)
+            if not data:
+                raise BenchError("the service closed the console's fd at once")
+            seen += data
+    except BaseException:
+        sock.close()
+        raise
+    return ServiceProbe(sock, timeout)
+
+
+async def service_bulk_run(service: ServiceHandle, direction: str, options: Options) -> float:
+    """One bulk run through a fresh `Console.Open` fd (opened outside the timing)."""
+    sock = await open_service_socket(
+        service, service.bulk, options.timeout, history=Variant("b", False)
+    )
+    with sock:
+        run = direct_download if direction == "to_client" else direct_upload
+        # Blocking, as an app's plain read/write loop; the socket's timeout ends a stall.
+        return run(sock, options.bulk_bytes, options.verify)
 
 
 # --- libvirt ---------------------------------------------------------------------
@@ -1129,13 +1299,18 @@ async def gateway_upload(
 
 
 async def measure_bulk(
-    peer_path: Path, gateway_address: str, gateway_label: str, options: Options
+    peer_path: Path,
+    gateway_address: str,
+    gateway_label: str,
+    options: Options,
+    service: ServiceHandle | None = None,
 ) -> tuple[dict[str, BulkResult], dict[str, str]]:
-    """Direct and gateway in turn, `bulk_rounds` times, each direction.
+    """Direct, gateway (and service) in turn, `bulk_rounds` times, each direction.
 
-    Each gateway run has a connection of its own (set up outside the timing). A
-    path that fails (stalls, closes the console) is not run again in that
-    direction and its reason is returned, rather than ending the run.
+    Each gateway run has a connection of its own, each service run an fd of its
+    own (set up outside the timing). A path that fails (stalls, closes the
+    console) is not run again in that direction and its reason is returned,
+    rather than ending the run.
     """
     nbytes = options.bulk_bytes
     results: dict[str, BulkResult] = {}
@@ -1146,13 +1321,18 @@ async def measure_bulk(
             DIRECT, "direct socket copy", direction, nbytes
         )
         results[f"{GATEWAY}_{direction}"] = BulkResult(GATEWAY, gateway_label, direction, nbytes)
+        if service is not None:
+            results[f"{SERVICE}_{direction}"] = BulkResult(
+                SERVICE, ServiceProbe.label, direction, nbytes
+            )
+    paths = [DIRECT, GATEWAY] + ([SERVICE] if service is not None else [])
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(options.timeout)
         sock.connect(str(peer_path))
         for index in range(options.bulk_rounds):
             for direction in directions:
-                order = [DIRECT, GATEWAY] if index % 2 == 0 else [GATEWAY, DIRECT]
-                for path in order:
+                shift = index % len(paths)
+                for path in paths[shift:] + paths[:shift]:
                     key = f"{path}_{direction}"
                     if key in failures:
                         continue
@@ -1160,12 +1340,15 @@ async def measure_bulk(
                         if path == DIRECT:
                             run = direct_download if direction == "to_client" else direct_upload
                             seconds = run(sock, nbytes, options.verify)
+                        elif path == SERVICE:
+                            assert service is not None
+                            seconds = await service_bulk_run(service, direction, options)
                         else:
                             seconds = await gateway_bulk_run(gateway_address, direction, options)
                     except (BenchError, OSError) as error:
                         failures[key] = str(error)
                         log(f"bulk {direction} {path}: FAILED: {error}")
-                        if path == GATEWAY and direction == "to_client":
+                        if path != DIRECT and direction == "to_client":
                             # The peer is still streaming the rest into the gateway's
                             # hub: let it finish, or the next run starts in that flood.
                             await asyncio.sleep(2 + nbytes / 1e9)
@@ -1211,10 +1394,15 @@ async def run_benchmark(options: Options) -> Results:
     os.chmod(workdir, 0o755)  # the libvirt domains' QEMU reads its image from here
     rig = Rig()
     try:
-        guests = 4 if options.rtt else 2
+        with_service = options.service and options.gateway_mode == "subprocess"
+        if options.service and not with_service:
+            # Its rows read the fd with blocking calls, which would stop the very loop
+            # the gateway in front of the service runs in.
+            results.unavailable["service"] = "needs the gateways in their own processes"
+        guests = (4 if options.rtt else 2) + with_service
         log(f"work directory {workdir}; starting {guests} demo guests (TCG)")
         started = await asyncio.gather(
-            *(start_guest(workdir / name, options.timeout) for name in "abcd"[:guests])
+            *(start_guest(workdir / name, options.timeout) for name in "abcde"[:guests])
         )
         for guest in started:
             rig.on_close(guest.stop)
@@ -1235,6 +1423,30 @@ async def run_benchmark(options: Options) -> Results:
         gateway = await open_gateway_probe(handle.address, handle.label, options.timeout)
         rig.on_close(gateway.close)
         probes: list[EchoProbe] = [direct, gateway]
+        service: ServiceHandle | None = None
+        service_gateway: GatewayHandle | None = None
+        if with_service:
+            # A gateway of its own (its guest's serial0, and bulk0 on the same peer),
+            # so that neither the service nor the gateway row sees the other's traffic.
+            service_gateway = await start_gateway(
+                started[-1], peer_path, workdir, options, rig, name="svcgw"
+            )
+            log("service: private bus, AddGuest activates resourced")
+            service = await start_service(service_gateway.address, workdir, options, rig)
+            if options.rtt:
+                service_probe = await open_service_probe(service, options.timeout)
+                rig.on_close(service_probe.close)
+                probes.append(service_probe)
+        if service is not None:
+            results.notes.append(
+                "service: resourced started by D-Bus activation (AddGuest) on a private "
+                "dbus-daemon, in front of a gateway process of its own with its own guest; "
+                "the Console.Open fd is used with blocking calls, like the direct socket"
+            )
+        results.unavailable["service libvirt fallback"] = (
+            "not built yet: the service has no libvirt console streams "
+            "(AddLibvirt answers Unsupported)"
+        )
         if options.rtt:
             try:
                 relay = await open_relay(started[2], workdir, rig, options.timeout)
@@ -1278,6 +1490,7 @@ async def run_benchmark(options: Options) -> Results:
         if options.rtt:
             log(f"echo RTT: {options.samples} samples per path, paths: {[p.key for p in probes]}")
             cpu_before = handle.cpu_seconds()
+            service_before = service.cpu_seconds() if service is not None else None
             results.rtt = await measure_rtt(probes, options.samples, options.warmup, options.block)
             cpu_after = handle.cpu_seconds()
             if cpu_before is not None and cpu_after is not None:
@@ -1286,16 +1499,31 @@ async def run_benchmark(options: Options) -> Results:
                 results.gateway_cpu["us_per_echo"] = round(
                     (cpu_after - cpu_before) / echoes * 1e6, 1
                 )
+            service_after = service.cpu_seconds() if service is not None else None
+            if service_before is not None and service_after is not None:
+                echoes = options.samples + options.warmup
+                results.service_cpu["us_per_echo"] = round(
+                    (service_after - service_before) / echoes * 1e6, 1
+                )
         for probe in probes:  # the RTT paths are done: let them go before the bulk runs
             await probe.close()
         if not options.bulk:
             return results
         log(f"bulk: {options.bulk_bytes / MIB:g} MiB x {options.bulk_rounds} rounds")
         cpu_before = handle.cpu_seconds()
+        service_before = service.cpu_seconds() if service is not None else None
         results.bulk, failures = await measure_bulk(
-            peer_path, handle.address, handle.label, options
+            peer_path, handle.address, handle.label, options, service
         )
         cpu_after = handle.cpu_seconds()
+        service_after = service.cpu_seconds() if service is not None else None
+        service_bytes = sum(
+            b.nbytes * len(b.seconds) for k, b in results.bulk.items() if k.startswith(SERVICE)
+        )
+        if service_before is not None and service_after is not None and service_bytes:
+            results.service_cpu["ms_per_mib"] = round(
+                (service_after - service_before) / (service_bytes / MIB) * 1e3, 2
+            )
         gateway_bytes = sum(
             b.nbytes * len(b.seconds) for k, b in results.bulk.items() if k.startswith(GATEWAY)
         )
@@ -1335,7 +1563,7 @@ def format_table(results: Results) -> str:
     lines.append("")
     lines.append(f"{head:<{width}}{'p50 us':>9}{'p99 us':>9}{'mean us':>10}   vs direct p50/p99")
     direct = results.rtt.get(DIRECT)
-    for key in (DIRECT, RELAY, GATEWAY_BLOCKING, GATEWAY, LIBVIRT_STREAM, VIRSH):
+    for key in (DIRECT, RELAY, GATEWAY_BLOCKING, GATEWAY, SERVICE, LIBVIRT_STREAM, VIRSH):
         r = results.rtt.get(key)
         if r is None:
             continue
@@ -1350,7 +1578,7 @@ def format_table(results: Results) -> str:
             f"{r.label:<{width}}{s['p50_us']:>9.1f}{s['p99_us']:>9.1f}{s['mean_us']:>10.1f}"
             f"   {ratio}"
         )
-    for what in ("relay", "blocking client", "libvirt"):
+    for what in ("relay", "blocking client", "service", "service libvirt fallback", "libvirt"):
         if what in results.unavailable:
             lines.append(f"{what}: not available ({results.unavailable[what]})")
     for direction, title in (
@@ -1363,7 +1591,7 @@ def format_table(results: Results) -> str:
         lines.append("")
         head = f"bulk throughput {title} ({o.bulk_bytes / MIB:g} MiB, local socket peer)"
         lines.append(f"{head:<{width}}{'MB/s':>9}{'best':>9}{'':>10}   vs direct")
-        for key in (DIRECT, GATEWAY):
+        for key in (DIRECT, GATEWAY, SERVICE):
             failure = results.unavailable.get(f"bulk_{key}_{direction}")
             if failure is not None:
                 lines.append(f"{key + ' (a run failed)':<{width}}{failure}")
@@ -1376,7 +1604,7 @@ def format_table(results: Results) -> str:
                 f"{b.mb_per_s / d.mb_per_s:.2f}"
             )
     lines.append("")
-    lines.append("targets (gateway vs direct)")
+    lines.append("targets (gateway vs direct; service vs virsh console and absolute)")
     for target in results.targets():
         stretch = f" (stretch {target['stretch']})" if "stretch" in target else ""
         lines.append(f"  {target['result']:<5} {target['target']}: {target['value']}{stretch}")
@@ -1387,6 +1615,13 @@ def format_table(results: Results) -> str:
         if "ms_per_mib" in results.gateway_cpu:
             parts.append(f"{results.gateway_cpu['ms_per_mib']} ms per bulk MiB")
         lines.append(f"gateway process CPU: {', '.join(parts)}")
+    if results.service_cpu:
+        parts = []
+        if "us_per_echo" in results.service_cpu:
+            parts.append(f"{results.service_cpu['us_per_echo']} us per echo")
+        if "ms_per_mib" in results.service_cpu:
+            parts.append(f"{results.service_cpu['ms_per_mib']} ms per bulk MiB")
+        lines.append(f"service process CPU: {', '.join(parts)}")
     strays = {k: r.stray_bytes for k, r in results.rtt.items() if r.stray_bytes}
     if strays:
         lines.append(f"WARNING: unexpected bytes in the echo streams: {strays}")
@@ -1410,6 +1645,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--window-kib", type=int, help=f"bulk console window (default {BULK_WINDOW // 1024})"
     )
     parser.add_argument("--no-libvirt", action="store_true", help="skip the libvirt paths")
+    parser.add_argument("--no-service", action="store_true", help="skip the resourced service")
     parser.add_argument("--no-reverse", action="store_true", help="skip client -> console bulk")
     parser.add_argument(
         "--only", choices=("rtt", "bulk"), help="measure only the echo RTT or only the bulk"
@@ -1429,6 +1665,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--profile-gateway", type=Path, metavar="FILE", help="cProfile output")
     parser.add_argument("--profile-client", type=Path, metavar="FILE", help="cProfile output")
+    parser.add_argument(
+        "--profile-service", type=Path, metavar="FILE", help="cProfile output of the service"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     return parser
 
@@ -1445,6 +1684,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
     if args.rounds is not None:
         options.bulk_rounds = args.rounds
     options.libvirt = not args.no_libvirt
+    options.service = not args.no_service
     options.reverse = not args.no_reverse
     options.rtt = args.only != "bulk"
     options.bulk = args.only != "rtt"
@@ -1455,6 +1695,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         options.window = args.window_kib * 1024
     options.profile_gateway = args.profile_gateway
     options.profile_client = args.profile_client
+    options.profile_service = args.profile_service
     options.keep_workdir = args.keep
     if options.samples < 1 or options.bulk_bytes < 1 or options.bulk_rounds < 1:
         raise SystemExit("samples, bulk size and rounds must be positive")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import mmap
 import os
 import re
 import socket
@@ -145,8 +146,11 @@ class RfbClient(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         # The socket is read into this one buffer (recv_into): a fresh 256 KiB
         # bytes object per read would cost an mmap and munmap each time, which
-        # is most of a keystroke's cost here.
-        self._view = memoryview(bytearray(READ_SIZE))
+        # is most of a keystroke's cost here. An anonymous mapping, not a
+        # bytearray (which is zero-filled, so all 256 KiB resident at once):
+        # only the pages a read reaches take memory, a few KiB for a connection
+        # that carries keystrokes (the service holds one per guest).
+        self._view = memoryview(mmap.mmap(-1, READ_SIZE))
         loop = asyncio.get_running_loop()
         self._lost: asyncio.Future[None] = loop.create_future()
         self._data_waiter: asyncio.Future[None] | None = None

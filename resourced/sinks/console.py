@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import pty
 import socket
@@ -42,6 +43,8 @@ CHUNK = 64 * 1024
 INPUT_HIGH_WATER = 64 * 1024
 #: Output queued in our transport for a stream client before we wait for it.
 STREAM_HIGH_WATER = 256 * 1024
+#: Most input bytes read from a stream client's socket at a time.
+STREAM_READ_SIZE = 64 * 1024
 #: How often a PTY nobody has open is checked for a new opener (seconds).
 PTY_POLL_INTERVAL = 0.2
 
@@ -150,7 +153,7 @@ class ConsoleClient(abc.ABC):
         """Start or stop taking input from the client."""
 
 
-class StreamClient(ConsoleClient, asyncio.Protocol):
+class StreamClient(ConsoleClient, asyncio.BufferedProtocol):
     """A console on our end of a stream socketpair; the app holds the other end."""
 
     kind = "fd"
@@ -160,6 +163,10 @@ class StreamClient(ConsoleClient, asyncio.Protocol):
         self._sock = sock
         self._transport: asyncio.Transport | None = None
         self._write_paused = False
+        # Input is read into this one buffer: a plain Protocol's transport reads
+        # with recv(256 KiB), whose fresh bytes object costs an mmap and munmap
+        # per keystroke (see bench/README.md, "Findings"). Made on the first read.
+        self._view: memoryview | None = None
 
     @classmethod
     def pair(cls, hub: ConsoleHub, *, history: bool, read_only: bool) -> tuple[StreamClient, int]:
@@ -184,8 +191,15 @@ class StreamClient(ConsoleClient, asyncio.Protocol):
         self.start()
         self._check_input()
 
-    def data_received(self, data: bytes) -> None:
-        self._input(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._view is None:
+            # Mapped, not a (zero-filled) bytearray: only what reads reach is resident.
+            self._view = memoryview(mmap.mmap(-1, STREAM_READ_SIZE))
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        assert self._view is not None
+        self._input(bytes(self._view[:nbytes]))  # a copy: the buffer is read into again
 
     def eof_received(self) -> bool:
         if self.read_only:
