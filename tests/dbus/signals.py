@@ -31,12 +31,9 @@ class Signals:
 
     async def start(self) -> Signals:
         self.bus.add_message_handler(self._received)
+        # AddMatch is the bus daemon's: the service need not run yet.
         rule = f"type='signal',path_namespace='{ROOT}'"
-        ok(
-            await call_bus(
-                self.bus, "AddMatch", "s", [rule]
-            )  # the bus daemon's own method, not the service's
-        )
+        ok(await call_bus(self.bus, "AddMatch", "s", [rule]))
         return self
 
     def _received(self, message: Message) -> None:

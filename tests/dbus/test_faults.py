@@ -2,7 +2,9 @@
 `resourced-gateway`) killed and started again at the same socket, and QEMU killed
 and started again behind a gateway that stays. An app's fd (Console.Open) and a
 PTY stay open through both; what the service shows meanwhile (State,
-Available, NotConnected) is checked as a subscribed client sees it."""
+Available, NotConnected) is checked as a subscribed client sees it. A strict
+xfail shows a gap left open: output a gateway got while the service was away is
+not replayed to it."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from dbus_fast.aio import MessageBus
 
 from resourced.demo.qemu import GuestConfig, QemuGuest
 from tests.dbus.conftest import BUS_NAME, ROOT, TIMEOUT, VENV_BIN, Session, call, ok
@@ -163,8 +166,8 @@ class Reader:
                 self.seen += chunk
 
 
-async def open_fd(bus: object, path: str) -> socket.socket:
-    reply = await call(bus, path, CONSOLE, "Open", "a{sv}", [{}])  # type: ignore[arg-type]
+async def open_fd(bus: MessageBus, path: str) -> socket.socket:
+    reply = await call(bus, path, CONSOLE, "Open", "a{sv}", [{}])
     sock = socket.socket(fileno=reply.unix_fds[ok(reply)[0]])
     sock.setblocking(True)
     return sock

@@ -65,8 +65,8 @@ async def test_object_manager_signals_come_from_the_root_with_every_property(
                 assert message.signature == "oa{sa{sv}}" or message.member != "InterfacesAdded"
         assert set(added[DEMO].body[1]) == {GUEST, AUDIO}
         assert set(added[SERIAL].body[1]) == {CONSOLE}
-        # Each interface with all its properties, as GetAll gives them (the ones
-        # that cannot have changed in between with equal values).
+        # Each interface with all its properties, as GetAll names them; those
+        # that cannot have changed since, with the same values.
         for object_path, message in added.items():
             for interface, properties in message.body[1].items():
                 (everything,) = ok(
