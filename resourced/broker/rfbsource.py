@@ -5,7 +5,8 @@ server that speaks the console extension (our gateway): it opens the console on
 the guest's current RFB connection, feeds the hub with its DATA, writes input
 within the server's credit, and turns the hub's back-pressure into credit held
 back (the server then stops sending this console only). When the connection
-drops the hub is told, and the guest attaches the source again on the next one.
+drops the hub is told, and the guest attaches the source again on the next one;
+a console the server closed on us as overrun is opened again at once.
 
 It implements `resourced.consoles.sources.ConsoleSource`; it does no I/O of its
 own (the guest's `RfbClient` does).
@@ -20,6 +21,7 @@ from resourced.errors import BrokerError
 from resourced.rfb.aio import RfbClient
 from resourced.rfb.consoles import (
     DEFAULT_WINDOW,
+    CloseReason,
     ConsoleClosed,
     ConsoleCredit,
     ConsoleData,
@@ -126,6 +128,17 @@ class RfbConsoleSource:
 
     def on_closed(self, event: ConsoleClosed) -> None:
         reason = event.message or event.reason.name.lower().replace("_", " ")
+        client, ext, console_id = self._client, self._ext, self.console_id
+        if event.reason is CloseReason.OVERRUN and client is not None and ext is not None:
+            # The server went on without us: we held its credit back (for a slow
+            # reader of ours) longer than it waits. The console is still there, so
+            # open it again at once, with history: after an overrun everything the
+            # server still holds is newer than what it sent us, so it fills the
+            # gap as far as it can and repeats nothing.
+            assert console_id is not None
+            log.warning("%s: the server closed it (%s); opening it again", self.description, reason)
+            self.attach(client, ext, console_id, history=True)
+            return
         self.detach(f"the server closed the console ({reason})")
 
     # --- internals ----------------------------------------------------------------

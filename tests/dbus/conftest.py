@@ -189,6 +189,13 @@ class GatewayGuest:
 @pytest.fixture
 async def gateway_guest() -> AsyncIterator[GatewayGuest]:
     """The demo guest behind a gateway at `unix:...` (serial0 and monitor)."""
+    async with demo_behind_gateway() as gateway_guest:
+        yield gateway_guest
+
+
+@contextlib.asynccontextmanager
+async def demo_behind_gateway() -> AsyncIterator[GatewayGuest]:
+    """A demo guest behind its own gateway (for tests that need more than one)."""
     directory = Path(tempfile.mkdtemp(prefix="rsd-gw-", dir="/tmp"))
     guest = QemuGuest(GuestConfig(workdir=directory / "guest"))
     await guest.start(timeout=TIMEOUT)

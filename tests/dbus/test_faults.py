@@ -1,0 +1,339 @@
+"""Faults under open consoles, all real: the gateway (its own process,
+`resourced-gateway`) killed and started again at the same socket, and QEMU killed
+and started again behind a gateway that stays. An app's fd (Console.Open) and a
+PTY stay open through both; what the service shows meanwhile (State,
+Available, NotConnected) is checked as a subscribed client sees it. A strict
+xfail shows a gap left open: output a gateway got while the service was away is
+not replayed to it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from dbus_fast.aio import MessageBus
+
+from resourced.demo.qemu import GuestConfig, QemuGuest
+from tests.dbus.conftest import BUS_NAME, ROOT, TIMEOUT, VENV_BIN, Session, call, ok
+from tests.dbus.signals import Signals, get_property
+from tests.dbus.test_service import BANNER
+
+MANAGER = f"{BUS_NAME}.Manager"
+GUEST = f"{BUS_NAME}.Guest"
+CONSOLE = f"{BUS_NAME}.Console"
+ERROR = f"{BUS_NAME}.Error."
+DEMO = f"{ROOT}/guests/demo"
+SERIAL = f"{DEMO}/consoles/serial0"
+#: The link's reconnection delays grow to 10 s: a new gateway is found within
+#: that plus a connection, on a loaded machine.
+RECONNECT_BOUND = 30.0
+
+
+class GatewayProcess:
+    """`resourced-gateway` in front of a demo guest's sockets, in its own process."""
+
+    def __init__(self, guest_dir: Path, socket_path: Path) -> None:
+        self.guest_dir = guest_dir
+        self.socket_path = socket_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = socket_path.with_suffix(".log")
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket_path}"
+
+    def start(self) -> None:
+        assert self.process is None
+        binary = VENV_BIN / "resourced-gateway"
+        assert binary.exists(), f"{binary} is not installed (run scripts/setup)"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(binary),
+                    "--vnc",
+                    f"unix:{self.guest_dir / 'vnc.sock'}",
+                    "--listen",
+                    self.address,
+                    "--console",
+                    f"serial0=unix:{self.guest_dir / 'ser.sock'}",
+                    "--console",
+                    f"monitor=unix:{self.guest_dir / 'mon.sock'}",
+                    "-v",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # a stale socket of a killed gateway refuses until the new one binds
+            assert self.process.poll() is None, self.log_path.read_text()
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.socket_path))
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway did not listen in time"
+                time.sleep(0.05)
+            finally:
+                probe.close()
+
+    def kill(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait(TIMEOUT)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="rsd-fault-", dir="/tmp"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def chardev_attached(guest: QemuGuest, label: str) -> None:
+    """Wait until something (the gateway) is connected to a chardev of QEMU's."""
+
+    async def attached() -> bool:
+        chardevs = await guest.qmp("query-chardev")
+        (chardev,) = [c for c in chardevs if c["label"] == label]
+        return not str(chardev["filename"]).startswith("disconnected:")
+
+    async with asyncio.timeout(TIMEOUT):
+        while not await attached():  # noqa: ASYNC110 - QEMU polled over QMP
+            await asyncio.sleep(0.05)
+
+
+async def run_once_serial_attached(guest: QemuGuest) -> None:
+    """Resume a guest started paused once something reads its serial chardev: QEMU
+    drops serial output nobody reads, and the banner is written once, at boot."""
+    await chardev_attached(guest, "serial0")
+    await guest.resume()
+
+
+@pytest.fixture
+async def guest(workdir: Path) -> AsyncIterator[QemuGuest]:
+    guest = QemuGuest(GuestConfig(workdir=workdir / "guest", start_paused=True))
+    await guest.start(timeout=TIMEOUT)
+    try:
+        yield guest
+    finally:
+        await guest.stop()
+
+
+@pytest.fixture
+async def gateway(workdir: Path, guest: QemuGuest) -> AsyncIterator[GatewayProcess]:
+    gateway = GatewayProcess(guest.workdir, workdir / "gw.sock")
+    gateway.start()
+    try:
+        await run_once_serial_attached(guest)
+        yield gateway
+    finally:
+        gateway.kill()
+
+
+class Reader:
+    """Everything an fd has given so far, read on a thread with deadlines."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.seen = b""
+
+    async def until(self, wanted: bytes, after: int = 0) -> None:
+        """Read until `wanted` shows up at or after offset `after` of what came."""
+        await asyncio.to_thread(self._read_until, wanted, after)
+
+    def _read_until(self, wanted: bytes, after: int) -> None:
+        deadline = time.monotonic() + TIMEOUT
+        while self.seen.find(wanted, after) < 0:
+            assert time.monotonic() < deadline, f"no {wanted!r} after {after}: {self.seen!r}"
+            ready, _, _ = select.select([self.fd], [], [], 0.5)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                assert chunk, f"EOF before {wanted!r}; had {self.seen!r}"
+                self.seen += chunk
+
+
+async def open_fd(bus: MessageBus, path: str) -> socket.socket:
+    reply = await call(bus, path, CONSOLE, "Open", "a{sv}", [{}])
+    sock = socket.socket(fileno=reply.unix_fds[ok(reply)[0]])
+    sock.setblocking(True)
+    return sock
+
+
+async def test_gateway_killed_under_an_open_fd_and_pty(
+    session: Session, gateway: GatewayProcess
+) -> None:
+    bus = await session.client()
+    signals = await Signals(bus).start()
+    app = pty_fd = None
+    try:
+        ok(await call(bus, ROOT, MANAGER, "AddGuest", "ssa{sv}", ["demo", gateway.address, {}]))
+        await signals.wait_property(SERIAL, CONSOLE, "Available", True)
+        app = await open_fd(bus, SERIAL)
+        (pty_path,) = ok(await call(bus, SERIAL, CONSOLE, "OpenPty", "a{sv}", [{}]))
+        pty_fd = os.open(str(pty_path), os.O_RDWR | os.O_NOCTTY)
+        fd_seen, pty_seen = Reader(app.fileno()), Reader(pty_fd)
+        await fd_seen.until(BANNER)
+        await pty_seen.until(BANNER)
+        app.sendall(b"before-fault")
+        await fd_seen.until(b"before-fault")
+        await pty_seen.until(b"before-fault")
+
+        # The gateway dies: the guest reconnects, the console is unavailable,
+        # Write says NotConnected; the fd and the PTY stay open.
+        mark = signals.mark()
+        gateway.kill()
+        await signals.wait_property(DEMO, GUEST, "State", "reconnecting", since=mark)
+        await signals.wait_property(SERIAL, CONSOLE, "Available", False, since=mark)
+        assert await get_property(bus, SERIAL, CONSOLE, "Available") is False
+        assert await get_property(bus, DEMO, GUEST, "LastError") != ""
+        reply = await call(bus, SERIAL, CONSOLE, "Write", "aya{sv}", [b"lost?", {}])
+        assert reply.error_name == ERROR + "NotConnected", (reply.error_name, reply.body)
+        assert "serial0" in reply.body[0] or "demo" in reply.body[0], reply.body
+        # Typed meanwhile: held (the service stops reading the fd), not dropped.
+        app.sendall(b"typed-while-down")
+        os.write(pty_fd, b"pty-while-down")
+        assert await get_property(bus, DEMO, GUEST, "State") == "reconnecting"
+        assert await get_property(bus, SERIAL, CONSOLE, "OpenCount") == 2
+
+        # A new gateway at the same socket: found again by itself, in bounded time.
+        mark = signals.mark()
+        started = time.monotonic()
+        gateway.start()
+        await signals.wait_property(DEMO, GUEST, "State", "connected", since=mark)
+        await signals.wait_property(SERIAL, CONSOLE, "Available", True, since=mark)
+        assert time.monotonic() - started < RECONNECT_BOUND
+        # What was typed while it was down reaches the guest; its echo both clients.
+        for reader in (fd_seen, pty_seen):
+            await reader.until(b"typed-while-down")
+            await reader.until(b"pty-while-down")
+        app.sendall(b"after-fault")
+        os.write(pty_fd, b"pty-after-fault")
+        for reader in (fd_seen, pty_seen):
+            await reader.until(b"after-fault")
+            await reader.until(b"pty-after-fault")
+        # In order, each once: nothing replayed twice, nothing skipped.
+        for seen in (fd_seen.seen, pty_seen.seen):
+            for word in (BANNER, b"before-fault", b"typed-while-down", b"pty-after-fault"):
+                assert seen.count(word) == 1, (word, seen)
+            assert seen.index(b"before-fault") < seen.index(b"typed-while-down")
+            assert seen.index(b"typed-while-down") < seen.index(b"pty-after-fault")
+        # The service's ring spans the fault.
+        (history,) = ok(await call(bus, SERIAL, CONSOLE, "ReadHistory", "a{sv}", [{}]))
+        history = bytes(history)
+        assert BANNER in history
+        assert history.index(b"before-fault") < history.index(b"pty-after-fault")
+        assert history.count(b"before-fault") == 1
+        # Write works again.
+        ok(await call(bus, SERIAL, CONSOLE, "Write", "aya{sv}", [b"written-again", {}]))
+        await fd_seen.until(b"written-again")
+    finally:
+        if app is not None:
+            app.close()
+        if pty_fd is not None:
+            os.close(pty_fd)
+        bus.disconnect()
+
+
+async def test_qemu_restarted_behind_the_gateway(
+    session: Session, guest: QemuGuest, gateway: GatewayProcess
+) -> None:
+    bus = await session.client()
+    signals = await Signals(bus).start()
+    app = None
+    restarted: QemuGuest | None = None
+    try:
+        ok(await call(bus, ROOT, MANAGER, "AddGuest", "ssa{sv}", ["demo", gateway.address, {}]))
+        await signals.wait_property(SERIAL, CONSOLE, "Available", True)
+        app = await open_fd(bus, SERIAL)
+        reader = Reader(app.fileno())
+        await reader.until(BANNER)
+        app.sendall(b"first-life")
+        await reader.until(b"first-life")
+
+        mark = signals.mark()
+        assert guest.pid is not None
+        os.kill(guest.pid, signal.SIGKILL)
+        await guest.stop()
+        await signals.wait_property(DEMO, GUEST, "State", "reconnecting", since=mark)
+        # The same machine again at the same sockets. It runs once the service is
+        # back and the gateway's chardev has found it again: output the gateway
+        # gets while the service is still reconnecting is not replayed to the
+        # service (see test_output_while_reconnecting_is_replayed below).
+        restarted = QemuGuest(GuestConfig(workdir=guest.workdir, start_paused=True))
+        await restarted.start(timeout=TIMEOUT)
+        await signals.wait_property(DEMO, GUEST, "State", "connected", since=mark)
+        await signals.wait_property(SERIAL, CONSOLE, "Available", True, since=mark)
+        await run_once_serial_attached(restarted)
+        # The open fd works again: the new boot's banner, then an echo.
+        boot = reader.seen.index(b"first-life")
+        await reader.until(BANNER, after=boot)
+        app.sendall(b"second-life")
+        await reader.until(b"second-life")
+        assert reader.seen.count(b"first-life") == 1
+        assert await get_property(bus, SERIAL, CONSOLE, "OpenCount") == 1
+    finally:
+        if app is not None:
+            app.close()
+        bus.disconnect()
+        if restarted is not None:
+            await restarted.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="known gap: on reconnecting, the service opens consoles without history "
+    "(its ring is not empty and the console extension gives no offsets to join the "
+    "two at), so output the gateway got while the service was away is not replayed",
+)
+async def test_output_while_reconnecting_is_replayed(
+    session: Session, guest: QemuGuest, gateway: GatewayProcess
+) -> None:
+    """A new gateway attaches to QEMU's monitor before the service finds it, and
+    QEMU greets it at once: that greeting is in the new gateway's history, and
+    should reach the fd that stayed open."""
+    monitor = f"{DEMO}/consoles/monitor"
+    greeting = b"monitor - type 'help'"
+    bus = await session.client()
+    signals = await Signals(bus).start()
+    app = None
+    # The new gateway listens elsewhere until QEMU has greeted it, then its socket
+    # is moved to the path the service knows: the order is certain.
+    replacement = GatewayProcess(guest.workdir, gateway.socket_path.with_name("gw2.sock"))
+    try:
+        ok(await call(bus, ROOT, MANAGER, "AddGuest", "ssa{sv}", ["demo", gateway.address, {}]))
+        await signals.wait_property(monitor, CONSOLE, "Available", True)
+        app = await open_fd(bus, monitor)
+        reader = Reader(app.fileno())
+        await reader.until(greeting)
+        mark = signals.mark()
+        gateway.kill()
+        await signals.wait_property(DEMO, GUEST, "State", "reconnecting", since=mark)
+        replacement.start()
+        await chardev_attached(guest, "compat_monitor0")
+        os.rename(replacement.socket_path, gateway.socket_path)
+        await signals.wait_property(monitor, CONSOLE, "Available", True, since=mark)
+        # Output comes in order: by the answer to a command typed now, any replay
+        # of the new gateway's history has come.
+        app.sendall(b"after-reconnect\n")
+        await reader.until(b"unknown command: 'after-reconnect'")
+        assert reader.seen.count(greeting) == 2, reader.seen
+    finally:
+        replacement.kill()
+        if app is not None:
+            app.close()
+        bus.disconnect()
