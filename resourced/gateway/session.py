@@ -116,6 +116,18 @@ _HINT_ENCODINGS = frozenset(range(-32, -22)) | frozenset(range(-256, -246))
 _MESSAGE_ENCODINGS = frozenset({Encoding.EXTENDED_CLIPBOARD, Encoding.XVP})
 
 
+#: The action bits of an Extended Clipboard flags word. Caps lists the actions a
+#: peer supports among its own flags, so only a word whose one action is provide
+#: carries clipboard data (QEMU reads caps, then notify, before provide).
+_CLIPBOARD_ACTIONS = (
+    ExtendedClipboardFlag.CAPS
+    | ExtendedClipboardFlag.REQUEST
+    | ExtendedClipboardFlag.PEEK
+    | ExtendedClipboardFlag.NOTIFY
+    | ExtendedClipboardFlag.PROVIDE
+)
+
+
 def filter_encodings(encodings: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
     """What of a viewer's SetEncodings goes on to QEMU, and whether it asked for consoles.
 
@@ -159,6 +171,10 @@ def check_pixel_format(pixel_format: PixelFormat) -> None:
 def describe(message: Message) -> str:
     """A message for the log: its name and size on the wire."""
     return f"{type(message).__name__} ({len(message.serialize())} bytes)"
+
+
+class _QemuClosed(ResourcedError):
+    """QEMU closed the connection at a message boundary (the reason says more)."""
 
 
 class _OpenConsole:
@@ -416,6 +432,8 @@ class Session(asyncio.BufferedProtocol):
         error = ended.exception()
         if error is None:
             self._finish(ResourcedError(self._qemu_closed()))
+        elif isinstance(error, _QemuClosed):
+            self._finish(error)
         elif isinstance(error, ResourcedError):
             self._finish(
                 ResourcedError(f"QEMU's VNC connection failed: {error}; {self._last_sent()}")
@@ -468,7 +486,7 @@ class Session(asyncio.BufferedProtocol):
             self.server.send_raw(audio_server_message(QemuAudioServerOp.END))
             self._flush()
         elif isinstance(event, ServerClosed):
-            raise ResourcedError(self._qemu_closed())
+            raise _QemuClosed(self._qemu_closed())
         if self._write_paused:
             self._check_viewer_backlog()
 
@@ -552,7 +570,7 @@ class Session(asyncio.BufferedProtocol):
             if not self._qemu_audio or Encoding.QEMU_AUDIO not in self._upstream_encodings:
                 return "QEMU has not acknowledged audio for this connection"
         elif isinstance(message, ExtendedClientCutText) and (
-            message.flags & ExtendedClipboardFlag.PROVIDE
+            message.flags & _CLIPBOARD_ACTIONS == ExtendedClipboardFlag.PROVIDE
         ):
             try:
                 inflated = clipboard.inflate(message.payload, QEMU_MAX_CLIPBOARD_INFLATED)
