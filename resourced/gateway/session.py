@@ -168,6 +168,26 @@ def check_pixel_format(pixel_format: PixelFormat) -> None:
         )
 
 
+def clipboard_refusal(message: ExtendedClientCutText) -> str | None:
+    """Why QEMU should not get this Extended Clipboard message, or None.
+
+    Only a provide carries data. QEMU inflates it into at most 1 MiB and drops
+    what does not fit (or is not zlib) without a word, so the gateway refuses
+    those itself, where the log can say so.
+    """
+    if message.flags & _CLIPBOARD_ACTIONS != ExtendedClipboardFlag.PROVIDE:
+        return None
+    try:
+        inflated = clipboard.inflate(message.payload, QEMU_MAX_CLIPBOARD_INFLATED)
+    except RemoteProtocolError as err:
+        return str(err)
+    if inflated is None:
+        return (
+            f"the clipboard data inflates past QEMU's limit of {QEMU_MAX_CLIPBOARD_INFLATED} bytes"
+        )
+    return None
+
+
 def describe(message: Message) -> str:
     """A message for the log: its name and size on the wire."""
     return f"{type(message).__name__} ({len(message.serialize())} bytes)"
@@ -555,7 +575,7 @@ class Session(asyncio.BufferedProtocol):
         self._last_upstream = message
 
     def _refusal(self, message: Any) -> str | None:
-        """Why QEMU must not get `message` (it would drop the connection), or None.
+        """Why `message` should not reach QEMU (it would drop the connection, or the data), or None.
 
         Raises `RemoteProtocolError` for what no session can go on after.
         """
@@ -569,18 +589,8 @@ class Session(asyncio.BufferedProtocol):
         elif isinstance(message, QemuAudioEnable | QemuAudioDisable | QemuAudioSetFormat):
             if not self._qemu_audio or Encoding.QEMU_AUDIO not in self._upstream_encodings:
                 return "QEMU has not acknowledged audio for this connection"
-        elif isinstance(message, ExtendedClientCutText) and (
-            message.flags & _CLIPBOARD_ACTIONS == ExtendedClipboardFlag.PROVIDE
-        ):
-            try:
-                inflated = clipboard.inflate(message.payload, QEMU_MAX_CLIPBOARD_INFLATED)
-            except RemoteProtocolError as err:
-                return str(err)
-            if inflated is None:
-                return (
-                    f"the clipboard data inflates past QEMU's limit of "
-                    f"{QEMU_MAX_CLIPBOARD_INFLATED} bytes"
-                )
+        elif isinstance(message, ExtendedClientCutText):
+            return clipboard_refusal(message)
         return None
 
     def _infos(self) -> list[Any]:
