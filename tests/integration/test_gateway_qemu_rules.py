@@ -388,3 +388,67 @@ async def test_qemu_closing_is_logged_with_what_was_last_sent(
         assert "KeyEvent (8 bytes)" in message
     finally:
         await v.close()
+
+
+# ---------------------------------------------------------------------------
+# Malformed messages QEMU drops a connection for
+# ---------------------------------------------------------------------------
+
+
+class RawMessage:
+    """Bytes sent as they are: a message our own serializers refuse to build."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def serialize(self) -> bytes:
+        return self.data
+
+
+MALFORMED = [
+    pytest.param(b"\xff\x01\x00\x02\x09\x02\x00\x00\xac\x44", "set-format", id="audio-format-9"),
+    pytest.param(b"\xff\x01\x00\x02\x03\x03\x00\x00\xac\x44", "set-format", id="audio-channels-3"),
+    pytest.param(b"\xff\x01\x00\x02\x03\x02\x00\x01\x77\x00", "set-format", id="audio-96000-hz"),
+    pytest.param(b"\xff\x01\x00\x07", "unknown client operation 7", id="audio-op-7"),
+    pytest.param(b"\xff\x09", "unknown QEMU client submessage 9", id="qemu-submessage-9"),
+    pytest.param(
+        b"\x00\x00\x00\x00" + bytes.fromhex("18 18 00 01 00ff 00ff 00ff 10 08 00 000000"),
+        "bits-per-pixel 24",
+        id="pixel-format-24-bits",
+    ),
+    pytest.param(
+        b"\x06\x00\x00\x00\xff\xff\xff\xfd\x00\x00\x00", "shorter than its flags", id="clipboard-3"
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "reason"), MALFORMED)
+async def test_malformed_message_qemu_drops_for_never_reaches_it(
+    make_rig: MakeRig, gateway_log: Log, data: bytes, reason: str
+) -> None:
+    """QEMU drops a connection for each of these (shown straight to QEMU); through
+    the gateway the viewer that sent it is disconnected with the gateway's own
+    reason, QEMU never sees it, and other viewers carry on."""
+    rig = await make_rig()
+    encodings = (*DEFAULT_ENCODINGS, Encoding.EXTENDED_CLIPBOARD, Encoding.QEMU_AUDIO)
+    client = await direct(rig, encodings=encodings)
+    try:
+        client.send(RawMessage(data))
+        client.flush()
+        await dropped(client)
+    finally:
+        await client.close()
+    bystander = await viewer(rig)
+    v = await viewer(rig, audio=True, encodings=WITH_CLIPBOARD)
+    try:
+        await open_serial(bystander)
+        await v.pump(lambda: bool(v.audio_chunks))  # QEMU acknowledged audio
+        send(v, RawMessage(data))
+        message = await gateway_log.wait_for("disconnected")
+        assert reason in message
+        assert "QEMU closed" not in message  # the gateway's reason, not QEMU's close
+        assert not any("QEMU closed" in m for m in gateway_log.messages)
+        await still_alive(bystander, b"the others carry on")
+    finally:
+        await v.close()
+        await bystander.close()

@@ -350,3 +350,10 @@ def test_server_survives_any_clipboard_bytes(data: bytes, limit: int) -> None:
             error = None
     assert error is None or str(error)
     assert peak[0] < 4 * len(data) + 2 * MIB
+
+
+@pytest.mark.parametrize("length", [-1, -3])
+def test_client_extended_shorter_than_its_flags_is_refused(length: int) -> None:
+    server = viewer_server(Encoding.EXTENDED_CLIPBOARD)
+    with pytest.raises(RemoteProtocolError, match="shorter than its flags"):
+        feed(server, wire.u8(6) + b"\0\0\0" + wire.s32(length))
