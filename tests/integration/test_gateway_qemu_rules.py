@@ -244,6 +244,13 @@ async def test_extended_clipboard_message_without_the_encoding_ends_only_that_vi
     """QEMU drops a client sending it unasked; the gateway ends that viewer with
     the reason (it breaks the protocol) before QEMU sees it."""
     rig = await make_rig(guest_options={"audio": False})
+    client = await direct(rig)  # the premise: QEMU drops it
+    try:
+        client.send(ExtendedClientCutText(int(NOTIFY | TEXT)))
+        client.flush()
+        await dropped(client)
+    finally:
+        await client.close()
     v = await viewer(rig)
     try:
         await v.pump(lambda: v.consoles.announced)
@@ -264,6 +271,16 @@ async def test_xvp_through_the_gateway(make_rig: MakeRig, gateway_log: Log) -> N
     """Issue 9 #7 B: with power-control=on QEMU's xvp INIT reaches the viewer, and
     the viewer's xvp messages reach QEMU (reboot is answered FAIL: QEMU cannot)."""
     rig = await make_rig(guest_options={"audio": False, "vnc_power_control": True})
+    client = await direct(rig, encodings=(*DEFAULT_ENCODINGS, Encoding.XVP))
+    try:  # the premise: QEMU drops a client sending xvp version 2
+        async with asyncio.timeout(TIMEOUT):
+            while await client.next_event() != XvpServerMessage(1, XvpCode.INIT):
+                pass
+        client.send(XvpMessage(2, XvpCode.RESET))
+        client.flush()
+        await dropped(client)
+    finally:
+        await client.close()
     v = await viewer(rig, encodings=(*DEFAULT_ENCODINGS, Encoding.XVP))
     try:
         serial = await open_serial(v)
