@@ -97,6 +97,9 @@ async def xvfb(processes: Processes, log: Path) -> str:
             "800x600x24",
             "-nolisten",
             "tcp",
+            # Without it Xvfb resets when its last client leaves (our probe below),
+            # and a viewer connecting meanwhile is turned away.
+            "-noreset",
             stdout=asyncio.subprocess.DEVNULL,
             log=log,
         )
@@ -145,12 +148,15 @@ async def until(check: Callable[[], Awaitable[bool]]) -> None:
             await asyncio.sleep(POLL)
 
 
-async def viewer_window(display: str) -> str:
+async def viewer_window(display: str, viewer: asyncio.subprocess.Process, log: Path) -> str:
     """The id of TigerVNC's window on `display`, once it is mapped."""
     found = ""
 
     async def mapped() -> bool:
         nonlocal found
+        if viewer.returncode is not None:
+            text = await asyncio.to_thread(log.read_text, errors="replace")
+            raise AssertionError(f"vncviewer exited: {text[-2000:]}")
         code, output = await run(
             need("xdotool"), "search", "--onlyvisible", "--name", "TigerVNC", display=display
         )
@@ -169,8 +175,9 @@ async def test_tigervnc_clipboard_between_two_viewers(
     rig = await make_rig(guest_options={"audio": False})
     socket_path = rig.address.removeprefix("unix:")
     displays = [await xvfb(processes, tmp_path / f"xvfb{i}.log") for i in (0, 1)]
+    viewers = []
     for index, display in enumerate(displays):
-        await processes.start(
+        viewer = await processes.start(
             need("vncviewer"),
             "-SecurityTypes=None",
             "-Shared=1",  # TigerVNC asks for exclusive access by default
@@ -184,7 +191,11 @@ async def test_tigervnc_clipboard_between_two_viewers(
             stdout=asyncio.subprocess.DEVNULL,
             log=tmp_path / f"vncviewer{index}.log",
         )
-    windows = [await viewer_window(display) for display in displays]
+        viewers.append(viewer)
+    windows = [
+        await viewer_window(display, viewer, tmp_path / f"vncviewer{index}.log")
+        for index, (display, viewer) in enumerate(zip(displays, viewers, strict=True))
+    ]
     # TigerVNC passes clipboard changes on only while its window has the focus
     # (Xvfb runs no window manager to give it one).
     for display, window in zip(displays, windows, strict=True):
