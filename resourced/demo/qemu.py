@@ -74,6 +74,8 @@ class GuestConfig:
     """Anonymous-DH TLS (VeNCrypt TLSNone/TLSVnc) when no `tls_dir` is given."""
     vnc_tcp_port: int | None = None
     """Listen for VNC on 127.0.0.1:port (5900 or above) instead of the Unix socket."""
+    vnc_power_control: bool = False
+    """Let VNC clients shut down and reset the guest (`power-control=on`: xvp)."""
     start_paused: bool = False
     """Start with -S: the guest runs only after `resume()`. Lets a serial client
     connect before the banner is written (QEMU drops serial output nobody reads)."""
@@ -191,6 +193,8 @@ class QemuGuest:
             vnc += ",audiodev=snd0"
         if config.vnc_password:
             vnc += ",password=on"
+        if config.vnc_power_control:
+            vnc += ",power-control=on"
         args = [binary or config.qemu_binary, "-accel", "tcg", "-display", "none", "-nodefaults"]
         args += ["-machine", machine]
         if config.audio:

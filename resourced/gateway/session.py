@@ -4,9 +4,19 @@ A `Session` authenticates the viewer (server side of RFB, `resourced.rfb.server`
 opens its own connection to QEMU's VNC server with the viewer's shared flag, and
 then relays messages both ways. It frames every server message it relays, so it
 can put console messages between them; it filters the viewer's SetEncodings to
-what it can frame and strips its own pseudo-encoding before QEMU sees it. The
-viewer's console messages are answered here from the gateway's console hubs,
-with per-console credit so a console nobody reads stalls nothing else.
+what it can frame (every encoding and pseudo-encoding QEMU 7.2 knows) and strips
+its own pseudo-encoding before QEMU sees it. The viewer's console messages are
+answered here from the gateway's console hubs, with per-console credit so a
+console nobody reads stalls nothing else.
+
+The relay is never looser than QEMU (`ui/vnc.c` `protocol_client_msg`): a viewer
+message QEMU would answer by dropping the connection (which would take the
+viewer's consoles and audio with it) is not forwarded. A paste over QEMU's 1 MiB,
+an xvp or audio message QEMU has not enabled, an xvp version other than 1 and an
+Extended Clipboard provide that inflates past QEMU's limit are refused with a
+logged reason and the session goes on; a malformed message, or a pixel format
+QEMU would silently replace with another (so that nobody could frame what it
+sends next), ends the session with a logged reason.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from resourced.consoles.hub import ConsoleHub, Overrun
 from resourced.errors import RemoteProtocolError, ResourcedError
+from resourced.rfb import clipboard
 from resourced.rfb.aio import RfbClient, connect
 from resourced.rfb.connection import Message
 from resourced.rfb.consoles import (
@@ -37,18 +48,48 @@ from resourced.rfb.consoles import (
     ServedConsole,
     parse_client_message,
 )
-from resourced.rfb.constants import Encoding, QemuAudioServerOp, QemuClientSubtype
+from resourced.rfb.constants import (
+    QEMU_MAX_CLIENT_CUT_TEXT,
+    QEMU_MAX_CLIPBOARD_INFLATED,
+    XVP_VERSION,
+    Encoding,
+    ExtendedClipboardFlag,
+    QemuAudioServerOp,
+    QemuClientSubtype,
+    XvpCode,
+)
 from resourced.rfb.encodings import SUPPORTED_ENCODINGS
 from resourced.rfb.events import ServerClosed
 from resourced.rfb.messages import (
     Bell,
+    ExtendedClientCutText,
+    ExtendedServerCutText,
     FramebufferUpdate,
     ServerCutText,
     SetColourMapEntries,
     SetEncodings,
+    SetPixelFormat,
+    XvpServerMessage,
 )
-from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, QemuAudio, audio_server_message
-from resourced.rfb.server import ClientClosed, ClientInitReceived, ServerConnection
+from resourced.rfb.pixelformat import PixelFormat
+from resourced.rfb.qemu import (
+    AudioBegin,
+    AudioData,
+    AudioEnd,
+    AudioSupported,
+    QemuAudio,
+    QemuAudioDisable,
+    QemuAudioEnable,
+    QemuAudioSetFormat,
+    audio_server_message,
+)
+from resourced.rfb.server import (
+    ClientClosed,
+    ClientCutTextRefused,
+    ClientInitReceived,
+    ServerConnection,
+    XvpMessage,
+)
 from resourced.rfb.text import printable
 
 if TYPE_CHECKING:
@@ -67,21 +108,90 @@ READ_SIZE = 256 * 1024
 
 #: Pseudo-encodings that change only how the server encodes, never what it frames.
 _HINT_ENCODINGS = frozenset(range(-32, -22)) | frozenset(range(-256, -246))
+#: Pseudo-encodings that bring messages rather than rectangles; the gateway frames
+#: those messages (Extended Clipboard cut text, xvp), so QEMU may send them.
+_MESSAGE_ENCODINGS = frozenset({Encoding.EXTENDED_CLIPBOARD, Encoding.XVP})
+
+
+#: The action bits of an Extended Clipboard flags word. Caps lists the actions a
+#: peer supports among its own flags, so only a word whose one action is provide
+#: carries clipboard data (QEMU reads caps, then notify, before provide).
+_CLIPBOARD_ACTIONS = (
+    ExtendedClipboardFlag.CAPS
+    | ExtendedClipboardFlag.REQUEST
+    | ExtendedClipboardFlag.PEEK
+    | ExtendedClipboardFlag.NOTIFY
+    | ExtendedClipboardFlag.PROVIDE
+)
 
 
 def filter_encodings(encodings: tuple[int, ...]) -> tuple[tuple[int, ...], bool]:
     """What of a viewer's SetEncodings goes on to QEMU, and whether it asked for consoles.
 
-    Only encodings whose rectangles the gateway can frame survive (plus quality and
-    compression hints), in the viewer's order; our own pseudo-encoding is removed.
+    Only encodings whose rectangles or messages the gateway can frame survive (plus
+    quality and compression hints), in the viewer's order; our own pseudo-encoding
+    is removed. Every encoding QEMU 7.2's `set_encodings` knows passes.
     """
     wants_consoles = Encoding.CONSOLES in encodings
     kept = tuple(
         e
         for e in encodings
-        if e != Encoding.CONSOLES and (e in SUPPORTED_ENCODINGS or e in _HINT_ENCODINGS)
+        if e != Encoding.CONSOLES
+        and (e in SUPPORTED_ENCODINGS or e in _HINT_ENCODINGS or e in _MESSAGE_ENCODINGS)
     )
     return kept, wants_consoles
+
+
+def check_pixel_format(pixel_format: PixelFormat) -> None:
+    """Refuse a SetPixelFormat that QEMU would quietly replace with another.
+
+    QEMU (`set_pixel_format`) serves a colour-mapped request at 8 bits per pixel
+    whatever it asked for, and a zero colour maximum as 255. Either way QEMU's
+    rectangles would no longer be in the format the viewer (and the gateway,
+    framing them) expects, so neither is passed on.
+    """
+    if not pixel_format.true_colour and pixel_format.bits_per_pixel != 8:
+        raise RemoteProtocolError(
+            f"SetPixelFormat: a colour map at {pixel_format.bits_per_pixel} bits per pixel "
+            "(QEMU would send 8)"
+        )
+    if pixel_format.true_colour and 0 in (
+        pixel_format.red_max,
+        pixel_format.green_max,
+        pixel_format.blue_max,
+    ):
+        raise RemoteProtocolError(
+            "SetPixelFormat: a colour maximum of 0 (QEMU would use 255 instead)"
+        )
+
+
+def clipboard_refusal(message: ExtendedClientCutText) -> str | None:
+    """Why QEMU should not get this Extended Clipboard message, or None.
+
+    Only a provide carries data. QEMU inflates it into at most 1 MiB and drops
+    what does not fit (or is not zlib) without a word, so the gateway refuses
+    those itself, where the log can say so.
+    """
+    if message.flags & _CLIPBOARD_ACTIONS != ExtendedClipboardFlag.PROVIDE:
+        return None
+    try:
+        inflated = clipboard.inflate(message.payload, QEMU_MAX_CLIPBOARD_INFLATED)
+    except RemoteProtocolError as err:
+        return str(err)
+    if inflated is None:
+        return (
+            f"the clipboard data inflates past QEMU's limit of {QEMU_MAX_CLIPBOARD_INFLATED} bytes"
+        )
+    return None
+
+
+def describe(message: Message) -> str:
+    """A message for the log: its name and size on the wire."""
+    return f"{type(message).__name__} ({len(message.serialize())} bytes)"
+
+
+class _QemuClosed(ResourcedError):
+    """QEMU closed the connection at a message boundary (the reason says more)."""
 
 
 class _OpenConsole:
@@ -113,9 +223,19 @@ class Session(asyncio.BufferedProtocol):
         self.config = gateway.config
         self.peer = "unknown peer"
         self.server = ServerConnection(
-            self.config.security, qemu_parsers={QemuClientSubtype.CONSOLE: parse_client_message}
+            self.config.security,
+            qemu_parsers={QemuClientSubtype.CONSOLE: parse_client_message},
+            max_cut_text=QEMU_MAX_CLIENT_CUT_TEXT,
         )
         self.upstream: RfbClient | None = None
+        #: The encodings of the last SetEncodings passed to QEMU.
+        self._upstream_encodings: frozenset[int] = frozenset()
+        #: QEMU has acknowledged audio (it has an audio device for VNC).
+        self._qemu_audio = False
+        #: QEMU has sent xvp INIT (it runs with power-control=on).
+        self._qemu_xvp = False
+        #: The last message passed to QEMU, named in the log if QEMU drops us.
+        self._last_upstream: Message | None = None
         self.consoles_enabled = False
         self._open: dict[int, _OpenConsole] = {}
         self._transport: asyncio.Transport | None = None
@@ -344,9 +464,23 @@ class Session(asyncio.BufferedProtocol):
     def _upstream_ended(self, ended: asyncio.Future[None]) -> None:
         error = ended.exception()
         if error is None:
-            self._finish(ResourcedError("QEMU closed the VNC connection"))
+            self._finish(ResourcedError(self._qemu_closed()))
+        elif isinstance(error, _QemuClosed):
+            self._finish(error)
+        elif isinstance(error, ResourcedError):
+            self._finish(
+                ResourcedError(f"QEMU's VNC connection failed: {error}; {self._last_sent()}")
+            )
         else:
             self._finish(error)
+
+    def _qemu_closed(self) -> str:
+        return f"QEMU closed the VNC connection; {self._last_sent()}"
+
+    def _last_sent(self) -> str:
+        if self._last_upstream is None:
+            return "the gateway had sent it no message"
+        return f"the last message the gateway sent it was {describe(self._last_upstream)}"
 
     # --- output to the viewer -------------------------------------------------
 
@@ -363,9 +497,21 @@ class Session(asyncio.BufferedProtocol):
 
     def _from_qemu(self, event: Any) -> None:
         if isinstance(
-            event, FramebufferUpdate | SetColourMapEntries | Bell | ServerCutText | AudioData
+            event,
+            FramebufferUpdate
+            | SetColourMapEntries
+            | Bell
+            | ServerCutText
+            | ExtendedServerCutText
+            | AudioData,
         ):
             self._send(event)
+        elif isinstance(event, XvpServerMessage):
+            if event.code == XvpCode.INIT:
+                self._qemu_xvp = True
+            self._send(event)
+        elif isinstance(event, AudioSupported):
+            self._qemu_audio = True  # its rectangle comes in the FramebufferUpdate
         elif isinstance(event, AudioBegin):
             self.server.send_raw(audio_server_message(QemuAudioServerOp.BEGIN))
             self._flush()
@@ -373,7 +519,7 @@ class Session(asyncio.BufferedProtocol):
             self.server.send_raw(audio_server_message(QemuAudioServerOp.END))
             self._flush()
         elif isinstance(event, ServerClosed):
-            raise ResourcedError("QEMU closed the VNC connection")
+            raise _QemuClosed(self._qemu_closed())
         if self._write_paused:
             self._check_viewer_backlog()
 
@@ -406,7 +552,8 @@ class Session(asyncio.BufferedProtocol):
         assert self.upstream is not None
         if isinstance(message, SetEncodings):
             kept, wants_consoles = filter_encodings(message.encodings)
-            self.upstream.connection.send(SetEncodings(kept))
+            self._to_qemu(SetEncodings(kept))
+            self._upstream_encodings = frozenset(kept)
             if wants_consoles and not self.consoles_enabled:
                 self.consoles_enabled = True
                 self._send(ConsolesAnnounced(VERSION, MAX_CONSOLE_DATA, tuple(self._infos())))
@@ -415,9 +562,49 @@ class Session(asyncio.BufferedProtocol):
         ):
             self._on_console_message(message)
         elif hasattr(message, "serialize"):
-            self.upstream.connection.send(message)
+            refusal = self._refusal(message)
+            if refusal is None:
+                self._to_qemu(message)
+            else:
+                log.warning(
+                    "viewer %s: %s not passed to QEMU: %s", self.peer, describe(message), refusal
+                )
+        elif isinstance(message, ClientCutTextRefused):
+            kind = "an Extended Clipboard" if message.extended else "a"
+            log.warning(
+                "viewer %s: %s ClientCutText of %d bytes not passed to QEMU: over QEMU's "
+                "limit of %d bytes, for which it would drop the connection; the paste is lost",
+                self.peer,
+                kind,
+                message.length,
+                message.limit,
+            )
         else:  # pragma: no cover - the server connection yields only messages here
             raise RemoteProtocolError(f"unexpected {type(message).__name__} from the viewer")
+
+    def _to_qemu(self, message: Message) -> None:
+        assert self.upstream is not None
+        self.upstream.connection.send(message)
+        self._last_upstream = message
+
+    def _refusal(self, message: Any) -> str | None:
+        """Why `message` should not reach QEMU (it would drop the connection, or the data), or None.
+
+        Raises `RemoteProtocolError` for what no session can go on after.
+        """
+        if isinstance(message, SetPixelFormat):
+            check_pixel_format(message.pixel_format)
+        elif isinstance(message, XvpMessage):
+            if not self._qemu_xvp or Encoding.XVP not in self._upstream_encodings:
+                return "QEMU has not enabled xvp for this connection (power-control=off?)"
+            if message.version != XVP_VERSION:
+                return f"xvp version {message.version}; QEMU takes only {XVP_VERSION}"
+        elif isinstance(message, QemuAudioEnable | QemuAudioDisable | QemuAudioSetFormat):
+            if not self._qemu_audio or Encoding.QEMU_AUDIO not in self._upstream_encodings:
+                return "QEMU has not acknowledged audio for this connection"
+        elif isinstance(message, ExtendedClientCutText):
+            return clipboard_refusal(message)
+        return None
 
     def _infos(self) -> list[Any]:
         return self.gateway.console_infos()

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=30.0, help="handshake timeout (s)")
     probe.add_argument("--audio", type=Path, metavar="FILE.wav", help="record the guest's audio")
     probe.add_argument("--duration", type=float, default=3.0, help="seconds of audio to record")
+    probe.add_argument(
+        "--audio-timeout",
+        type=float,
+        default=15.0,
+        help="seconds past --duration to wait for audio before giving up",
+    )
     probe.add_argument("--sample-format", choices=[f.value for f in SampleFormat], default="s16")
     probe.add_argument("--channels", type=int, choices=[1, 2], default=2)
     probe.add_argument("--rate", type=int, default=44100)
@@ -112,21 +118,28 @@ async def probe(args: argparse.Namespace) -> dict[str, Any]:
     }
     try:
         if audio is not None:
-            report["audio"] = await _record(client, audio, fmt, args.audio, args.duration)
+            report["audio"] = await _record(
+                client, audio, fmt, args.audio, args.duration, args.audio_timeout
+            )
     finally:
         await client.close()
     return report
 
 
 async def _record(
-    client: Any, audio: QemuAudio, fmt: AudioFormat, path: Path, duration: float
+    client: Any,
+    audio: QemuAudio,
+    fmt: AudioFormat,
+    path: Path,
+    duration: float,
+    patience: float,
 ) -> dict[str, Any]:
     sink = WavFileSink(path, fmt)
     pcm = bytearray()
     first = last = 0.0
     first_size = 0
     try:
-        async with asyncio.timeout(duration + 15):
+        async with asyncio.timeout(duration + patience):
             while True:
                 event = await client.next_event()
                 if isinstance(event, AudioSupported) and not audio.enabled:
@@ -143,6 +156,15 @@ async def _record(
                 elif isinstance(event, AudioEnd) and pcm:
                     break
     except TimeoutError:
+        # A server that stopped in the middle of a message (a FramebufferUpdate
+        # that never ends) explains the silence, whatever audio's state: say so
+        # rather than blame a missing feature the server never got to announce.
+        stalled = client.connection.message_in_progress
+        if stalled is not None:
+            raise ResourcedError(
+                f"timed out after {duration + patience:g} s waiting for audio, inside {stalled}: "
+                "the server stopped sending in the middle of it"
+            ) from None
         if not audio.supported:
             raise ResourcedError("the server does not support QEMU audio") from None
         if not pcm:

@@ -56,6 +56,8 @@ from resourced.rfb.messages import (
     Rectangle,
     SetEncodings,
     SetPixelFormat,
+    XvpServerMessage,
+    parse_server_cut_text,
 )
 from resourced.rfb.pixelformat import PixelFormat
 from resourced.rfb.security import (
@@ -117,6 +119,8 @@ class State(enum.Enum):
 _CONNECTED = State.CONNECTED
 _FRAMEBUFFER_UPDATE = ServerMessageType.FRAMEBUFFER_UPDATE
 _QEMU_MESSAGE = ServerMessageType.QEMU
+_SERVER_CUT_TEXT = ServerMessageType.SERVER_CUT_TEXT
+_XVP_MESSAGE = ServerMessageType.XVP
 
 
 class ClientConnection(Engine):
@@ -162,6 +166,10 @@ class ClientConnection(Engine):
         self._auto_setup = auto_setup
         # Encodings in our last SetEncodings: only those rectangles may arrive.
         self._advertised: frozenset[int] = frozenset()
+        # Every encoding we ever advertised: a message a pseudo-encoding brings
+        # (Extended Clipboard, xvp) may have been sent before the server read a
+        # SetEncodings that dropped it.
+        self._ever_advertised: frozenset[int] = frozenset()
         self.extensions = list(extensions)
         self._by_encoding: dict[int, Extension] = {}
         self._by_subtype: dict[int, Extension] = {}
@@ -207,6 +215,7 @@ class ClientConnection(Engine):
             self.pixel_format = message.pixel_format
         elif isinstance(message, SetEncodings):
             self._advertised = frozenset(message.encodings)
+            self._ever_advertised |= self._advertised
         self._write(data)
 
     def request_update(self, incremental: bool = False) -> None:
@@ -230,6 +239,22 @@ class ClientConnection(Engine):
         """Bytes received but not yet turned into events (for memory accounting)."""
         pending = self._update.buffered if self._update else 0
         return self.pending_input + pending
+
+    @property
+    def message_in_progress(self) -> str | None:
+        """What the server is in the middle of sending, or None at a message boundary.
+
+        For a caller that timed out waiting: "inside a FramebufferUpdate" says the
+        server stalled mid-message, which no missing feature explains.
+        """
+        if self._update is not None:
+            return (
+                f"a FramebufferUpdate ({self.buffered} bytes of it received, "
+                f"{self._update.remaining} of its rectangles still to come)"
+            )
+        if self.state is State.CONNECTED and self.pending_input:
+            return f"a server message ({self.pending_input} bytes of it received)"
+        return None
 
     # ------------------------------------------------------------------ internals
 
@@ -479,6 +504,15 @@ class ClientConnection(Engine):
             if ext is None:
                 raise RemoteProtocolError(f"unknown QEMU server submessage {subtype}")
             return ext.parse_server_message(subtype, r)
+        if kind == _SERVER_CUT_TEXT:
+            extended = Encoding.EXTENDED_CLIPBOARD in self._ever_advertised
+            return [parse_server_cut_text(r, extended=extended)]
+        if kind == _XVP_MESSAGE:
+            # QEMU sends xvp only to a client that advertised it (and only with
+            # power-control=on); from anyone else it is a protocol error.
+            if Encoding.XVP not in self._ever_advertised:
+                raise RemoteProtocolError("xvp message, but we never advertised xvp")
+            return [XvpServerMessage.parse(r)]
         parser = SIMPLE_SERVER_PARSERS.get(kind)
         if parser is None:
             raise RemoteProtocolError(f"unknown server message type {kind}")

@@ -8,7 +8,7 @@ peer can make us allocate are named constants at the end of this module.
 
 from __future__ import annotations
 
-from enum import IntEnum
+from enum import IntEnum, IntFlag
 
 
 class SecurityType(IntEnum):
@@ -177,7 +177,46 @@ class Encoding(IntEnum):
     EXTENDED_DESKTOP_SIZE = -308
     XVP = -309
     ALPHA_CURSOR = -314
+    #: 0xC0A1E5CE as a signed 32-bit number (rfbproto "Extended Clipboard Pseudo-Encoding").
+    EXTENDED_CLIPBOARD = -1063131698
     WMVI = 0x574D5669
+
+
+class ExtendedClipboardFlag(IntFlag):
+    """The flags word of an Extended Clipboard message (rfbproto "Extended
+    Clipboard Pseudo-Encoding"): formats in the low 16 bits, one action in the top byte."""
+
+    TEXT = 1 << 0
+    RTF = 1 << 1
+    HTML = 1 << 2
+    DIB = 1 << 3
+    FILES = 1 << 4
+    CAPS = 1 << 24
+    REQUEST = 1 << 25
+    PEEK = 1 << 26
+    NOTIFY = 1 << 27
+    PROVIDE = 1 << 28
+
+
+#: The format bits of `ExtendedClipboardFlag` (the spec reserves bits 0-15 for formats).
+EXTENDED_CLIPBOARD_FORMATS = 0xFFFF
+
+
+class XvpCode(IntEnum):
+    """Codes of the xvp messages (rfbproto "xvp Server Message", "xvp Client Message").
+
+    The server sends FAIL and INIT; the client sends SHUTDOWN, REBOOT and RESET.
+    """
+
+    FAIL = 0
+    INIT = 1
+    SHUTDOWN = 2
+    REBOOT = 3
+    RESET = 4
+
+
+#: The only xvp version there is (rfbproto); QEMU drops a client that sends another.
+XVP_VERSION = 1
 
 
 #: Encodings whose rectangles carry pixels and so must lie inside the framebuffer.
@@ -192,6 +231,7 @@ PIXEL_ENCODINGS = frozenset(
         Encoding.TIGHT,
         Encoding.TIGHT_PNG,
         Encoding.ZRLE,
+        Encoding.ZYWRLE,
     }
 )
 
@@ -204,8 +244,14 @@ PIXEL_ENCODINGS = frozenset(
 MAX_REASON_LENGTH = 64 * 1024
 #: Longest desktop name in ServerInit.
 MAX_SERVER_NAME_LENGTH = 64 * 1024
-#: Longest ServerCutText / ClientCutText body.
+#: Longest ServerCutText / ClientCutText body, plain or Extended Clipboard.
 MAX_CUT_TEXT_LENGTH = 4 * 1024 * 1024
+#: QEMU's own limit on a ClientCutText body, plain or extended (`ui/vnc.c`
+#: `protocol_client_msg`): a longer one makes QEMU drop the connection.
+QEMU_MAX_CLIENT_CUT_TEXT = 1024 * 1024
+#: The most an Extended Clipboard provide may inflate to in QEMU (`ui/vnc-clipboard.c`
+#: `inflate_buffer`); beyond it QEMU silently drops the data.
+QEMU_MAX_CLIPBOARD_INFLATED = 1024 * 1024
 #: Largest QEMU audio data chunk (QEMU sends about 1.8 kB at 44.1 kHz stereo S16).
 MAX_AUDIO_CHUNK = 1024 * 1024
 #: Number of colour map entries addressable by a 16-bit first + count.

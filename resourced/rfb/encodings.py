@@ -155,7 +155,7 @@ class _SubrectsFramer(_PrefixFramer):
 
 
 class _LengthPrefixedFramer(_PrefixFramer):
-    """zlib and ZRLE (rfbproto 7.7, "zlib" and "ZRLE"): u32 length, then that many bytes."""
+    """zlib, ZRLE and ZYWRLE (rfbproto 7.7): u32 length, then that many bytes."""
 
     __slots__ = ("_name",)
 
@@ -555,6 +555,12 @@ def _zrle(header: RectangleHeader, pf: PixelFormat) -> RectangleFramer:
     return _LengthPrefixedFramer("ZRLE")
 
 
+def _zywrle(header: RectangleHeader, pf: PixelFormat) -> RectangleFramer:
+    # ZRLE after a wavelet filter: the same u32 length and zlib data on the wire
+    # (QEMU's `vnc_zywrle_send_framebuffer_update` is its ZRLE encoder).
+    return _LengthPrefixedFramer("ZYWRLE")
+
+
 def _tight(header: RectangleHeader, pf: PixelFormat) -> RectangleFramer:
     return _TightFramer(header.width, header.height, _tight_pixel_size(pf), allow_png=False)
 
@@ -609,6 +615,7 @@ _FRAMERS: dict[int, Callable[[RectangleHeader, PixelFormat], RectangleFramer]] =
     Encoding.ZLIB: _zlib,
     Encoding.TIGHT: _tight,
     Encoding.ZRLE: _zrle,
+    Encoding.ZYWRLE: _zywrle,
     Encoding.TIGHT_PNG: _tight_png,
     Encoding.DESKTOP_SIZE: _empty,
     Encoding.LAST_RECT: _empty,

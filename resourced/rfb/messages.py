@@ -25,6 +25,9 @@ from resourced.rfb.constants import (
 from resourced.rfb.encodings import RectangleHeader
 from resourced.rfb.pixelformat import PixelFormat
 
+#: The flags word that starts every Extended Clipboard payload.
+EXTENDED_CLIPBOARD_FLAGS_SIZE = 4
+
 # ---------------------------------------------------------------------------
 # Client -> server (rfbproto 7.5)
 # ---------------------------------------------------------------------------
@@ -167,6 +170,23 @@ class QemuKeyEvent:
         return cls(bool(down), r.u32(), r.u32())
 
 
+@dataclass(frozen=True, slots=True)
+class ExtendedClientCutText:
+    """ClientCutText in its Extended Clipboard form (rfbproto "Extended Clipboard
+    Pseudo-Encoding"): a negative length, a u32 flags word (`ExtendedClipboardFlag`:
+    formats and one action), then what the action carries (`payload`: the caps'
+    sizes, or a provide's zlib stream; nothing for request, peek and notify).
+
+    Only a client that advertised the pseudo-encoding may send it.
+    """
+
+    flags: int
+    payload: bytes = b""
+
+    def serialize(self) -> bytes:
+        return _extended_cut_text(ClientMessageType.CLIENT_CUT_TEXT, self.flags, self.payload)
+
+
 ClientMessage = (
     SetPixelFormat
     | SetEncodings
@@ -174,6 +194,7 @@ ClientMessage = (
     | KeyEvent
     | PointerEvent
     | ClientCutText
+    | ExtendedClientCutText
     | QemuKeyEvent
 )
 
@@ -260,22 +281,100 @@ class ServerCutText:
         return cls(_cut_text(r, "ServerCutText"))
 
 
+@dataclass(frozen=True, slots=True)
+class ExtendedServerCutText:
+    """ServerCutText in its Extended Clipboard form (see `ExtendedClientCutText`).
+
+    A server sends it only to a client that advertised the pseudo-encoding.
+    """
+
+    flags: int
+    payload: bytes = b""
+
+    def serialize(self) -> bytes:
+        return _extended_cut_text(ServerMessageType.SERVER_CUT_TEXT, self.flags, self.payload)
+
+
+def _extended_cut_text(kind: int, flags: int, payload: bytes) -> bytes:
+    length = EXTENDED_CLIPBOARD_FLAGS_SIZE + len(payload)
+    if length > MAX_CUT_TEXT_LENGTH:
+        raise LocalProtocolError(f"Extended Clipboard message of {length} bytes is too long")
+    return u8(kind) + b"\0\0\0" + s32(-length) + u32(flags) + payload
+
+
+@dataclass(frozen=True, slots=True)
+class XvpServerMessage:
+    """Server message 250 (rfbproto "xvp Server Message"): u8 pad, u8 version,
+    u8 code (`XvpCode`: 0 FAIL, 1 INIT). Unknown versions and codes are framed,
+    not judged."""
+
+    version: int
+    code: int
+
+    SIZE = 3  # after the type byte
+
+    def serialize(self) -> bytes:
+        return u8(ServerMessageType.XVP) + b"\0" + u8(self.version) + u8(self.code)
+
+    @classmethod
+    def parse(cls, r: Reader) -> XvpServerMessage:
+        """Parse what follows the type byte."""
+        r.need(cls.SIZE)
+        r.skip(1)
+        return cls(r.u8(), r.u8())
+
+
+def cut_text_length(r: Reader) -> tuple[int, bool]:
+    """Read a cut text header after its type byte: (body length, extended?).
+
+    A negative length is the Extended Clipboard form, whose body is `-length`
+    bytes; its length is at least the flags word. The length is not checked
+    against a limit here: the caller decides what to do with a long one.
+    """
+    r.need(7)
+    r.skip(3)
+    length = r.s32()
+    if length >= 0:
+        return length, False
+    if -length < EXTENDED_CLIPBOARD_FLAGS_SIZE:
+        raise RemoteProtocolError(
+            f"Extended Clipboard message of {-length} bytes is shorter than its flags"
+        )
+    return -length, True
+
+
+def parse_server_cut_text(r: Reader, *, extended: bool) -> ServerCutText | ExtendedServerCutText:
+    """Parse ServerCutText after its type byte; `extended`: we advertised Extended Clipboard."""
+    length, is_extended = cut_text_length(r)
+    if is_extended and not extended:
+        raise RemoteProtocolError(
+            "Extended Clipboard ServerCutText, but we never advertised the pseudo-encoding"
+        )
+    if length > MAX_CUT_TEXT_LENGTH:
+        raise RemoteProtocolError(f"ServerCutText: length {length} exceeds {MAX_CUT_TEXT_LENGTH}")
+    body = r.take(length)
+    if is_extended:
+        return ExtendedServerCutText(int.from_bytes(body[:4], "big"), body[4:])
+    return ServerCutText(body)
+
+
 def _cut_text(r: Reader, what: str) -> bytes:
     length = r.u32()
-    # A length with the top bit set is the Extended Clipboard format (rfbproto
-    # 7.6.4.1), which only a client that advertised it may receive; we never do.
+    # A length with the top bit set is the Extended Clipboard form, which needs
+    # connection state (was it advertised?): `parse_server_cut_text` and the
+    # server connection handle it; here it is just too long.
     if length > MAX_CUT_TEXT_LENGTH:
         raise RemoteProtocolError(f"{what}: length {length} exceeds {MAX_CUT_TEXT_LENGTH}")
     return r.take(length)
 
 
 #: Server messages whose whole body parses without connection state. The type byte
-#: has been consumed. FramebufferUpdate and QEMU (255) need state: the connection
+#: has been consumed. FramebufferUpdate, ServerCutText (its Extended Clipboard
+#: form), xvp and QEMU (255) depend on what was advertised: the connection
 #: handles them.
-SIMPLE_SERVER_PARSERS: dict[int, Callable[[Reader], SetColourMapEntries | Bell | ServerCutText]] = {
+SIMPLE_SERVER_PARSERS: dict[int, Callable[[Reader], SetColourMapEntries | Bell]] = {
     ServerMessageType.SET_COLOUR_MAP_ENTRIES: SetColourMapEntries.parse,
     ServerMessageType.BELL: Bell.parse,
-    ServerMessageType.SERVER_CUT_TEXT: ServerCutText.parse,
 }
 
 #: Client messages by type (the type byte consumed), for gateways and test servers.

@@ -45,15 +45,25 @@ from resourced.errors import (
 from resourced.rfb._buffer import NeedData, Reader, u8, u16, u32
 from resourced.rfb._engine import Engine
 from resourced.rfb.constants import (
+    MAX_CUT_TEXT_LENGTH,
     MAX_SCREENS,
     MAX_SERVER_NAME_LENGTH,
     ClientMessageType,
+    Encoding,
     QemuClientSubtype,
     SecurityResult,
     SecurityType,
     VeNCryptSubtype,
 )
-from resourced.rfb.messages import CLIENT_PARSERS, QemuKeyEvent, SetEncodings, SetPixelFormat
+from resourced.rfb.messages import (
+    CLIENT_PARSERS,
+    ClientCutText,
+    ExtendedClientCutText,
+    QemuKeyEvent,
+    SetEncodings,
+    SetPixelFormat,
+    cut_text_length,
+)
 from resourced.rfb.pixelformat import PixelFormat
 from resourced.rfb.qemu import parse_client_audio
 from resourced.rfb.security import VNC_AUTH_CHALLENGE_SIZE, vnc_auth_response
@@ -180,6 +190,19 @@ class ClientInitReceived:
 @dataclass(frozen=True, slots=True)
 class ClientClosed:
     """The client closed the connection at a message boundary."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCutTextRefused:
+    """A ClientCutText longer than `limit` arrived and was skipped unread.
+
+    Its bytes are dropped as they arrive, never buffered, and the connection
+    goes on with the next message: a long paste costs the paste, not the session.
+    """
+
+    length: int
+    extended: bool
+    limit: int
 
 
 class ClientCertificateRejected(TlsError, AuthenticationFailed):
@@ -379,6 +402,7 @@ class State(enum.Enum):
 # member through EnumType.__getattr__, which costs about as much as parsing a field.
 _CONNECTED = State.CONNECTED
 _QEMU_MESSAGE = ClientMessageType.QEMU
+_CLIENT_CUT_TEXT = ClientMessageType.CLIENT_CUT_TEXT
 
 
 class ServerConnection(Engine):
@@ -388,7 +412,9 @@ class ServerConnection(Engine):
     challenges (tests pass a fixed one). `qemu_parsers` adds parsers for client
     message 255 submessages, keyed by submessage, called with a `Reader` just
     past the two type bytes; built in are 0 (`QemuKeyEvent`) and 1 (QEMU audio),
-    which an entry for the same number replaces.
+    which an entry for the same number replaces. `max_cut_text` bounds a
+    ClientCutText (plain or Extended Clipboard): a longer one is skipped and
+    reported as `ClientCutTextRefused` (a gateway sets its upstream's limit).
 
     Events: `ClientInitReceived` once authenticated, then each client message as
     its dataclass, then `ClientClosed` at EOF. Errors raised from `next_event()`
@@ -406,7 +432,15 @@ class ServerConnection(Engine):
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
         qemu_parsers: Mapping[int, Callable[[Reader], Any]] = _NO_PARSERS,
+        max_cut_text: int = MAX_CUT_TEXT_LENGTH,
     ) -> None:
+        if not 0 <= max_cut_text <= MAX_CUT_TEXT_LENGTH:
+            raise ConfigurationError(
+                f"max_cut_text must be 0..{MAX_CUT_TEXT_LENGTH}, not {max_cut_text}"
+            )
+        self._max_cut_text = max_cut_text
+        #: Bytes of a refused ClientCutText still to skip.
+        self._discard = 0
         self._security = security
         self._random_bytes = random_bytes
         self._qemu_parsers: dict[int, Callable[[Reader], Any]] = {
@@ -511,6 +545,11 @@ class ServerConnection(Engine):
     # ------------------------------------------------------------------ internals
 
     def _at_eof(self) -> None:
+        if self._discard:
+            raise RemoteProtocolError(
+                "the client closed the connection in the middle of a ClientCutText "
+                f"({self._discard} bytes of it missing)"
+            )
         if self.state is State.CONNECTED and not self.pending_input:
             self.state = State.CLOSED
             self._events.append(ClientClosed())
@@ -670,9 +709,18 @@ class ServerConnection(Engine):
     # --- normal operation --------------------------------------------------------
 
     def _on_client_message(self, r: Reader) -> list[Any]:
+        if self._discard:
+            if not r.remaining:
+                raise NeedData
+            skipped = min(self._discard, r.remaining)
+            r.skip(skipped)
+            self._discard -= skipped
+            return []
         kind = r.u8()
         message: Any
-        if kind == _QEMU_MESSAGE:
+        if kind == _CLIENT_CUT_TEXT:
+            message = self._client_cut_text(r)
+        elif kind == _QEMU_MESSAGE:
             subtype = r.u8()
             parser = self._qemu_parsers.get(subtype)
             if parser is None:
@@ -692,6 +740,22 @@ class ServerConnection(Engine):
             elif isinstance(message, SetEncodings):
                 self.encodings = message.encodings
         return [message]
+
+    def _client_cut_text(self, r: Reader) -> Any:
+        length, extended = cut_text_length(r)
+        if extended and Encoding.EXTENDED_CLIPBOARD not in self.encodings:
+            raise RemoteProtocolError(
+                "Extended Clipboard ClientCutText, but the client never advertised "
+                "the pseudo-encoding"
+            )
+        if length > self._max_cut_text:
+            # Skipped as it arrives (the next calls), never held whole.
+            self._discard = length
+            return ClientCutTextRefused(length, extended, self._max_cut_text)
+        body = r.take(length)
+        if extended:
+            return ExtendedClientCutText(int.from_bytes(body[:4], "big"), body[4:])
+        return ClientCutText(body)
 
 
 ServerConnection.handlers = {

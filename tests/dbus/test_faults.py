@@ -112,7 +112,7 @@ async def chardev_attached(guest: QemuGuest, label: str) -> None:
         return not str(chardev["filename"]).startswith("disconnected:")
 
     async with asyncio.timeout(TIMEOUT):
-        while not await attached():  # noqa: ASYNC110 - QEMU polled over QMP
+        while not await attached():
             await asyncio.sleep(0.05)
 
 

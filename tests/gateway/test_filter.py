@@ -2,8 +2,10 @@
 
 The gateway frames every server message it relays, so only encodings it can frame
 may reach QEMU, plus the JPEG quality (-32..-23, rfbproto 7.8.4) and compression
-level (-256..-247, rfbproto 7.8.5) hints, which change nothing about framing. Our
-own console pseudo-encoding (-262) is taken out and reported instead.
+level (-256..-247, rfbproto 7.8.5) hints, which change nothing about framing, and
+the pseudo-encodings that bring messages it frames (Extended Clipboard, xvp). Our
+own console pseudo-encoding (-262) is taken out and reported instead. Every
+encoding QEMU 7.2's `set_encodings` knows passes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ from resourced.gateway.session import filter_encodings
 from resourced.rfb.encodings import SUPPORTED_ENCODINGS
 
 CONSOLES = -262
+XVP = -309
+EXTENDED_CLIPBOARD = -1063131698  # 0xC0A1E5CE
+MESSAGE_PSEUDO_ENCODINGS = (XVP, EXTENDED_CLIPBOARD)
+#: Every encoding and pseudo-encoding QEMU 7.2 `ui/vnc.c` `set_encodings` acts on.
+QEMU_ENCODINGS = (
+    0, 5, 7, -260, 6, 16, 17,  # Raw, Hextile, Tight, Tight PNG, zlib, ZRLE, ZYWRLE
+    -223, -308, -257, -239, -314,  # DesktopSize, ExtendedDesktopSize, pointer type, cursors
+    -258, -259, 0x574D5669, -261, XVP, EXTENDED_CLIPBOARD,  # keys, audio, WMVi, LEDs
+    *range(-256, -246), *range(-32, -22),  # compression and quality levels
+)  # fmt: skip
 QUALITY_HINTS = range(-32, -22)  # -32..-23
 COMPRESS_HINTS = range(-256, -246)  # -256..-247
 
@@ -28,8 +40,17 @@ def signed(value: int) -> int:
 def passable(encoding: int) -> bool:
     """Framable by the gateway, or a hint that does not change framing."""
     return (
-        encoding in SUPPORTED_ENCODINGS or encoding in QUALITY_HINTS or encoding in COMPRESS_HINTS
+        encoding in SUPPORTED_ENCODINGS
+        or encoding in QUALITY_HINTS
+        or encoding in COMPRESS_HINTS
+        or encoding in MESSAGE_PSEUDO_ENCODINGS
     )
+
+
+def test_every_encoding_qemu_knows_passes() -> None:
+    """Nothing QEMU supports is stripped: no QEMU feature vanishes behind the gateway."""
+    assert filter_encodings(QEMU_ENCODINGS) == (QEMU_ENCODINGS, False)
+    assert filter_encodings((*QEMU_ENCODINGS, CONSOLES)) == (QEMU_ENCODINGS, True)
 
 
 def is_subsequence(short: tuple[int, ...], long: tuple[int, ...]) -> bool:
@@ -62,15 +83,12 @@ def test_without_consoles_nothing_is_reported() -> None:
 @pytest.mark.parametrize(
     "encoding",
     [
-        -309,  # xvp
         -307,  # DesktopName
         -312,  # Fence
         -313,  # ContinuousUpdates
         -311,  # ClientRedirect
         -305,  # gii
-        signed(0xC0A1E5CE),  # Extended Clipboard
         15,  # TRLE
-        17,  # ZYWRLE
         50,  # Open H.264
         -22,  # just above the JPEG quality range
         -33,  # just below it
@@ -94,14 +112,21 @@ def test_hint_ranges_are_exact() -> None:
     for value in range(-300, 0):
         hint = value in QUALITY_HINTS or value in COMPRESS_HINTS
         kept = filter_encodings((value,))[0] == (value,)
-        assert kept == (hint or value in SUPPORTED_ENCODINGS), value
+        assert kept == (hint or value in SUPPORTED_ENCODINGS or value == XVP), value
     assert filter_encodings(tuple(QUALITY_HINTS))[0] == tuple(range(-32, -22))
     assert filter_encodings(tuple(COMPRESS_HINTS))[0] == tuple(range(-256, -246))
 
 
-UNFRAMABLE = [-309, -307, -312, -313, signed(0xC0A1E5CE), 15, 17, 50, -22, -246, -512, -768]
+UNFRAMABLE = [-307, -312, -313, signed(0xC0A1E5CE) + 1, 15, 50, -22, -246, -512, -768]
 interesting = st.sampled_from(
-    [*sorted(SUPPORTED_ENCODINGS), *QUALITY_HINTS, *COMPRESS_HINTS, CONSOLES, *UNFRAMABLE]
+    [
+        *sorted(SUPPORTED_ENCODINGS),
+        *QUALITY_HINTS,
+        *COMPRESS_HINTS,
+        *MESSAGE_PSEUDO_ENCODINGS,
+        CONSOLES,
+        *UNFRAMABLE,
+    ]
 )
 encodings = st.lists(st.one_of(interesting, st.integers(-(2**31), 2**31 - 1)), max_size=40).map(
     tuple

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -22,7 +23,9 @@ from resourced.errors import (
     SecurityNegotiationFailed,
 )
 from resourced.rfb.aio import RfbClient, connect
+from resourced.rfb.encodings import RectangleHeader
 from resourced.rfb.events import ServerClosed
+from resourced.rfb.messages import FramebufferUpdate, Rectangle
 from resourced.rfb.pixelformat import RGBX8888
 from resourced.rfb.qemu import AudioData, QemuAudio
 
@@ -241,3 +244,63 @@ async def test_reading_past_server_close_raises(serve: Callable[[Script], Awaita
         with pytest.raises(ConnectionClosed, match="closed the connection"):
             async with asyncio.timeout(10):
                 await client.next_event()
+
+
+async def probe_audio(address: str, tmp_path: Path) -> tuple[int, str]:
+    """`python -m resourced.rfb probe --audio` with a short wait: exit code, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.rfb",
+        "probe",
+        address,
+        "--audio",
+        str(tmp_path / "out.wav"),
+        "--duration",
+        "0.2",
+        "--audio-timeout",
+        "1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        _, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+async def test_probe_says_the_server_stalled_inside_an_update(
+    serve: Callable[[Script], Awaitable[str]], tmp_path: Path
+) -> None:
+    """Issue 9: a server that stops in the middle of a FramebufferUpdate while the
+    probe waits for audio is reported as that, not as lacking audio."""
+
+    async def stall_in_update(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await none_handshake(reader, writer)
+        await reader.readexactly(4)  # SetEncodings header
+        header = FramebufferUpdate((Rectangle(RectangleHeader(0, 0, 64, 48, 0), b""),))
+        # The update's header and 100 of the rectangle's 12288 bytes, then nothing.
+        writer.write(header.serialize() + bytes(100))
+        await writer.drain()
+        await reader.read()  # until the probe gives up and leaves
+
+    code, err = await probe_audio(await serve(stall_in_update), tmp_path)
+    assert code == 1, err
+    assert "inside a FramebufferUpdate" in err
+    assert "does not support QEMU audio" not in err
+    assert "Traceback" not in err
+
+
+async def test_probe_still_says_when_audio_is_not_supported(
+    serve: Callable[[Script], Awaitable[str]], tmp_path: Path
+) -> None:
+    """The contrast: a server idle at a message boundary that never acknowledged
+    audio does lack it."""
+
+    async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await none_handshake(reader, writer)
+        await reader.read()
+
+    code, err = await probe_audio(await serve(idle), tmp_path)
+    assert code == 1, err
+    assert "the server does not support QEMU audio" in err

@@ -261,6 +261,7 @@ def _cases() -> list[tuple[str, RectangleHeader, PixelFormat, bytes]]:
     add("zlib", header(Encoding.ZLIB, 8, 8), pf,
         enc_length_prefixed(zlib.compress(enc_raw(8, 8, 4, rnd))))  # fmt: skip
     add("zrle", header(Encoding.ZRLE, 8, 8), pf, enc_length_prefixed(rnd.randbytes(77)))
+    add("zywrle", header(Encoding.ZYWRLE, 8, 8), pf, enc_length_prefixed(rnd.randbytes(55)))
     add("zlib-empty", header(Encoding.ZLIB, 8, 8), pf, enc_length_prefixed(b""))
     for enc in (
         Encoding.DESKTOP_SIZE,
@@ -379,6 +380,7 @@ def test_supported_encodings() -> None:
         Encoding.ZLIB,
         Encoding.TIGHT,
         Encoding.ZRLE,
+        Encoding.ZYWRLE,
         Encoding.TIGHT_PNG,
         Encoding.DESKTOP_SIZE,
         Encoding.LAST_RECT,
@@ -406,7 +408,6 @@ def test_supported_encodings() -> None:
         9,
         Encoding.ZLIBHEX,
         Encoding.TRLE,
-        Encoding.ZYWRLE,
         Encoding.XVP,
         Encoding.JPEG_QUALITY_0,
         Encoding.COMPRESS_LEVEL_0,
@@ -449,7 +450,7 @@ def test_tight_bad_filter(filter_id: int) -> None:
         framer.frame(memoryview(bytes([0x40, filter_id, 0, 0])))
 
 
-@pytest.mark.parametrize("encoding", [Encoding.ZLIB, Encoding.ZRLE])
+@pytest.mark.parametrize("encoding", [Encoding.ZLIB, Encoding.ZRLE, Encoding.ZYWRLE])
 def test_compressed_length_limit(encoding: int) -> None:
     too_long = struct.pack("!I", MAX_COMPRESSED_RECT_LENGTH + 1)
     with pytest.raises(RemoteProtocolError, match="limit"):
@@ -724,7 +725,7 @@ def other_bodies(draw: st.DrawFn) -> tuple[RectangleHeader, PixelFormat, bytes]:
         enc = Encoding.RRE if kind == "rre" else Encoding.CORRE
         return header(enc, width, height), fmt.pf, enc_rre(count, bpp, rnd, kind == "corre")
     if kind == "zlib":
-        enc = draw(st.sampled_from([Encoding.ZLIB, Encoding.ZRLE]))
+        enc = draw(st.sampled_from([Encoding.ZLIB, Encoding.ZRLE, Encoding.ZYWRLE]))
         payload = rnd.randbytes(draw(st.integers(0, 30_000)))
         return header(enc, width, height), fmt.pf, enc_length_prefixed(payload)
     if kind == "eds":

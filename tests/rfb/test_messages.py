@@ -603,7 +603,7 @@ def _bad_cases() -> list[BadCase]:
             "cut-text-extended-clipboard",
             _plain,
             wire.u8(3) + b"\0\0\0" + wire.u32(0x80000010),
-            "ServerCutText: length 2147483664",
+            "Extended Clipboard ServerCutText, but we never advertised",
             7,
         ),
         BadCase(

@@ -39,7 +39,6 @@ from resourced.rfb._buffer import Reader
 from resourced.rfb.connection import CORE_PSEUDO_ENCODINGS, DEFAULT_ENCODINGS, ClientConnection
 from resourced.rfb.connection import State as ClientState
 from resourced.rfb.constants import (
-    MAX_CUT_TEXT_LENGTH,
     MAX_ENCODINGS,
     Encoding,
     SecurityType,
@@ -68,6 +67,7 @@ from resourced.rfb.server import (
     XVP_SHUTDOWN,
     ClientCertificateRejected,
     ClientClosed,
+    ClientCutTextRefused,
     ClientInitReceived,
     Screen,
     ServerConnection,
@@ -1042,9 +1042,9 @@ def test_extra_qemu_parsers() -> None:
         (b"\xf8", "unknown client message type 248"),
         (b"\x02\x00" + wire.u16(MAX_ENCODINGS + 1), "SetEncodings"),
         (b"\x02\x00\xff\xff", "SetEncodings"),
-        (b"\x06\x00\x00\x00" + wire.u32(MAX_CUT_TEXT_LENGTH + 1), "ClientCutText"),
-        # Extended Clipboard (top bit) was never offered, so it is just too long.
-        (b"\x06\x00\x00\x00" + wire.u32(0x80000010), "ClientCutText"),
+        # Extended Clipboard (a negative length) without the pseudo-encoding.
+        (b"\x06\x00\x00\x00" + wire.u32(0x80000010), "never advertised"),
+        (b"\x06\x00\x00\x00" + wire.s32(-4), "never advertised"),
         (b"\xff\x09", "unknown QEMU client submessage 9"),
         (b"\xff\x01\x00\x07", "unknown client operation 7"),
         (b"\xff\x01\x00\x02\x09\x02" + wire.u32(44100), "set-format"),
@@ -1117,6 +1117,7 @@ CONNECTED_EVENTS = (
     QemuAudioSetFormat,
     SetDesktopSize,
     XvpMessage,
+    ClientCutTextRefused,
     ClientClosed,
 )
 
