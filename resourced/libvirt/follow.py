@@ -236,6 +236,10 @@ class LibvirtFollower:
                 await self._remove(uuid)
             return
         if guest is None:
+            if any(other.uuid == uuid for other in self.broker.guests.values()):
+                # The same domain through another URI (root's qemu:///session and
+                # qemu:///system reach one libvirtd): the first URI keeps it.
+                return
             guest = self._new_guest(uuid, resources)
         guest.set_consoles(self._consoles(uuid, resources, running))
         guest.set_running(running)

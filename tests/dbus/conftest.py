@@ -5,7 +5,7 @@
 activation exactly as on a desktop (a plain dbus-daemon runs `Exec=`). Its
 config directory is the test's own (XDG_CONFIG_HOME in the daemon's
 environment, which activated services inherit). `gateway_guest` is the demo
-guest (real QEMU under TCG) behind a real gateway on a Unix socket. A missing
+guest (real QEMU under TCG) behind a real gateway process on a Unix socket. A missing
 dbus-daemon or QEMU fails these tests; they never skip.
 """
 
@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,7 @@ import pytest
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
-from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
 from resourced.demo.qemu import GuestConfig, QemuGuest
-from resourced.gateway.gateway import Gateway, GatewayConfig
-from resourced.rfb.server import ServerSecurity
 
 BUS_NAME = "org.resourced.Resourced1"
 ROOT = "/org/resourced/Resourced1"
@@ -181,9 +179,53 @@ def session() -> Iterator[Session]:
 
 @dataclass
 class GatewayGuest:
+    """The demo guest (QEMU) and the gateway in front of it, at `address`.
+
+    The gateway is a process of its own: the tests call `busctl` and friends
+    blocking, which would stop a gateway on the test's own loop just when the
+    service needs it.
+    """
+
     guest: QemuGuest
-    gateway: Gateway
+    process: subprocess.Popen[bytes]
     address: str
+    directory: Path
+
+
+def start_gateway(
+    guest: QemuGuest, directory: Path, name: str = "gw"
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`resourced-gateway` in front of `guest` (serial0 and monitor), listening on a
+    Unix socket in `directory`; returns once it listens."""
+    path = directory / f"{name}.sock"
+    with (directory / f"{name}.log").open("ab") as log:
+        process = subprocess.Popen(
+            [
+                str(VENV_BIN / "resourced-gateway"),
+                *("--vnc", f"unix:{guest.vnc_path}", "--listen", f"unix:{path}"),
+                *("--socket-mode", "666"),
+                *("--console", f"serial0=unix:{guest.serial_path}"),
+                *("--console", f"monitor=unix:{guest.monitor_path}"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    deadline = time.monotonic() + TIMEOUT
+    while not path.exists():
+        assert process.poll() is None, (directory / f"{name}.log").read_text()
+        assert time.monotonic() < deadline, "the gateway did not listen"
+        time.sleep(0.05)
+    return process, f"unix:{path}"
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
@@ -195,30 +237,23 @@ async def gateway_guest() -> AsyncIterator[GatewayGuest]:
 
 @contextlib.asynccontextmanager
 async def demo_behind_gateway() -> AsyncIterator[GatewayGuest]:
-    """A demo guest behind its own gateway (for tests that need more than one)."""
+    """A demo guest behind its own gateway (for tests that need more than one).
+
+    QEMU starts paused and runs once the gateway has its serial port, so the
+    guest's banner is in the gateway's history.
+    """
     directory = Path(tempfile.mkdtemp(prefix="rsd-gw-", dir="/tmp"))
-    guest = QemuGuest(GuestConfig(workdir=directory / "guest"))
-    await guest.start(timeout=TIMEOUT)
-    unix = EndpointType.UNIX
-    gateway = Gateway(
-        GatewayConfig(
-            upstream=f"unix:{guest.vnc_path}",
-            security=ServerSecurity(allow_none=True),
-            consoles=[
-                ConsoleSpec("serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))),
-                ConsoleSpec(
-                    "monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))
-                ),
-            ],
-        )
-    )
-    await gateway.start()
-    path = directory / "gw.sock"
-    await gateway.listen_unix(str(path), mode=0o666)
+    guest = QemuGuest(GuestConfig(workdir=directory / "guest", start_paused=True))
+    process: subprocess.Popen[bytes] | None = None
     try:
-        yield GatewayGuest(guest, gateway, f"unix:{path}")
+        await guest.start(timeout=TIMEOUT)
+        process, address = await asyncio.to_thread(start_gateway, guest, directory)
+        await guest.wait_chardev_connected("serial0", TIMEOUT)
+        await guest.resume()
+        yield GatewayGuest(guest, process, address, directory)
     finally:
-        await gateway.close()
+        if process is not None:
+            await asyncio.to_thread(stop_process, process)
         await guest.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
