@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,9 @@ class Broker:
         self.observers: list[BrokerObserver] = []
         #: libvirt URI -> its follower (`resourced.libvirt.follow.LibvirtFollower`).
         self.libvirt: dict[str, Any] = {}
+        #: Finds a guest's VNC password by (domain UUID, libvirt URI) where the
+        #: desktop keeps it (the service sets it to the Secret Service lookup).
+        self.password_lookup: Callable[[str, str], Awaitable[str | None]] | None = None
 
     async def add_libvirt(self, uri: str, *, wait: float = 30.0, keep: bool = False) -> list[Guest]:
         """Follow a libvirt connection; the guests it has once first looked at.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -35,6 +36,7 @@ from resourced.dbus.access import CallerGuard
 from resourced.dbus.bus import ServiceBus
 from resourced.dbus.errors import BUS_NAME
 from resourced.dbus.objects import ROOT, Face, vnc_options
+from resourced.dbus.secrets import console_password
 from resourced.errors import ResourcedError
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         )
 
     face = Face(bus, broker, persist)
+    broker.password_lookup = functools.partial(console_password, bus)
     guard = CallerGuard(bus, ROOT, face.method_signatures())
     await guard.install()
     reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)

@@ -333,20 +333,31 @@ class LibvirtFollower:
             host = urlsplit(self.uri).hostname
             if vnc is None or vnc.port is None or host is None:
                 raise NotConnected("the domain's VNC server has no TCP port to reach from here")
+            password = vnc.password
+            looked_up = False
+            if password is None and self.broker.password_lookup is not None:
+                password = await self.broker.password_lookup(uuid, self.uri)
+                looked_up = True
             try:
                 return await connect(
                     Address("tcp", host=host, port=vnc.port),
-                    password=vnc.password,
+                    password=password,
                     extensions=list(extensions),
                     encodings=(Encoding.RAW,),
                 )
             except AuthenticationFailed as err:
                 if vnc.password is not None:
                     raise
+                where = (
+                    "nor does the Secret Service hold one for it (virt-manager's entry, "
+                    f"uuid {uuid}, hvuri {self.uri})"
+                    if looked_up
+                    else "and there is no Secret Service to ask"
+                )
                 raise AuthenticationFailed(
-                    f"{err}; libvirt did not give the guest's VNC password (the connection "
-                    "may not read secure XML), and the Secret Service entry virt-manager "
-                    "keeps is not looked up yet: add the guest with AddGuest and a password"
+                    f"{err}; libvirt did not give the guest's VNC password (this connection "
+                    f"may not read secure XML), {where}: add the guest with AddGuest and a "
+                    "password"
                 ) from None
 
         return connector
