@@ -28,28 +28,14 @@ from typing import Any
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from resourced.demo.tour import bus_config
+
 BUS_NAME = "org.resourced.Resourced1"
 ROOT = "/org/resourced/Resourced1"
 MANAGER = f"{BUS_NAME}.Manager"
 CONSOLE = f"{BUS_NAME}.Console"
 OBJECT_MANAGER = "org.freedesktop.DBus.ObjectManager"
 VENV_BIN = Path(sys.executable).parent
-
-_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={socket}</listen>
-  <servicedir>{services}</servicedir>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
 
 
 class ServiceCallError(Exception):
@@ -108,7 +94,7 @@ class PrivateBus:
             raise RuntimeError(f"resourced install-user-service failed: {install.stderr}")
         config = self.directory / "bus.conf"
         config.write_text(
-            _BUS_CONFIG.format(socket=self.socket_path, services=prefix / "dbus-1" / "services")
+            bus_config(self.socket_path, prefix / "dbus-1" / "services", any_user=True)
         )
         binary = shutil.which("dbus-daemon")
         if binary is None:

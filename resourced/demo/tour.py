@@ -58,6 +58,20 @@ def _read_until(fd: int, wanted: bytes, seen: bytes = b"") -> bytes:
     return seen
 
 
+def bus_config(socket: Path, services: Path, *, any_user: bool = False) -> str:
+    """A `dbus-daemon --session` configuration: listening on `socket`, activating
+    services from `services`; `any_user` lets other users connect too (tests)."""
+    users = '<allow user="*"/>' if any_user else ""
+    return (
+        '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
+        ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
+        f"<busconfig><type>session</type><listen>unix:path={socket}</listen>"
+        f"<servicedir>{services}</servicedir><auth>EXTERNAL</auth>"
+        f'<policy context="default">{users}<allow send_destination="*" eavesdrop="true"/>'
+        '<allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n'
+    )
+
+
 class PrivateBus:
     """A `dbus-daemon --session` of our own, for machines with no session bus."""
 
@@ -76,14 +90,7 @@ class PrivateBus:
         )
         config = self.directory / "bus.conf"
         socket_path = self.directory / "bus"
-        config.write_text(
-            '<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"\n'
-            ' "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">\n'
-            f"<busconfig><type>session</type><listen>unix:path={socket_path}</listen>"
-            f"<servicedir>{services}/dbus-1/services</servicedir><auth>EXTERNAL</auth>"
-            '<policy context="default"><allow send_destination="*" eavesdrop="true"/>'
-            '<allow eavesdrop="true"/><allow own="*"/></policy></busconfig>\n'
-        )
+        config.write_text(bus_config(socket_path, services / "dbus-1" / "services"))
         self.process = subprocess.Popen(
             ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
             stdout=subprocess.DEVNULL,

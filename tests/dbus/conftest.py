@@ -29,27 +29,12 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from resourced.demo.qemu import GuestConfig, QemuGuest
+from resourced.demo.tour import bus_config
 
 BUS_NAME = "org.resourced.Resourced1"
 ROOT = "/org/resourced/Resourced1"
 TIMEOUT = 60.0
 VENV_BIN = Path(sys.executable).parent
-
-_BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={socket}</listen>
-  <servicedir>{services}</servicedir>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
 
 
 @dataclass
@@ -141,9 +126,7 @@ def session() -> Iterator[Session]:
     )
     assert install.returncode == 0, install.stderr
     config = directory / "bus.conf"
-    config.write_text(
-        _BUS_CONFIG.format(socket=socket_path, services=prefix / "dbus-1" / "services")
-    )
+    config.write_text(bus_config(socket_path, prefix / "dbus-1" / "services", any_user=True))
     daemon_binary = shutil.which("dbus-daemon")
     assert daemon_binary is not None, "dbus-daemon is not installed (Debian package dbus-daemon)"
     log = (directory / "daemon.log").open("wb")
