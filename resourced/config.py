@@ -156,7 +156,7 @@ def load(directory: Path | None = None) -> Config:
         raise ConfigurationError(f"{path} [guests]: history must be at least 1 byte")
     settings = GuestSettings(
         idle_timeout=_number(guests, "idle-timeout", 30, f"{path} [guests]"),
-        connect_timeout=_number(guests, "connect-timeout", 30, f"{path} [guests]"),
+        connect_timeout=_number(guests, "connect-timeout", 20, f"{path} [guests]"),
         history=history,
         stall_timeout=_number(guests, "stall-timeout", 2, f"{path} [guests]"),
     )

@@ -30,7 +30,7 @@ from resourced.rfb.tls import TlsCredentials
 log = logging.getLogger(__name__)
 
 #: Guest names: what a person types in `resourcectl console NAME`.
-_NAME_RE = re.compile(r"^[^\x00-\x1f/]{1,200}$")
+_NAME_RE = re.compile(r"^[^\x00-\x1f\x7f/]{1,200}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,10 +148,18 @@ class Broker:
             raise NoSuchGuest(f"no guest named {name!r}")
         return guest
 
-    def add_vnc_guest(self, name: str, address: str, options: VncOptions) -> Guest:
-        """A guest reached at a VNC address; `ConfigurationError` for a bad name or address."""
+    def add_vnc_guest(
+        self, name: str, address: str, options: VncOptions, *, ephemeral: bool = False
+    ) -> Guest:
+        """A guest reached at a VNC address; `ConfigurationError` for a bad name or address.
+
+        `ephemeral`: known only to this run of the service (not in the config), so
+        the service does not idle-exit while it has one (it would be forgotten).
+        """
         if not _NAME_RE.match(name):
-            raise ConfigurationError(f"bad guest name {name!r}")
+            raise ConfigurationError(
+                f"bad guest name {name!r}: 1 to 200 characters, no '/' and no control characters"
+            )
         if name in self.guests:
             raise ConfigurationError(f"there is already a guest named {name!r}")
         guest = Guest(
@@ -161,6 +169,7 @@ class Broker:
             address=str(parse_address(address)),
             settings=self.settings,
         )
+        guest.ephemeral = ephemeral
         self.add_guest(guest)
         return guest
 
@@ -184,7 +193,7 @@ class Broker:
     def in_use(self) -> bool:
         """Whether any guest is connected or has a console open (idle exit waits)."""
         for guest in self.guests.values():
-            if guest.link.client is not None or guest.link.holds:
+            if guest.ephemeral or guest.link.client is not None or guest.link.holds:
                 return True
             if any(console.clients for console in guest.consoles.values()):
                 return True

@@ -65,7 +65,8 @@ class GuestSettings:
     """Tunables for one guest (from the config file)."""
 
     idle_timeout: float = 30.0
-    connect_timeout: float = 30.0
+    #: Below D-Bus's default 25 s call timeout, so a caller gets our reason.
+    connect_timeout: float = 20.0
     history: int = DEFAULT_RING_SIZE
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
@@ -241,6 +242,8 @@ class Guest(LinkObserver):
         console_origin: str = "rfb",
     ) -> None:
         self.name = name
+        #: Added at run time and not remembered: keeps the service from idle exit.
+        self.ephemeral = False
         #: Where consoles come from: "rfb" (the connection's console extension)
         #: or "libvirt" (the caller adds them with `set_consoles`).
         self.console_origin = console_origin
@@ -543,6 +546,8 @@ class Guest(LinkObserver):
     async def write(self, name: str, data: bytes) -> None:
         """Send input to a console now; `NotConnected` if its host end is down."""
         console = await self._attached(name)
+        if console.exclusive is not None:
+            raise Busy(f"console {name} of guest {self.name} is open exclusively")
         if not console.hub.connected:
             raise NotConnected(f"console {name} of guest {self.name} is not reachable now")
         console.hub.write(data)

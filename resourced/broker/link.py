@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 #: Seconds between reconnection attempts, growing; the last one repeats.
 RECONNECT_DELAYS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0)
 DEFAULT_IDLE_TIMEOUT = 30.0
-DEFAULT_CONNECT_TIMEOUT = 30.0
+DEFAULT_CONNECT_TIMEOUT = 20.0
 
 #: Opens a connection to the guest with these extensions attached (an address,
 #: a libvirt `openGraphicsFD`, ...); raises a `ResourcedError` or `OSError`.
@@ -90,6 +90,8 @@ class GuestLink:
         self.connect_timeout = connect_timeout
         self.state = LinkState.IDLE
         self.last_error = ""
+        #: What put the link in FAILED (its kind is what callers are told).
+        self.failure: ResourcedError | None = None
         self.client: RfbClient | None = None
         self._routes: dict[type, list[Callable[[Any], None]]] = {}
         self._holds = 0
@@ -159,6 +161,9 @@ class GuestLink:
         if self.client is not None:
             return self.client
         reason = self.last_error or "not connected"
+        if self.state is LinkState.FAILED and self.failure is not None:
+            # The kind of failure is the caller's answer (AuthenticationFailed...).
+            raise type(self.failure)(f"guest {self.name}: {reason}")
         raise NotConnected(f"guest {self.name}: {reason}")
 
     def _signal_outcome(self) -> None:
@@ -183,6 +188,7 @@ class GuestLink:
     def reset_failure(self) -> None:
         """Try again after a failure (new credentials, an explicit Connect)."""
         if self.state is LinkState.FAILED:
+            self.failure = None
             self._set_state(LinkState.IDLE, self.last_error)
 
     # --- the connection task ---------------------------------------------------------
@@ -232,6 +238,7 @@ class GuestLink:
                 except (AuthenticationFailed, ConfigurationError, SecurityError) as err:
                     # Trying again would fail the same way (and could lock an account).
                     log.warning("guest %s: %s", self.name, err)
+                    self.failure = err
                     self._set_state(LinkState.FAILED, str(err))
                     self._signal_outcome()
                     return

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 
-from dbus_fast import DBusError, Variant
+from dbus_fast import DBusError, Message, Variant
 from dbus_fast import introspection as intr
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.constants import PropertyAccess
@@ -31,7 +31,6 @@ from dbus_fast.service import (
     ServiceInterface,
     dbus_method,
     dbus_property,
-    dbus_signal,
 )
 
 from resourced import __version__
@@ -142,8 +141,13 @@ class ManagerInterface(_Interface):
         client-cert, client-key, tls-server-name (all s), persist (b).
         """
         values = parse_options(options, ADD_GUEST_OPTIONS, "AddGuest")
+        if values["persist"] and values["password"] is not None:
+            raise DBusError(
+                INVALID_ARGUMENT,
+                "persist keeps no plain-text password: give password-file instead",
+            )
         vnc = vnc_options(values)
-        guest = self.face.broker.add_vnc_guest(name, address, vnc)
+        guest = self.face.broker.add_vnc_guest(name, address, vnc, ephemeral=not values["persist"])
         if values["persist"]:
             self.face.persist_guest(name, address, values)
         self.face.discover(guest)
@@ -159,6 +163,8 @@ class ManagerInterface(_Interface):
         URI is not followed).
         """
         parse_options(options, {}, "AddLibvirt")
+        if not uri.strip():
+            raise DBusError(INVALID_ARGUMENT, "give a libvirt URI, e.g. qemu:///system")
         guests = await self.face.broker.add_libvirt(uri)
         return sorted(self.face.guest_path(guest) for guest in guests)
 
@@ -176,7 +182,9 @@ class ManagerInterface(_Interface):
     async def RemoveGuest(self, guest: Path, options: Options) -> None:
         """Forget a guest: its consoles close (their clients see EOF)."""
         parse_options(options, {}, "RemoveGuest")
-        await self.face.broker.remove_guest(self.face.guest_by_path(guest).name)
+        name = self.face.guest_by_path(guest).name
+        await self.face.broker.remove_guest(name)
+        self.face.forget_guest(name)
 
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> Str:
@@ -193,28 +201,6 @@ class ManagerInterface(_Interface):
     @dbus_property(access=PropertyAccess.READ)
     def Interfaces(self) -> Strs:
         return [MANAGER, OBJECT_MANAGER]
-
-
-class ObjectManagerInterface(ServiceInterface):
-    """`org.freedesktop.DBus.ObjectManager` at the root: the signals, sent from here.
-
-    GetManagedObjects is answered by dbus-fast itself (every object below the root).
-    """
-
-    def __init__(self) -> None:
-        super().__init__(OBJECT_MANAGER)
-
-    @dbus_signal()
-    def InterfacesAdded(
-        self, path: Path, interfaces: InterfacesAndProperties
-    ) -> Annotated[tuple[str, dict[str, dict[str, Variant]]], DBusSignature("oa{sa{sv}}")]:
-        return (path, interfaces)
-
-    @dbus_signal()
-    def InterfacesRemoved(
-        self, path: Path, interfaces: Strs
-    ) -> Annotated[tuple[str, list[str]], DBusSignature("oas")]:
-        return (path, interfaces)
 
 
 class GuestInterface(_Interface):
@@ -456,18 +442,21 @@ class Face(BrokerObserver, GuestObserver):
     """Publishes the broker's guests and consoles as objects, and keeps them current."""
 
     def __init__(
-        self, bus: ServiceBus, broker: Broker, persist: Callable[[str, str, dict[str, Any]], None]
+        self,
+        bus: ServiceBus,
+        broker: Broker,
+        persist: Callable[[str, str, dict[str, Any]], None],
+        forget: Callable[[str], None] = lambda _name: None,
     ) -> None:
         self.bus = bus
         self.broker = broker
         self._persist = persist
+        self._forget = forget
         self.manager = ManagerInterface(self)
-        self.object_manager = ObjectManagerInterface()
         self._guests: dict[Guest, tuple[str, GuestInterface, AudioInterface]] = {}
         self._consoles: dict[BrokerConsole, tuple[str, ConsoleInterface]] = {}
         self._paths: dict[str, Guest] = {}
         bus.export(ROOT, self.manager)
-        bus.export(ROOT, self.object_manager)
         broker.observers.append(self)
         for guest in broker.guests.values():
             self.guest_added(guest)
@@ -486,6 +475,9 @@ class Face(BrokerObserver, GuestObserver):
 
     def persist_guest(self, name: str, address: str, values: dict[str, Any]) -> None:
         self._persist(name, address, values)
+
+    def forget_guest(self, name: str) -> None:
+        self._forget(name)
 
     def discover(self, guest: Guest) -> None:
         """Connect once in the background, so the guest's consoles get published."""
@@ -539,7 +531,7 @@ class Face(BrokerObserver, GuestObserver):
         path = entry[0]
         self._paths.pop(path, None)
         self.bus.unexport(path)
-        self.object_manager.InterfacesRemoved(path, [GUEST, AUDIO])
+        self._signal("InterfacesRemoved", "oas", [path, [GUEST, AUDIO]])
         self.manager.emit_properties_changed({"Guests": self.manager.Guests})
 
     def libvirt_changed(self) -> None:
@@ -572,7 +564,7 @@ class Face(BrokerObserver, GuestObserver):
         if entry is None:
             return
         self.bus.unexport(entry[0])
-        self.object_manager.InterfacesRemoved(entry[0], [CONSOLE])
+        self._signal("InterfacesRemoved", "oas", [entry[0], [CONSOLE]])
 
     def console_changed(self, console: BrokerConsole) -> None:
         entry = self._consoles.get(console)
@@ -582,6 +574,10 @@ class Face(BrokerObserver, GuestObserver):
         iface.emit_properties_changed({"Available": iface.Available, "OpenCount": iface.OpenCount})
 
     def _added(self, path: str, *interfaces: ServiceInterface) -> None:
-        self.object_manager.InterfacesAdded(
-            path, {interface.name: _properties(interface) for interface in interfaces}
-        )
+        body = {interface.name: _properties(interface) for interface in interfaces}
+        self._signal("InterfacesAdded", "oa{sa{sv}}", [path, body])
+
+    def _signal(self, member: str, signature: str, body: list[Any]) -> None:
+        """An ObjectManager signal from the root (dbus-fast's come from the child's
+        path, and its introspection already lists the interface)."""
+        self.bus.send(Message.new_signal(ROOT, OBJECT_MANAGER, member, signature, body))

@@ -59,8 +59,13 @@ def _bus_address() -> str | None:
 async def serve(config: config_module.Config, *, bus_address: str | None = None) -> int:
     """Run until idle exit or a signal; the exit status."""
     address = bus_address or _bus_address()
-    bus = ServiceBus(bus_address=address, bus_type=BusType.SESSION, negotiate_unix_fd=True)
+    if not address:
+        raise ResourcedError(
+            "there is no session bus (DBUS_SESSION_BUS_ADDRESS is not set): run resourced "
+            "from a desktop session, by D-Bus activation, or with --bus ADDRESS"
+        )
     try:
+        bus = ServiceBus(bus_address=address, bus_type=BusType.SESSION, negotiate_unix_fd=True)
         await bus.connect()
     except Exception as err:  # no bus: say so in one line
         raise ResourcedError(f"cannot connect to the session bus ({address}): {err}") from err
@@ -73,7 +78,9 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
             config.directory, config_module.GuestEntry(name, address, options)
         )
 
-    face = Face(bus, broker, persist)
+    face = Face(
+        bus, broker, persist, lambda name: config_module.forget_guest(config.directory, name)
+    )
     broker.password_lookup = functools.partial(console_password, bus)
     guard = CallerGuard(bus, ROOT, face.method_signatures())
     await guard.install()

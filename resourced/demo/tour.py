@@ -231,7 +231,11 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
         if once:
             return
         print()
-        print("Try it:    resourcectl console demo        (Ctrl-] leaves)")
+        if private is not None:
+            print(f"Try it:    export DBUS_SESSION_BUS_ADDRESS={private.address}")
+            print(f"           {BIN}/resourcectl console demo        (Ctrl-] leaves)")
+        else:
+            print(f"Try it:    {BIN}/resourcectl console demo        (Ctrl-] leaves)")
         print("           busctl --user tree org.resourced.Resourced1")
         print("Ctrl-C stops the demo.")
         stop = asyncio.Event()

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from dbus_fast import MessageType, Variant
 
@@ -285,8 +286,21 @@ async def test_another_user_is_refused(session: Session, gateway_guest: GatewayG
 
 
 async def test_idle_exit_and_reactivation(session: Session, gateway_guest: GatewayGuest) -> None:
+    """A service whose guests are all remembered exits when idle; one that holds a
+    guest added at run time without persist does not (it would forget it)."""
     session.write_config("[service]\nidle-exit = 1\n[guests]\nidle-timeout = 0.5\n")
-    await add_demo(session, gateway_guest)
+    await add_demo(session, gateway_guest)  # not persisted: keeps the service up
+    await asyncio.sleep(3)
+    assert session.service_pid() is not None
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "RemoveGuest", "oa{sv}", f"{ROOT}/guests/demo", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "AddGuest", "ssa{sv}",
+        "demo", gateway_guest.address, "1", "persist", "b", "true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
     first = session.service_pid()
     assert first is not None
 
@@ -334,7 +348,7 @@ async def test_resourcectl(session: Session, gateway_guest: GatewayGuest) -> Non
     assert pty.stdout.startswith("/dev/pts/")
     # console on a real terminal: the banner, type and see the echo, leave with Ctrl-]
     master, slave = os.openpty()
-    process = subprocess.Popen(  # noqa: ASYNC220 - read from a thread below
+    process = subprocess.Popen(
         [f"{session.env['PATH'].split(':')[0]}/resourcectl", "console", "demo", "serial0"],
         stdin=slave,
         stdout=slave,
@@ -436,3 +450,104 @@ async def test_persisted_guest_comes_back_after_a_restart(
     log = (session.directory / "daemon.log").read_text()
     assert "idle-exit must be a number" in log
     assert "Traceback" not in log
+
+
+async def test_what_a_new_user_ran_into(session: Session, gateway_guest: GatewayGuest) -> None:
+    """Each a named error or the documented behaviour (found by trying the README)."""
+    await add_demo(session, gateway_guest)
+    # Introspecting the root works (no interface listed twice).
+    result = session.busctl("introspect", BUS_NAME, ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "org.freedesktop.DBus.ObjectManager" in result.stdout
+    # persist keeps no plain-text password.
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "AddGuest", "ssa{sv}", "p", "unix:/x",
+        "2", "persist", "b", "true", "password", "s", "secret",
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "password-file" in result.stderr
+    # An empty libvirt URI is refused, not followed.
+    result = session.busctl("call", BUS_NAME, ROOT, MANAGER, "AddLibvirt", "sa{sv}", "", "0")
+    assert result.returncode != 0
+    assert "libvirt URI" in result.stderr
+    # Write respects an exclusive open.
+    bus = await session.client()
+    try:
+        reply = await call(
+            bus, SERIAL, CONSOLE, "Open", "a{sv}", [{"exclusive": Variant("b", True)}]
+        )
+        assert reply.message_type is MessageType.METHOD_RETURN, reply.body
+        holder = socket.socket(fileno=reply.unix_fds[reply.body[0]])
+        reply = await call(bus, SERIAL, CONSOLE, "Write", "aya{sv}", [b"x", {}])
+        assert reply.error_name == ERROR + "Busy", reply.body
+        holder.close()
+    finally:
+        bus.disconnect()
+    # RemoveGuest forgets a persisted guest for good.
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "AddGuest", "ssa{sv}",
+        "kept", gateway_guest.address, "1", "persist", "b", "true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert 'name = "kept"' in (session.config_dir / "guests.toml").read_text()
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "RemoveGuest", "oa{sv}", f"{ROOT}/guests/kept", "0"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "kept" not in (session.config_dir / "guests.toml").read_text()
+    # resourced run with no session bus: one line, not a traceback.
+    env = {k: v for k, v in session.env.items() if k != "DBUS_SESSION_BUS_ADDRESS"}
+    result = subprocess.run(
+        [f"{session.env['PATH'].split(':')[0]}/resourced", "run"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "no session bus" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_wrong_password_is_authentication_failed(
+    session: Session, gateway_guest: GatewayGuest, tmp_path: Path
+) -> None:
+    """A gateway that asks for a password: none, or a wrong one, is AuthenticationFailed."""
+    password_file = tmp_path / "pw"
+    password_file.write_text("right one\n")
+    socket_path = gateway_guest.directory / "pw.sock"
+    process = subprocess.Popen(
+        [
+            f"{session.env['PATH'].split(':')[0]}/resourced-gateway",
+            "--vnc", f"unix:{gateway_guest.guest.vnc_path}",
+            "--listen", f"unix:{socket_path}", "--socket-mode", "666",
+            "--password-file", str(password_file),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        await until(socket_path.exists, "the password gateway")
+        wrong = tmp_path / "wrong"
+        wrong.write_text("wrong\n")
+        bus = await session.client()
+        try:
+            for name, options in (
+                ("nopw", {}),
+                ("badpw", {"password-file": Variant("s", str(wrong))}),
+            ):
+                (path,) = ok(
+                    await call(
+                        bus,
+                        ROOT,
+                        MANAGER,
+                        "AddGuest",
+                        "ssa{sv}",
+                        [name, f"unix:{socket_path}", options],
+                    )
+                )
+                reply = await call(bus, str(path), GUEST, "Connect", "a{sv}", [{}])
+                assert reply.error_name == ERROR + "AuthenticationFailed", (name, reply.body)
+            result = session.resourcectl("connect", "nopw")
+            assert result.returncode == 8, result.stderr
+        finally:
+            bus.disconnect()
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
