@@ -12,10 +12,12 @@ It measures, in one run and interleaved block by block:
    deployed) with our own client; through the resourced D-Bus service, started
    by D-Bus activation on a private bus, with the fd `Console.Open` returned
    (the service in front of a gateway of its own); libvirt's
-   `virDomainOpenConsole` stream; and `virsh console` under a pty. Every path
-   has an identical demo guest of its own (a chardev socket takes one client
-   and a gateway holds its guest's); the libvirt paths have a transient domain
-   each (libvirt gives a console to one stream at a time);
+   `virDomainOpenConsole` stream; `virsh console` under a pty; and a second
+   service, following qemu:///system, with the fd `Console.Open` returned for
+   a domain with no gateway (the service behind libvirt's console stream).
+   Every path has an identical demo guest of its own (a chardev socket takes
+   one client and a gateway holds its guest's); the libvirt paths have a
+   transient domain each (libvirt gives a console to one session at a time);
 2. the throughput of a one-way bulk stream, console to client and client to
    console, with a local socket peer (`bench.peer`) as the chardev, read straight
    from the peer's socket, through the gateway, or through the service's fd.
