@@ -12,10 +12,12 @@ It measures, in one run and interleaved block by block:
    deployed) with our own client; through the resourced D-Bus service, started
    by D-Bus activation on a private bus, with the fd `Console.Open` returned
    (the service in front of a gateway of its own); libvirt's
-   `virDomainOpenConsole` stream; and `virsh console` under a pty. Every path
-   has an identical demo guest of its own (a chardev socket takes one client
-   and a gateway holds its guest's); the libvirt paths have a transient domain
-   each (libvirt gives a console to one stream at a time);
+   `virDomainOpenConsole` stream; `virsh console` under a pty; and a second
+   service, following qemu:///system, with the fd `Console.Open` returned for
+   a domain with no gateway (the service behind libvirt's console stream).
+   Every path has an identical demo guest of its own (a chardev socket takes
+   one client and a gateway holds its guest's); the libvirt paths have a
+   transient domain each (libvirt gives a console to one session at a time);
 2. the throughput of a one-way bulk stream, console to client and client to
    console, with a local socket peer (`bench.peer`) as the chardev, read straight
    from the peer's socket, through the gateway, or through the service's fd.
@@ -54,6 +56,7 @@ from dbus_fast import Variant
 from dbus_fast.aio import MessageBus
 
 from bench.bus import (
+    ROOT,
     PrivateBus,
     add_guest,
     console_path,
@@ -73,6 +76,7 @@ from bench.peer import (
     request,
 )
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
+from resourced.dbus.objects import escape_path_element
 from resourced.demo.bootsector import DEFAULT_BANNER, build_boot_sector
 from resourced.demo.qemu import GuestConfig, QemuGuest
 from resourced.gateway.gateway import Gateway, GatewayConfig
@@ -110,6 +114,8 @@ VIRSH_ESCAPE = b"\x1d"
 # Targets from the issue: the gateway against the direct path.
 RTT_TARGET = 1.5
 RTT_STRETCH = 1.2
+#: The service's fd for a libvirt guest against libvirt's own openConsole stream.
+SERVICE_LIBVIRT_TARGET = 1.3
 BULK_RATIO_TARGET = 0.5
 BULK_ABSOLUTE_TARGET = 100.0  # MB/s
 
@@ -121,6 +127,7 @@ GATEWAY_BLOCKING = "gateway_blocking"
 LIBVIRT_STREAM = "libvirt_stream"
 VIRSH = "virsh"
 SERVICE = "service"
+SERVICE_LIBVIRT = "service_libvirt"
 #: The guest's name in the service, and its gateway's socket.
 SERVICE_GUEST = "bench"
 
@@ -265,6 +272,22 @@ class Results:
                         "result": "PASS" if ratio <= 1.0 else "MISS",
                     }
                 )
+        fallback, stream = self.rtt.get(SERVICE_LIBVIRT), self.rtt.get(LIBVIRT_STREAM)
+        if fallback is not None and stream is not None:
+            for name, fraction in (("p50", 0.50), ("p99", 0.99)):
+                ratio = fallback.percentile_us(fraction) / stream.percentile_us(fraction)
+                target = {
+                    "target": f"echo RTT {name}: service libvirt fd <= "
+                    f"{SERVICE_LIBVIRT_TARGET}x libvirt openConsole stream",
+                    "value": round(ratio, 2),
+                    "result": "PASS" if ratio <= SERVICE_LIBVIRT_TARGET else "MISS",
+                }
+                if name == "p99":  # the target is on p50; p99 is reported
+                    target["target"] = (
+                        "echo RTT p99: service libvirt fd vs libvirt stream (reported)"
+                    )
+                    target["result"] = "INFO"
+                out.append(target)
         for direction in ("to_client", "to_console"):
             failure = self.unavailable.get(f"bulk_{SERVICE}_{direction}")
             s = self.bulk.get(f"{SERVICE}_{direction}")
@@ -439,6 +462,14 @@ class ServiceProbe(SocketProbe):
 
     key = SERVICE
     label = "resourced fd (service behind gateway)"
+    ended = "the service closed the console's fd"
+
+
+class ServiceLibvirtProbe(SocketProbe):
+    """The service's `Console.Open` fd for a libvirt guest (libvirt's console stream)."""
+
+    key = SERVICE_LIBVIRT
+    label = "resourced fd (service, libvirt stream)"
     ended = "the service closed the console's fd"
 
 
@@ -1177,15 +1208,16 @@ async def open_virsh(domain_name: str, timeout: float) -> VirshProbe:
 
 async def open_libvirt_probes(
     workdir: Path, options: Options, rig: Rig
-) -> tuple[list[EchoProbe], str | None]:
-    """The openConsole-stream and virsh-console probes, on a domain each; or why not."""
+) -> tuple[list[EchoProbe], str | None, Any]:
+    """The openConsole-stream and virsh-console probes, on a domain each, and the
+    libvirt connection; or why not."""
     try:
         conn = await asyncio.to_thread(ensure_libvirt)
     except BenchError as error:
-        return [], str(error)
+        return [], str(error), None
     rig.on_close(lambda: asyncio.to_thread(conn.close))
     probes: list[EchoProbe] = []
-    for index, opener in enumerate(("stream", "virsh")):
+    for index, opener in enumerate(("stream", "virsh")):  # their rows run side by side
         domain = await asyncio.to_thread(create_domain, conn, workdir / f"lv{index}")
 
         async def destroy(domain: Any = domain) -> None:
@@ -1199,7 +1231,118 @@ async def open_libvirt_probes(
             probe = await open_virsh(domain.name(), options.timeout)
         rig.on_close(probe.close)
         probes.append(probe)
-    return probes, None
+    return probes, None, conn
+
+
+def libvirt_vnc_domain_xml(name: str, image: Path) -> str:
+    """`libvirt_domain_xml` plus VNC graphics: the service follows only such domains."""
+    from tests.libvirtd import demo_domain_xml
+
+    return demo_domain_xml(
+        name,
+        image,
+        """\
+    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <graphics type='vnc'>
+      <listen type='socket'/>
+    </graphics>
+    <video>
+      <model type='vga'/>
+    </video>
+    <memballoon model='none'/>""",
+    )
+
+
+def sync_socket(sock: socket.socket, timeout: float) -> None:
+    """As `sync_stream`, for a blocking socket: an echo of the sync byte, then a fence.
+
+    Sync bytes go out every 0.2 s until one comes back: the service may still be
+    attaching libvirt's stream, or the guest still setting its UART up.
+    """
+    seen = b""
+    deadline = time.monotonic() + timeout
+
+    def read_some(wait: float) -> None:
+        nonlocal seen
+        if select.select([sock], [], [], wait)[0]:
+            data = sock.recv(4096)
+            if not data:
+                raise BenchError(f"the service closed the console's fd: {seen[-300:]!r}")
+            seen += data
+
+    while bytes((SYNC_BYTE,)) not in seen:
+        if time.monotonic() > deadline:
+            raise BenchError(f"no echo through the service's libvirt console: {seen[-300:]!r}")
+        sock.sendall(bytes((SYNC_BYTE,)))
+        read_some(0.2)
+    sock.sendall(bytes((FENCE_BYTE,)))
+    while not seen.endswith(bytes((FENCE_BYTE,))):
+        if time.monotonic() > deadline:
+            raise BenchError("the fence byte did not come back through the service")
+        read_some(0.2)
+
+
+async def open_service_libvirt_probe(
+    conn: Any, workdir: Path, options: Options, rig: Rig
+) -> tuple[ServiceLibvirtProbe, int]:
+    """A second service, on a private bus of its own, following qemu:///system; a
+    domain of its own with VNC graphics (the service's guest); `Console.Open` on its
+    serial0, synced. The probe and the service's PID.
+
+    The service takes the domain's console with `virDomainOpenConsole` while the fd
+    is open (libvirt allows one session per domain, so this domain is not the
+    stream's or virsh's); its guests' idle timeout is short so that it lets go as
+    soon as the probe is closed.
+    """
+    directory = workdir / "lv2"
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    image = directory / "boot.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    name = f"rsd-bench-{uuid.uuid4().hex[:10]}"
+    domain = await asyncio.to_thread(conn.createXML, libvirt_vnc_domain_xml(name, image), 0)
+
+    async def destroy() -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(domain.destroy)
+
+    rig.on_close(destroy)
+    bus = PrivateBus(workdir / "lvbus", bytecode_cache=workdir / "pycache")
+    rig.on_close(bus.stop)
+    bus.write_config(
+        f'[service]\nidle-exit = 0\n[libvirt]\nuris = ["{LIBVIRT_URI}"]\n'
+        "[guests]\nidle-timeout = 0.1\n"
+    )
+    await bus.start(options.timeout)
+    client = await bus.client()
+
+    async def disconnect() -> None:
+        client.disconnect()
+
+    rig.on_close(disconnect)
+    serial = f"{ROOT}/guests/{escape_path_element(name)}/consoles/serial0"
+    try:
+        # Any call to the service starts it by activation; its guest appears once
+        # the follower has listed the connection's domains.
+        await wait_consoles(client, {serial}, options.timeout)
+        pid = await bus.service_pid(client)
+        sock = socket.socket(fileno=await open_console(client, serial, None, options.timeout))
+    except Exception as error:
+        raise BenchError(f"the libvirt service did not come up: {error}\n{bus.log()}") from error
+    sock.setblocking(True)
+    sock.settimeout(options.timeout)
+    try:
+        await asyncio.to_thread(sync_socket, sock, options.timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return ServiceLibvirtProbe(sock, options.timeout), pid
 
 
 # ---------------------------------------------------------------------------
@@ -1387,6 +1530,15 @@ async def stall_guard(seconds: float, what: str) -> AsyncIterator[None]:
 # ---------------------------------------------------------------------------
 
 
+def libvirt_cpu_seconds(pid: int | None) -> float | None:
+    """The libvirt service's CPU time so far (None: it is not there)."""
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError):
+        return process_cpu_seconds(pid)
+    return None
+
+
 async def run_benchmark(options: Options) -> Results:
     """Set every path up, measure, tear everything down; the figures."""
     results = Results(options)
@@ -1443,10 +1595,6 @@ async def run_benchmark(options: Options) -> Results:
                 "dbus-daemon, in front of a gateway process of its own with its own guest; "
                 "the Console.Open fd is used with blocking calls, like the direct socket"
             )
-        results.unavailable["service libvirt fallback"] = (
-            "not built yet: the service has no libvirt console streams "
-            "(AddLibvirt answers Unsupported)"
-        )
         if options.rtt:
             try:
                 relay = await open_relay(started[2], workdir, rig, options.timeout)
@@ -1471,11 +1619,13 @@ async def run_benchmark(options: Options) -> Results:
             f"in blocks of {options.block}, after {options.warmup} discarded warm-up samples "
             "per path"
         )
+        libvirt_service_pid: int | None = None
         if options.libvirt and options.rtt:
             log("libvirt: starting two transient domains")
-            libvirt_probes, reason = await open_libvirt_probes(workdir, options, rig)
+            libvirt_probes, reason, conn = await open_libvirt_probes(workdir, options, rig)
             if reason is not None:
                 results.unavailable["libvirt"] = reason
+                results.unavailable["service libvirt"] = f"no libvirt ({reason})"
                 log(f"libvirt: not available ({reason})")
             else:
                 probes += libvirt_probes
@@ -1484,14 +1634,43 @@ async def run_benchmark(options: Options) -> Results:
                     "have a console at a time), COM1 on a pty; the stream is a blocking "
                     "virStream used from the measuring thread"
                 )
+            if conn is not None and with_service:
+                log("service libvirt: a third domain (VNC), a second service following it")
+                try:
+                    fallback, libvirt_service_pid = await open_service_libvirt_probe(
+                        conn, workdir, options, rig
+                    )
+                except BenchError as error:
+                    results.unavailable["service libvirt"] = str(error)
+                    log(f"service libvirt: not available ({error})")
+                else:
+                    rig.on_close(fallback.close)
+                    probes.append(fallback)
+                    results.notes.append(
+                        "service libvirt: a second resourced service (activated on a "
+                        f"private bus of its own) follows {LIBVIRT_URI}; its guest is a third "
+                        "transient domain, with VNC graphics and no gateway; the "
+                        "Console.Open fd (libvirt's console stream behind the service) is "
+                        "used with blocking calls, like the direct socket"
+                    )
+            elif conn is not None:
+                results.unavailable["service libvirt"] = "skipped (the service rows are off)"
         else:
             results.unavailable["libvirt"] = "skipped (--no-libvirt)"
+            results.unavailable["service libvirt"] = "skipped (--no-libvirt)"
 
         if options.rtt:
             log(f"echo RTT: {options.samples} samples per path, paths: {[p.key for p in probes]}")
             cpu_before = handle.cpu_seconds()
             service_before = service.cpu_seconds() if service is not None else None
+            libvirt_service_before = libvirt_cpu_seconds(libvirt_service_pid)
             results.rtt = await measure_rtt(probes, options.samples, options.warmup, options.block)
+            libvirt_service_after = libvirt_cpu_seconds(libvirt_service_pid)
+            if libvirt_service_before is not None and libvirt_service_after is not None:
+                echoes = options.samples + options.warmup
+                results.service_cpu["libvirt_us_per_echo"] = round(
+                    (libvirt_service_after - libvirt_service_before) / echoes * 1e6, 1
+                )
             cpu_after = handle.cpu_seconds()
             if cpu_before is not None and cpu_after is not None:
                 through_gateway = sum(p.key in (GATEWAY, GATEWAY_BLOCKING) for p in probes)
@@ -1563,7 +1742,8 @@ def format_table(results: Results) -> str:
     lines.append("")
     lines.append(f"{head:<{width}}{'p50 us':>9}{'p99 us':>9}{'mean us':>10}   vs direct p50/p99")
     direct = results.rtt.get(DIRECT)
-    for key in (DIRECT, RELAY, GATEWAY_BLOCKING, GATEWAY, SERVICE, LIBVIRT_STREAM, VIRSH):
+    rows = (DIRECT, RELAY, GATEWAY_BLOCKING, GATEWAY, SERVICE, LIBVIRT_STREAM, SERVICE_LIBVIRT)
+    for key in (*rows, VIRSH):
         r = results.rtt.get(key)
         if r is None:
             continue
@@ -1578,7 +1758,7 @@ def format_table(results: Results) -> str:
             f"{r.label:<{width}}{s['p50_us']:>9.1f}{s['p99_us']:>9.1f}{s['mean_us']:>10.1f}"
             f"   {ratio}"
         )
-    for what in ("relay", "blocking client", "service", "service libvirt fallback", "libvirt"):
+    for what in ("relay", "blocking client", "service", "service libvirt", "libvirt"):
         if what in results.unavailable:
             lines.append(f"{what}: not available ({results.unavailable[what]})")
     for direction, title in (
@@ -1604,7 +1784,10 @@ def format_table(results: Results) -> str:
                 f"{b.mb_per_s / d.mb_per_s:.2f}"
             )
     lines.append("")
-    lines.append("targets (gateway vs direct; service vs virsh console and absolute)")
+    lines.append(
+        "targets (gateway vs direct; service vs virsh console and absolute; "
+        "service libvirt vs libvirt stream)"
+    )
     for target in results.targets():
         stretch = f" (stretch {target['stretch']})" if "stretch" in target else ""
         lines.append(f"  {target['result']:<5} {target['target']}: {target['value']}{stretch}")
@@ -1622,6 +1805,11 @@ def format_table(results: Results) -> str:
         if "ms_per_mib" in results.service_cpu:
             parts.append(f"{results.service_cpu['ms_per_mib']} ms per bulk MiB")
         lines.append(f"service process CPU: {', '.join(parts)}")
+        if "libvirt_us_per_echo" in results.service_cpu:
+            lines.append(
+                "libvirt service process CPU: "
+                f"{results.service_cpu['libvirt_us_per_echo']} us per echo"
+            )
     strays = {k: r.stray_bytes for k, r in results.rtt.items() if r.stray_bytes}
     if strays:
         lines.append(f"WARNING: unexpected bytes in the echo streams: {strays}")

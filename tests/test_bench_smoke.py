@@ -71,7 +71,7 @@ async def test_every_path_gives_sane_figures() -> None:
     assert "direct chardev socket" in table
     assert "resourced gateway (subprocess)" in table
     assert "resourced fd (service behind gateway)" in table
-    assert "service libvirt fallback: not available" in table
+    assert "service libvirt: not available (skipped (--no-libvirt))" in table
     assert "targets" in table
     document = json.loads(json.dumps(results.to_json()))
     assert document["rtt"][GATEWAY]["n"] == 20
