@@ -99,10 +99,17 @@ class ConsoleHub:
 
     @classmethod
     def from_spec(
-        cls, console_id: int, spec: ConsoleSpec, ring_size: int = DEFAULT_RING_SIZE
+        cls,
+        console_id: int,
+        spec: ConsoleSpec,
+        ring_size: int = DEFAULT_RING_SIZE,
+        source: ConsoleSource | None = None,
     ) -> ConsoleHub:
-        """A hub for a console given on the gateway's command line or by libvirt."""
-        hub = cls(console_id, spec.name, spec.kind, source_for(spec.endpoint), ring_size)
+        """A hub for a console given on the gateway's command line or by libvirt
+        (reached through `source`, or else the endpoint the spec names)."""
+        if source is None:
+            source = source_for(spec.endpoint)
+        hub = cls(console_id, spec.name, spec.kind, source, ring_size)
         hub.spec = spec
         return hub
 
