@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,9 @@ from typing import Any
 import libvirt
 import pytest
 
+from resourced.consoles.ptylock import lock_path
 from resourced.demo.bootsector import build_boot_sector
+from resourced.gateway.libvirt import lookup_domain
 from resourced.rfb.aio import RfbClient, connect
 from resourced.rfb.consoles import (
     CloseReason,
@@ -241,3 +244,87 @@ async def test_virsh_console_force_closes_it_with_a_reason_and_it_comes_back(
             forcing.kill()
             await forcing.wait()
         await gateway.stop()
+
+
+def lock_holder(path: str) -> int | None:
+    """The PID a lock file holds (None: no lock file)."""
+    try:
+        with open(path) as file:
+            return int(file.read())
+    except FileNotFoundError:
+        return None
+
+
+class PtyGatewayProcess(GatewayProcess):
+    """`python -m resourced.gateway --vnc ... --console serial0=pty:PATH`: a PTY
+    given directly, not found through libvirt."""
+
+    def __init__(self, vnc: str, pty: str, listen: Path) -> None:
+        super().__init__("", listen)
+        self.vnc = vnc
+        self.pty = pty
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "resourced.gateway",
+            "--vnc",
+            self.vnc,
+            "--console",
+            f"serial0=pty:{self.pty}",
+            "--listen",
+            f"unix:{self.listen}",
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.get_running_loop().create_task(self._read_log())
+        await self.logged("listening on unix:")
+
+
+async def test_pty_given_directly_honours_libvirts_lock_file(
+    system_conn: Any, pty_domain: tuple[str, Path]
+) -> None:
+    """libvirt locks a PTY while a console session has it (/var/lock/LCK.._pts_N,
+    libvirtd's PID): the gateway does not open it then, and says why; once the
+    session ends it opens it, under a lock of its own, which libvirt honours in
+    turn: `virsh console` is refused."""
+    name, directory = pty_domain
+    resources = await asyncio.to_thread(lookup_domain, SYSTEM_URI, name)
+    (serial0,) = [spec for spec in resources.consoles if spec.name == "serial0"]
+    pty = serial0.endpoint.path
+    assert resources.vnc is not None
+    assert resources.vnc.socket_path is not None
+    domain = await asyncio.to_thread(system_conn.lookupByName, name)
+    stream = await asyncio.to_thread(system_conn.newStream, 0)
+    await asyncio.to_thread(domain.openConsole, None, stream, 0)
+    lock = lock_path(pty)
+    libvirtd_pid = lock_holder(lock)
+    assert libvirtd_pid is not None, "libvirt made no lock file: this test needs one"
+    gateway = PtyGatewayProcess(f"unix:{resources.vnc.socket_path}", pty, directory / "gw.sock")
+    try:
+        await gateway.start()
+        await gateway.logged(f"{pty} is locked by lock file {lock}, held by process {libvirtd_pid}")
+        mark = len(gateway.lines)
+        await asyncio.to_thread(stream.abort)  # the session ends: libvirt unlocks
+        await gateway.logged(f"console serial0: attached to pty:{pty}", mark)
+        assert gateway.process is not None
+        assert lock_holder(lock) == gateway.process.pid
+        virsh = await asyncio.to_thread(
+            subprocess.run,
+            virsh_console(name),
+            capture_output=True,
+            text=True,
+            timeout=IO_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert "is locked by lock file" in virsh.stdout + virsh.stderr, virsh
+        viewer = await Viewer.connect(gateway.listen)
+        async with viewer.client:
+            await viewer.open_serial0()
+            await viewer.type_until_echoed(b"booted")
+            await viewer.echoed(TYPED)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(stream.abort)
+        await gateway.stop()
+    assert lock_holder(lock) is None  # the gateway removed its lock on the way out
