@@ -12,7 +12,9 @@ or, for a libvirt guest, `--libvirt qemu:///system --domain NAME` instead of
 events (`resourced.gateway.watch`): when it is started again (new PTY paths, a
 new VNC socket or port) or a console device is plugged in or out, it re-reads
 the domain's XML, points viewers from then on at the new VNC server, and
-publishes or withdraws consoles. SIGHUP re-reads it on demand.
+publishes or withdraws consoles. SIGHUP re-reads it on demand. The domain's PTY
+consoles are opened through libvirt's console API (`LibvirtConsoleSource`), so
+that libvirt's arbitration between console sessions applies to the gateway too.
 """
 
 from __future__ import annotations
