@@ -41,10 +41,12 @@ from resourced.rfb.consoles import (
     ConsoleClosed,
     ConsoleData,
     ConsoleGrant,
+    ConsoleMark,
     ConsoleOpen,
     ConsoleRemoved,
     ConsolesAnnounced,
     ConsoleWrite,
+    MarkKind,
     ServedConsole,
     parse_client_message,
 )
@@ -194,11 +196,15 @@ class _QemuClosed(ResourcedError):
     """QEMU closed the connection at a message boundary (the reason says more)."""
 
 
+#: The text of a MARK for a console whose host end attached again.
+_REATTACHED = "the console's host end attached again (the guest restarted?): what follows is new"
+
+
 class _OpenConsole:
     """A console the viewer has open: where its output comes from and how far it
     got; the credit both ways is `served`'s."""
 
-    __slots__ = ("attached", "hub", "listener", "offset", "served")
+    __slots__ = ("attached", "hub", "listener", "marked", "marks", "offset", "served")
 
     def __init__(self, hub: ConsoleHub, offset: int, served: ServedConsole) -> None:
         self.hub = hub
@@ -208,6 +214,10 @@ class _OpenConsole:
         #: Whether the console's host end was up when last looked at: its going
         #: down closes the console for this viewer (CLOSED, backend error).
         self.attached = hub.connected
+        #: The viewer asked for MARK; the offset of the last one it got (or where
+        #: it started: a reattachment there has nothing of the viewer's before it).
+        self.marks = served.marks
+        self.marked = offset
 
 
 class Session(asyncio.BufferedProtocol):
@@ -699,7 +709,16 @@ class Session(asyncio.BufferedProtocol):
             start = console.offset
             sendable = served.sendable
             while sendable > 0 and console.offset < hub.total and not self._write_paused:
-                chunk = hub.read(console.offset, sendable)
+                limit = sendable
+                if console.marks:
+                    mark = next((m for m in hub.reattached if m > console.marked), None)
+                    if mark == console.offset:
+                        console.marked = mark
+                        self._send(ConsoleMark(console_id, MarkKind.REATTACHED, _REATTACHED))
+                        continue
+                    if mark is not None:
+                        limit = min(limit, mark - console.offset)
+                chunk = hub.read(console.offset, limit)
                 server.send_raw(ConsoleData.encode(console_id, chunk))
                 console.offset += len(chunk)
                 sendable = served.sent(len(chunk))

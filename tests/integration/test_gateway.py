@@ -42,10 +42,12 @@ from resourced.rfb.consoles import (
     ConsoleAdded,
     ConsoleClosed,
     ConsoleData,
+    ConsoleMark,
     ConsoleOpened,
     ConsoleRemoved,
     Consoles,
     ConsolesAnnounced,
+    MarkKind,
 )
 from resourced.rfb.events import ServerClosed
 from resourced.rfb.qemu import AudioData, QemuAudio
@@ -357,7 +359,8 @@ async def test_host_end_gone_closes_the_console_with_a_reason(make_rig: MakeRig)
     rig = await make_rig()
     v = await viewer(rig)
     try:
-        serial = await v.open("serial0", history=False)
+        serial = await v.open("serial0")
+        await v.pump(lambda: DEFAULT_BANNER in v.seen(serial))
         monitor = await v.open("monitor", history=False)
         elsewhere = rig.guest.workdir / "moved.sock"
         original = rig.guest.serial_path
@@ -382,6 +385,24 @@ async def test_host_end_gone_closes_the_console_with_a_reason(make_rig: MakeRig)
                 v.write(serial, b"back again")
                 with contextlib.suppress(TimeoutError):
                     await v.pump(lambda: b"back again" in v.output.get(serial, b""), timeout=1.0)
+        # A viewer that asks for marks gets one in the history, where the host end
+        # attached again: the banner before it, the new echo after it.
+        late = await viewer(rig)
+        try:
+            again = await late.open("serial0", marks=True)
+            await late.pump(lambda: b"back again" in late.seen(again))
+            (mark,) = [e for e in late.events if isinstance(e, ConsoleMark)]
+            assert mark.kind is MarkKind.REATTACHED
+            assert "attached again" in mark.message
+            before = late.events[: late.events.index(mark)]
+            after = late.events[late.events.index(mark) :]
+            data_before = b"".join(e.data for e in before if isinstance(e, ConsoleData))
+            data_after = b"".join(e.data for e in after if isinstance(e, ConsoleData))
+            assert DEFAULT_BANNER in data_before
+            assert b"back again" not in data_before
+            assert b"back again" in data_after
+        finally:
+            await late.close()
     finally:
         await v.close()
 
