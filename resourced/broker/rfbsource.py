@@ -6,7 +6,9 @@ the guest's current RFB connection, feeds the hub with its DATA, writes input
 within the server's credit, and turns the hub's back-pressure into credit held
 back (the server then stops sending this console only). When the connection
 drops the hub is told, and the guest attaches the source again on the next one;
-a console the server closed on us as overrun is opened again at once.
+a console the server closed on us as overrun is opened again at once (with
+history), and one whose host end went away (backend error) too, after the hub
+was told why (without history: nothing reaches it meanwhile).
 
 It implements `resourced.consoles.sources.ConsoleSource`; it does no I/O of its
 own (the guest's `RfbClient` does).
@@ -140,6 +142,15 @@ class RfbConsoleSource:
             self.attach(client, ext, console_id, history=True)
             return
         self.detach(f"the server closed the console ({reason})")
+        if event.reason is CloseReason.BACKEND_ERROR and client is not None and ext is not None:
+            # The console's host end went away at the gateway (the guest stopped,
+            # someone forced a libvirt console away): the console is still listed,
+            # and the gateway's history stands still until the host end is back,
+            # so opening it again now, without history, misses nothing and repeats
+            # nothing; output flows again once the host end returns.
+            assert console_id is not None
+            log.warning("%s: the server closed it (%s); opening it again", self.description, reason)
+            self.attach(client, ext, console_id, history=False)
 
     # --- internals ----------------------------------------------------------------
 

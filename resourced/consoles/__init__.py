@@ -6,6 +6,7 @@
   give-up; pure (no asyncio, no sockets, the clock passed in).
 - `sources`: host ends behind one small protocol (`ConsoleSource`): a QEMU
   chardev socket, a PTY.
+- `ptylock`: the lock files (libvirt's, `/var/lock/LCK..pts_N`) a PTY is opened under.
 - `hub`: `ConsoleHub`, one console's source and ring, fanned out to its readers.
 
 Only `spec` is imported here, so that `from resourced.consoles import ConsoleKind`

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Input held for a host end that is down, at most (readers hold the rest).
 MAX_PENDING_INPUT = 1024 * 1024
+#: Reattachments remembered (`ConsoleHub.reattached`), at most.
+MAX_REATTACHED = 256
 
 Listener = Callable[["ConsoleHub"], None]
 
@@ -86,6 +88,11 @@ class ConsoleHub:
         self.total = 0
         self.connected = False
         self.last_error: str | None = None
+        #: Absolute offsets at which the host end attached again after an earlier
+        #: attachment (a guest restarted), oldest first, none older than the
+        #: ring's oldest byte: what comes before one is the previous attachment's.
+        self.reattached: list[int] = []
+        self._ever_connected = False
         self._listeners: set[Listener] = set()
         #: `_listeners` as a tuple, called in turn on output (a snapshot, so that
         #: a listener may unsubscribe while being called, with no copy per chunk).
@@ -99,10 +106,17 @@ class ConsoleHub:
 
     @classmethod
     def from_spec(
-        cls, console_id: int, spec: ConsoleSpec, ring_size: int = DEFAULT_RING_SIZE
+        cls,
+        console_id: int,
+        spec: ConsoleSpec,
+        ring_size: int = DEFAULT_RING_SIZE,
+        source: ConsoleSource | None = None,
     ) -> ConsoleHub:
-        """A hub for a console given on the gateway's command line or by libvirt."""
-        hub = cls(console_id, spec.name, spec.kind, source_for(spec.endpoint), ring_size)
+        """A hub for a console given on the gateway's command line or by libvirt
+        (reached through `source`, or else the endpoint the spec names)."""
+        if source is None:
+            source = source_for(spec.endpoint)
+        hub = cls(console_id, spec.name, spec.kind, source, ring_size)
         hub.spec = spec
         return hub
 
@@ -202,6 +216,13 @@ class ConsoleHub:
 
     def source_connected(self) -> None:
         log.info("console %s: attached to %s", self.name, self.source.description)
+        if self._ever_connected:
+            marks = self.reattached
+            while marks and (marks[0] < self.oldest or len(marks) >= MAX_REATTACHED):
+                del marks[0]
+            if not marks or marks[-1] != self.total:
+                marks.append(self.total)
+        self._ever_connected = True
         self.connected = True
         self.last_error = None
         if self._pending_input:

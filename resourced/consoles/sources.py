@@ -23,6 +23,7 @@ import tty
 from collections.abc import Callable
 from typing import Protocol
 
+from resourced.consoles import ptylock
 from resourced.consoles.ring import READ_SLACK
 from resourced.consoles.spec import Endpoint, EndpointType
 
@@ -243,11 +244,15 @@ class _ChardevProtocol(asyncio.BufferedProtocol):
 
 class PtySource(_Reattaching):
     """A PTY (what libvirt's `<serial type='pty'>` gives): opened in raw mode, and
-    reopened when QEMU closes its side (EIO)."""
+    reopened when QEMU closes its side (EIO). While open it holds the device's
+    lock file in `lock_dir` (`resourced.consoles.ptylock`, libvirt's convention),
+    and it does not open a PTY whose lock a live process holds: it says so, and
+    tries again until that process is done."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, lock_dir: str = ptylock.LOCK_DIR) -> None:
         super().__init__()
         self.path = path
+        self.lock_dir = lock_dir
         self.description = f"pty:{path}"
         self._fd: int | None = None
         self._reader: Callable[[], None] | None = None
@@ -280,6 +285,13 @@ class PtySource(_Reattaching):
         return True
 
     async def _attached(self) -> None:
+        lock = ptylock.acquire(self.path, self.lock_dir)
+        try:
+            await self._attached_locked()
+        finally:
+            ptylock.release(lock)
+
+    async def _attached_locked(self) -> None:
         handler = self._handler
         assert handler is not None
         fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)

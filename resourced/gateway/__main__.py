@@ -12,7 +12,9 @@ or, for a libvirt guest, `--libvirt qemu:///system --domain NAME` instead of
 events (`resourced.gateway.watch`): when it is started again (new PTY paths, a
 new VNC socket or port) or a console device is plugged in or out, it re-reads
 the domain's XML, points viewers from then on at the new VNC server, and
-publishes or withdraws consoles. SIGHUP re-reads it on demand.
+publishes or withdraws consoles. SIGHUP re-reads it on demand. The domain's PTY
+consoles are opened through libvirt's console API (`LibvirtConsoleSource`), so
+that libvirt's arbitration between console sessions applies to the gateway too.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ import sys
 from pathlib import Path
 
 from resourced.cli import failing_as, read_password_file, run_command
-from resourced.consoles import ConsoleSpec, parse_console_option
-from resourced.consoles.hub import DEFAULT_RING_SIZE
+from resourced.consoles import ConsoleSpec, EndpointType, parse_console_option
+from resourced.consoles.hub import DEFAULT_RING_SIZE, ConsoleHub
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
 from resourced.gateway.libvirt import DomainResources
 from resourced.gateway.watch import DomainWatcher
+from resourced.libvirt.stream import LibvirtConsoleSource
 from resourced.rfb.aio import parse_address
 from resourced.rfb.server import ServerSecurity
 from resourced.rfb.tls import server_context
@@ -173,10 +176,43 @@ def _group_id(name: str | None) -> int | None:
         raise ConfigurationError(f"no group named {name!r}") from None
 
 
-def _from_libvirt(uri: str, domain: str) -> tuple[str, str | None, list[ConsoleSpec]]:
-    from resourced.gateway.libvirt import lookup_domain
+def _through_libvirt(spec: ConsoleSpec, resources: DomainResources) -> bool:
+    """Whether the console is reached through libvirt's console API: a PTY that
+    libvirt names (libvirt opens consoles on PTYs only; a chardev socket has no
+    arbitration to honour, and is reached directly)."""
+    return spec.endpoint.type is EndpointType.PTY and spec.name in resources.aliases
 
-    return _upstream_and_consoles(lookup_domain(uri, domain), domain)
+
+def _libvirt_hub_matches(hub: ConsoleHub, spec: ConsoleSpec, resources: DomainResources) -> bool:
+    """Whether a console hub already reaches `spec` (a restarted domain's PTYs have
+    new paths, but a libvirt console is the same device under the same alias)."""
+    if isinstance(hub.source, LibvirtConsoleSource):
+        return (
+            _through_libvirt(spec, resources)
+            and hub.source.device == resources.aliases[spec.name]
+            and hub.kind is spec.kind
+        )
+    return not _through_libvirt(spec, resources) and hub.spec == spec
+
+
+async def _add_libvirt_console(
+    gateway: Gateway, watcher: DomainWatcher, spec: ConsoleSpec, resources: DomainResources
+) -> None:
+    """Publish a console reached through libvirt (`virDomainOpenConsole`), so that
+    libvirt's arbitration applies: `virsh console` is refused while we hold it, and
+    if someone forces it away the console's viewers are told and we take it again,
+    without forcing, once they are done. Held for the gateway's lifetime."""
+    from resourced.gateway.libvirt import _libvirt
+
+    source = LibvirtConsoleSource(
+        _libvirt(),
+        lambda: watcher.conn,
+        watcher.domain,
+        resources.aliases[spec.name],
+        idle_timeout=0.0,  # never released
+    )
+    await gateway.add_console(spec, source)
+    source.hold()
 
 
 def _upstream_and_consoles(
@@ -198,14 +234,22 @@ async def run(args: argparse.Namespace) -> None:
     consoles = [parse_console_option(text) for text in args.console]
     upstream = args.vnc
     upstream_password = _read_secret(args.vnc_password_file)
+    resources: DomainResources | None = None
+    through_libvirt: list[ConsoleSpec] = []
     if args.libvirt:
         if not args.domain:
             raise ConfigurationError("--libvirt needs --domain")
-        address, password, found = _from_libvirt(args.libvirt, args.domain)
+        from resourced.gateway.libvirt import lookup_domain
+
+        resources = lookup_domain(args.libvirt, args.domain)
+        address, password, found = _upstream_and_consoles(resources, args.domain)
         upstream = upstream or address
         upstream_password = upstream_password or password
         named = {spec.name for spec in consoles}
-        consoles += [spec for spec in found if spec.name not in named]
+        for spec in found:
+            if spec.name not in named:
+                listed = through_libvirt if _through_libvirt(spec, resources) else consoles
+                listed.append(spec)
     if not upstream:
         raise ConfigurationError("say where QEMU's VNC server is: --vnc or --libvirt/--domain")
     parse_address(upstream)  # a bad --vnc is said now, not to each viewer later
@@ -225,9 +269,14 @@ async def run(args: argparse.Namespace) -> None:
         # Started after the first lookup: from here on libvirt's calls go
         # through the watcher's thread, where libvirt's event loop runs.
         watcher = DomainWatcher(
-            args.libvirt, args.domain, lambda resources: _reload(gateway, args, resources)
+            args.libvirt,
+            args.domain,
+            lambda resources: _reload(gateway, args, watcher, resources),
         )
         watcher.start()
+        assert resources is not None
+        for spec in through_libvirt:
+            await _add_libvirt_console(gateway, watcher, spec, resources)
     await gateway.start()
     try:
         for address in args.listen:
@@ -242,8 +291,11 @@ async def run(args: argparse.Namespace) -> None:
                     )
                 with failing_as(f"cannot listen on {address}"):
                     await gateway.listen_tcp(host.strip("[]"), int(port))
-        names = ", ".join(f"{s.name} ({s.endpoint})" for s in consoles) or "none"
-        log.info("gateway: fronting %s; consoles: %s", upstream, names)
+        names = ", ".join(
+            [f"{s.name} ({s.endpoint})" for s in consoles]
+            + [f"{s.name} (libvirt console)" for s in through_libvirt]
+        )
+        log.info("gateway: fronting %s; consoles: %s", upstream, names or "none")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -257,7 +309,12 @@ async def run(args: argparse.Namespace) -> None:
         await gateway.close()
 
 
-async def _reload(gateway: Gateway, args: argparse.Namespace, resources: DomainResources) -> None:
+async def _reload(
+    gateway: Gateway,
+    args: argparse.Namespace,
+    watcher: DomainWatcher | None,
+    resources: DomainResources,
+) -> None:
     """Follow the libvirt domain: where its VNC server now is (for viewers from now
     on), and the consoles it gained or lost (a restart gives PTYs new paths)."""
     try:
@@ -272,14 +329,22 @@ async def _reload(gateway: Gateway, args: argparse.Namespace, resources: DomainR
     if not args.vnc_password_file:
         config.upstream_password = password
     fixed = {parse_console_option(text).name for text in args.console}
-    current = {hub.name: hub.spec for hub in gateway.hubs.values()}
+    current = {hub.name: hub for hub in gateway.hubs.values()}
     wanted = {spec.name: spec for spec in found}
-    for name, spec in current.items():
-        if name not in fixed and wanted.get(name) != spec:
+    for name, hub in current.items():
+        spec = wanted.get(name)
+        if name not in fixed and (spec is None or not _libvirt_hub_matches(hub, spec, resources)):
             await gateway.remove_console(name)
     for name, spec in wanted.items():
-        if name not in fixed and current.get(name) != spec:
-            with contextlib.suppress(ConfigurationError):
+        existing = current.get(name)
+        if name in fixed or (
+            existing is not None and _libvirt_hub_matches(existing, spec, resources)
+        ):
+            continue
+        with contextlib.suppress(ConfigurationError):
+            if watcher is not None and _through_libvirt(spec, resources):
+                await _add_libvirt_console(gateway, watcher, spec, resources)
+            else:
                 await gateway.add_console(spec)
     log.info("gateway: reloaded consoles from libvirt")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from resourced.consoles import ConsoleSpec
 from resourced.consoles.hub import DEFAULT_RING_SIZE, ConsoleHub
+from resourced.consoles.sources import ConsoleSource
 from resourced.errors import ConfigurationError
 from resourced.gateway.session import Session
 from resourced.rfb.consoles import ConsoleInfo
@@ -66,10 +67,10 @@ class Gateway:
         for spec in config.consoles:
             self._new_hub(spec)
 
-    def _new_hub(self, spec: ConsoleSpec) -> ConsoleHub:
+    def _new_hub(self, spec: ConsoleSpec, source: ConsoleSource | None = None) -> ConsoleHub:
         if any(hub.name == spec.name for hub in self.hubs.values()):
             raise ConfigurationError(f"two consoles named {spec.name}")
-        hub = ConsoleHub.from_spec(next(self._ids), spec, self.config.history)
+        hub = ConsoleHub.from_spec(next(self._ids), spec, self.config.history, source)
         self.hubs[hub.console_id] = hub
         return hub
 
@@ -84,9 +85,12 @@ class Gateway:
         for hub in self.hubs.values():
             hub.start()
 
-    async def add_console(self, spec: ConsoleSpec) -> ConsoleHub:
-        """Publish one more console to every viewer (ADDED)."""
-        hub = self._new_hub(spec)
+    async def add_console(
+        self, spec: ConsoleSpec, source: ConsoleSource | None = None
+    ) -> ConsoleHub:
+        """Publish one more console to every viewer (ADDED); its host end is
+        `source`, or else the one `spec`'s endpoint names."""
+        hub = self._new_hub(spec, source)
         hub.start()
         for session in list(self.sessions):
             session.console_added(hub)

@@ -41,10 +41,12 @@ from resourced.rfb.consoles import (
     ConsoleClosed,
     ConsoleData,
     ConsoleGrant,
+    ConsoleMark,
     ConsoleOpen,
     ConsoleRemoved,
     ConsolesAnnounced,
     ConsoleWrite,
+    MarkKind,
     ServedConsole,
     parse_client_message,
 )
@@ -194,17 +196,28 @@ class _QemuClosed(ResourcedError):
     """QEMU closed the connection at a message boundary (the reason says more)."""
 
 
+#: The text of a MARK for a console whose host end attached again.
+_REATTACHED = "the console's host end attached again (the guest restarted?): what follows is new"
+
+
 class _OpenConsole:
     """A console the viewer has open: where its output comes from and how far it
     got; the credit both ways is `served`'s."""
 
-    __slots__ = ("hub", "listener", "offset", "served")
+    __slots__ = ("attached", "hub", "listener", "marked", "marks", "offset", "served")
 
     def __init__(self, hub: ConsoleHub, offset: int, served: ServedConsole) -> None:
         self.hub = hub
         self.offset = offset  # next absolute hub offset to send
         self.served = served
         self.listener: Any = None
+        #: Whether the console's host end was up when last looked at: its going
+        #: down closes the console for this viewer (CLOSED, backend error).
+        self.attached = hub.connected
+        #: The viewer asked for MARK; the offset of the last one it got (or where
+        #: it started: a reattachment there has nothing of the viewer's before it).
+        self.marks = served.marks
+        self.marked = offset
 
 
 class Session(asyncio.BufferedProtocol):
@@ -649,14 +662,32 @@ class Session(asyncio.BufferedProtocol):
         offset = hub.oldest if message.history else hub.total
         console = _OpenConsole(hub, offset, ServedConsole(message, hub.name, INPUT_WINDOW))
 
-        def listener(_hub: ConsoleHub, console_id: int = console_id) -> None:
-            self._pump(console_id)
+        def listener(hub: ConsoleHub, console_id: int = console_id) -> None:
+            if hub.connected is not console.attached:
+                self._host_end_changed(console_id, console)
+            else:
+                self._pump(console_id)
 
         console.listener = listener
         self._open[console_id] = console
         hub.subscribe(listener, offset)
         self._send(console.served.opened(hub.total - offset))
         self._pump(console_id)
+
+    def _host_end_changed(self, console_id: int, console: _OpenConsole) -> None:
+        """The console's host end came up, or went down: then the viewer is told
+        why with CLOSED (backend error), after the output that came before. The
+        console stays listed and may be opened again at once: nothing reaches its
+        history while the host end is down, and input is held until it is back."""
+        hub = console.hub
+        console.attached = hub.connected
+        self._pump(console_id)
+        if not hub.connected and self._open.get(console_id) is console:
+            reason = hub.last_error or "unknown reason"
+            log.info("viewer %s: console %s lost its host end (%s)", self.peer, hub.name, reason)
+            self._close_console(
+                console_id, CloseReason.BACKEND_ERROR, f"the console's host end went away: {reason}"
+            )
 
     def _close_console(self, console_id: int, reason: CloseReason, text: str) -> None:
         console = self._open.pop(console_id, None)
@@ -678,7 +709,16 @@ class Session(asyncio.BufferedProtocol):
             start = console.offset
             sendable = served.sendable
             while sendable > 0 and console.offset < hub.total and not self._write_paused:
-                chunk = hub.read(console.offset, sendable)
+                limit = sendable
+                if console.marks:
+                    mark = next((m for m in hub.reattached if m > console.marked), None)
+                    if mark == console.offset:
+                        console.marked = mark
+                        self._send(ConsoleMark(console_id, MarkKind.REATTACHED, _REATTACHED))
+                        continue
+                    if mark is not None:
+                        limit = min(limit, mark - console.offset)
+                chunk = hub.read(console.offset, limit)
                 server.send_raw(ConsoleData.encode(console_id, chunk))
                 console.offset += len(chunk)
                 sendable = served.sent(len(chunk))

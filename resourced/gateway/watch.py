@@ -23,14 +23,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from resourced.errors import ResourcedError
+from resourced.errors import NotConnected, ResourcedError
 from resourced.gateway.libvirt import (
     DomainResources,
     LibvirtError,
+    _find_domain,
     _libvirt,
     _message,
     lookup_domain,
 )
+from resourced.libvirt import thread
 from resourced.libvirt.thread import libvirt_loop
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,23 @@ class DomainWatcher:
             self._running.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._running
+
+    @property
+    def conn(self) -> Any:
+        """The current libvirt connection (None while libvirtd is away); use it only
+        on the libvirt thread (`resourced.libvirt.thread`)."""
+        return self._conn
+
+    async def domain(self) -> Any:
+        """The followed domain's current libvirt object (`NotConnected` if there is
+        none now), for calls made on the libvirt thread."""
+        conn = self._conn
+        if conn is None:
+            raise NotConnected(f"libvirt at {self.uri} is not connected")
+        try:
+            return await thread.call(_find_domain, _libvirt(), conn, self.uri, self.name)
+        except ResourcedError as err:
+            raise NotConnected(str(err)) from None
 
     def refresh(self) -> None:
         """Look at the domain again now (SIGHUP), in turn with the events."""

@@ -36,6 +36,13 @@ READ_SIZE = 64 * 1024
 #: Seconds between attempts to get a console someone else holds.
 RETRY_DELAY = 2.0
 
+#: Why the stream ended, as far as we can tell: libvirt says no more than "stream
+#: had I/O failure" when another client forces the console away.
+_ENDED = (
+    "libvirt closed the console (the guest stopped, or another client forced it "
+    "away with virsh console --force)"
+)
+
 #: The libvirt domain, looked up on the libvirt thread (`NotConnected` if it cannot be).
 DomainLookup = Callable[[], Awaitable[Any]]
 
@@ -269,10 +276,7 @@ class LibvirtConsoleSource:
         if self._stream is not None and events & (
             libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
         ):
-            self._fail(
-                generation,
-                "libvirt closed the console (the guest stopped, or it was forced away)",
-            )
+            self._fail(generation, _ENDED)
 
     def _fail(self, generation: int, reason: str) -> None:
         self._close_stream()
@@ -286,7 +290,7 @@ class LibvirtConsoleSource:
                 try:
                     data = self._stream.recv(READ_SIZE)
                 except libvirt.libvirtError as error:
-                    self._fail(generation, f"reading failed: {error.get_error_message()}")
+                    self._fail(generation, f"{_ENDED}: {error.get_error_message()}")
                     return
                 if data == -2:  # nothing more now
                     return
@@ -314,7 +318,7 @@ class LibvirtConsoleSource:
             try:
                 sent = stream.send(bytes(self._pending[:READ_SIZE]))
             except libvirt.libvirtError as error:
-                self._fail(generation, f"writing failed: {error.get_error_message()}")
+                self._fail(generation, f"{_ENDED}: {error.get_error_message()}")
                 return
             if sent == -2 or sent <= 0:
                 break

@@ -50,6 +50,7 @@ MAX_CREDIT = 0xFFFFFFFF
 DEFAULT_WINDOW = 256 * 1024
 
 HISTORY_FLAG = 0x01
+MARKS_FLAG = 0x02
 
 
 class ConsoleServerOp(enum.IntEnum):
@@ -62,6 +63,7 @@ class ConsoleServerOp(enum.IntEnum):
     DATA = 4
     CLOSED = 5
     CREDIT = 6
+    MARK = 7
 
 
 class ConsoleClientOp(enum.IntEnum):
@@ -294,6 +296,46 @@ class ConsoleCredit:
         return cls(*r.unpack(_ID_COUNT))
 
 
+class MarkKind(enum.IntEnum):
+    """What a MARK marks (console-extension.md, "MARK")."""
+
+    #: The console's host end attached again: for a guest's console, usually a
+    #: restart of the guest (or of QEMU). Output before it is the previous one's.
+    REATTACHED = 0
+    OTHER = 255
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleMark:
+    """A point in a console's output (between two DATA), for a client that asked."""
+
+    console_id: int
+    kind: MarkKind
+    message: str = ""
+
+    def serialize(self) -> bytes:
+        text = self.message.encode()[:MAX_CLOSE_MESSAGE].decode(errors="ignore").encode()
+        return (
+            _server_head(ConsoleServerOp.MARK)
+            + u32(self.console_id)
+            + u8(self.kind)
+            + u16(len(text))
+            + text
+        )
+
+    @classmethod
+    def parse(cls, r: Reader) -> ConsoleMark:
+        console_id, kind, length = r.u32(), r.u8(), r.u16()
+        if length > MAX_CLOSE_MESSAGE:
+            raise RemoteProtocolError(f"MARK message of {length} bytes")
+        text = r.take(length).decode("utf-8", errors="replace")
+        try:
+            what = MarkKind(kind)
+        except ValueError:
+            what = MarkKind.OTHER
+        return cls(console_id, what, text)
+
+
 SERVER_PARSERS: dict[int, Any] = {
     ConsoleServerOp.HELLO: ConsolesAnnounced.parse,
     ConsoleServerOp.ADDED: ConsoleAdded.parse,
@@ -302,6 +344,7 @@ SERVER_PARSERS: dict[int, Any] = {
     ConsoleServerOp.DATA: ConsoleData.parse,
     ConsoleServerOp.CLOSED: ConsoleClosed.parse,
     ConsoleServerOp.CREDIT: ConsoleCredit.parse,
+    ConsoleServerOp.MARK: ConsoleMark.parse,
 }
 
 # ---------------------------------------------------------------------------
@@ -317,21 +360,26 @@ class ConsoleOpen:
     credit: int
     max_data: int
     history: bool = True
+    #: The client understands MARK (console-extension.md, "MARK").
+    marks: bool = False
 
     def serialize(self) -> bytes:
+        flags = (HISTORY_FLAG if self.history else 0) | (MARKS_FLAG if self.marks else 0)
         return (
             _client_head(ConsoleClientOp.OPEN)
             + u32(self.console_id)
             + u32(self.credit)
             + u32(self.max_data)
-            + u8(HISTORY_FLAG if self.history else 0)
+            + u8(flags)
         )
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleOpen:
         console_id, credit, max_data, flags = r.u32(), r.u32(), r.u32(), r.u8()
         _check_max_data(max_data)
-        return cls(console_id, credit, max_data, bool(flags & HISTORY_FLAG))
+        return cls(
+            console_id, credit, max_data, bool(flags & HISTORY_FLAG), bool(flags & MARKS_FLAG)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,6 +501,7 @@ class _Console:
         "consumed",
         "history_left",
         "info",
+        "marks",
         "max_data",
         "receive_credit",
         "send_credit",
@@ -468,6 +517,7 @@ class _Console:
         self.window = 0
         self.consumed = 0  # received since we last granted credit
         self.history_left = 0
+        self.marks = False  # asked for MARK
         self.auto_credit = True
         self.max_data = MAX_CONSOLE_DATA  # largest DATA we said we accept
 
@@ -531,6 +581,7 @@ class Consoles(Extension):
         max_data: int = MAX_CONSOLE_DATA,
         history: bool = True,
         auto_credit: bool = True,
+        marks: bool = False,
     ) -> None:
         console = self._get(console_id)
         if console.state is not _State.CLOSED:
@@ -543,7 +594,8 @@ class Consoles(Extension):
         console.consumed = 0
         console.auto_credit = auto_credit
         console.max_data = max_data
-        self.connection.send(ConsoleOpen(console_id, window, max_data, history))
+        console.marks = marks
+        self.connection.send(ConsoleOpen(console_id, window, max_data, history, marks))
 
     def close(self, console_id: int) -> None:
         console = self._get(console_id)
@@ -696,6 +748,16 @@ class Consoles(Extension):
         console.send_credit = console.receive_credit = 0
         return [message]
 
+    def _on_mark(self, message: ConsoleMark) -> list[Any]:
+        console = self._known(message.console_id, "MARK")
+        if not console.marks:
+            raise RemoteProtocolError(f"MARK for console {console.info.name}, not asked for")
+        if console.state is _State.CLOSING:
+            return []
+        if console.state is not _OPEN:
+            raise RemoteProtocolError(f"MARK for console {console.info.name}, which is not open")
+        return [message]
+
     def _on_credit(self, message: ConsoleCredit) -> list[Any]:
         console = self._known(message.console_id, "CREDIT")
         if console.state is _State.CLOSED:
@@ -715,6 +777,7 @@ _HANDLERS: dict[int, Callable[[Consoles, Any], list[Any]]] = {
     ConsoleServerOp.DATA: Consoles._on_data,
     ConsoleServerOp.CLOSED: Consoles._on_closed,
     ConsoleServerOp.CREDIT: Consoles._on_credit,
+    ConsoleServerOp.MARK: Consoles._on_mark,
 }
 
 
@@ -747,6 +810,7 @@ class ServedConsole:
         "credit",
         "input_credit",
         "input_window",
+        "marks",
         "max_data",
         "name",
         "returning",
@@ -761,6 +825,8 @@ class ServedConsole:
         #: Output bytes the client lets us send.
         self.credit = message.credit
         self.max_data = message.max_data
+        #: The client asked for MARK.
+        self.marks = message.marks
         #: The most the next DATA may carry (0: wait for a GRANT).
         self.sendable = min(self.credit, self.max_data)
         self.input_window = input_window

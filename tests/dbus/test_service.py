@@ -551,3 +551,61 @@ async def test_a_wrong_password_is_authentication_failed(
     finally:
         process.terminate()
         process.wait(TIMEOUT)
+
+
+async def test_console_whose_host_end_left_the_gateway_comes_back(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    """The gateway's serial0 loses its host end (QEMU moves the chardev away with
+    `chardev-change`, typed on the monitor through the service): the gateway
+    closes serial0 for the service (CLOSED, backend error), and the service opens
+    it again by itself, so that once the chardev is back an app on serial0 types
+    and sees the echo, with no reconnection of the guest."""
+    await add_demo(session, gateway_guest)
+    bus = await session.client()
+    monitor_path = SERIAL.replace("serial0", "monitor")
+    try:
+
+        async def open_console(path: str) -> socket.socket:
+            reply = await call(bus, path, CONSOLE, "Open", "a{sv}", [{}])
+            assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+            sock = socket.socket(fileno=reply.unix_fds[reply.body[0]])
+            sock.setblocking(True)
+            return sock
+
+        monitor = await open_console(monitor_path)
+        serial = await open_console(SERIAL)
+        try:
+            await asyncio.to_thread(read_fd_until, serial.fileno(), BANNER)
+            original = gateway_guest.guest.serial_path
+            moved = gateway_guest.guest.workdir / "moved.sock"
+            for path in (moved, original):
+                monitor.sendall(
+                    f"chardev-change serial0 socket,path={path},server=on,wait=off\n".encode()
+                )
+                await asyncio.to_thread(read_fd_until, monitor.fileno(), str(path).encode())
+            await asyncio.to_thread(type_until_echoed, serial, b"after-the-move")
+        finally:
+            monitor.close()
+            serial.close()
+    finally:
+        bus.disconnect()
+
+
+def type_until_echoed(sock: socket.socket, text: bytes) -> None:
+    """Type `text` until the guest echoes it (bytes typed while the console is
+    down may be lost in QEMU)."""
+    import select
+
+    seen = b""
+    deadline = time.monotonic() + TIMEOUT
+    while text not in seen:
+        assert time.monotonic() < deadline, f"no echo of {text!r}; saw {seen!r}"
+        sock.sendall(text)
+        end = time.monotonic() + 1.0
+        while text not in seen and time.monotonic() < end:
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if ready:
+                chunk = sock.recv(4096)
+                assert chunk, f"EOF; saw {seen!r}"
+                seen += chunk

@@ -42,10 +42,12 @@ from resourced.rfb.consoles import (
     ConsoleAdded,
     ConsoleClosed,
     ConsoleData,
+    ConsoleMark,
     ConsoleOpened,
     ConsoleRemoved,
     Consoles,
     ConsolesAnnounced,
+    MarkKind,
 )
 from resourced.rfb.events import ServerClosed
 from resourced.rfb.qemu import AudioData, QemuAudio
@@ -346,6 +348,63 @@ async def test_overrun_closes_only_the_slow_console(make_rig: MakeRig) -> None:
     finally:
         await slow.close()
         await typist.close()
+
+
+async def test_host_end_gone_closes_the_console_with_a_reason(make_rig: MakeRig) -> None:
+    """QEMU moves serial0's chardev to another socket (`chardev-change`, typed on
+    the monitor through the gateway): the gateway's connection to it is gone, and
+    the viewer that had serial0 open gets CLOSED, backend error, saying so. The
+    console stays listed; once the chardev is back where the gateway looks, the
+    viewer opens it again and types."""
+    rig = await make_rig()
+    v = await viewer(rig)
+    try:
+        serial = await v.open("serial0")
+        await v.pump(lambda: DEFAULT_BANNER in v.seen(serial))
+        monitor = await v.open("monitor", history=False)
+        elsewhere = rig.guest.workdir / "moved.sock"
+        original = rig.guest.serial_path
+        v.write(
+            monitor, f"chardev-change serial0 socket,path={elsewhere},server=on,wait=off\n".encode()
+        )
+        await v.pump(lambda: serial in v.closed)
+        closed = v.closed[serial]
+        assert closed.reason is CloseReason.BACKEND_ERROR
+        assert "host end went away" in closed.message, closed
+        assert v.consoles.by_name("serial0") is not None  # still listed
+        del v.opened[serial]
+        serial = await v.open("serial0", history=False)
+        v.write(
+            monitor, f"chardev-change serial0 socket,path={original},server=on,wait=off\n".encode()
+        )
+        # Typed until echoed: what reaches QEMU before the gateway is back on the
+        # chardev is held by the gateway, but the first byte after a chardev-change
+        # may be lost inside QEMU.
+        async with asyncio.timeout(TIMEOUT):
+            while b"back again" not in v.output.get(serial, b""):
+                v.write(serial, b"back again")
+                with contextlib.suppress(TimeoutError):
+                    await v.pump(lambda: b"back again" in v.output.get(serial, b""), timeout=1.0)
+        # A viewer that asks for marks gets one in the history, where the host end
+        # attached again: the banner before it, the new echo after it.
+        late = await viewer(rig)
+        try:
+            again = await late.open("serial0", marks=True)
+            await late.pump(lambda: b"back again" in late.seen(again))
+            (mark,) = [e for e in late.events if isinstance(e, ConsoleMark)]
+            assert mark.kind is MarkKind.REATTACHED
+            assert "attached again" in mark.message
+            before = late.events[: late.events.index(mark)]
+            after = late.events[late.events.index(mark) :]
+            data_before = b"".join(e.data for e in before if isinstance(e, ConsoleData))
+            data_after = b"".join(e.data for e in after if isinstance(e, ConsoleData))
+            assert DEFAULT_BANNER in data_before
+            assert b"back again" not in data_before
+            assert b"back again" in data_after
+        finally:
+            await late.close()
+    finally:
+        await v.close()
 
 
 async def test_consoles_come_and_go(make_rig: MakeRig, tmp_path: Path) -> None:

@@ -31,12 +31,14 @@ from resourced.rfb.consoles import (
     ConsoleData,
     ConsoleGrant,
     ConsoleInfo,
+    ConsoleMark,
     ConsoleOpen,
     ConsoleOpened,
     ConsoleRemoved,
     Consoles,
     ConsolesAnnounced,
     ConsoleWrite,
+    MarkKind,
     parse_client_message,
     parse_server_message,
 )
@@ -55,7 +57,7 @@ MIB = 1024 * 1024
 Setup = Callable[[], tuple[ClientConnection, Consoles]]
 
 # ---------------------------------------------------------------------------
-# Server bytes, packed by hand from sections 4.1-4.7 of the spec
+# Server bytes, packed by hand from sections 4.1-4.8 of the spec
 # ---------------------------------------------------------------------------
 
 
@@ -188,12 +190,17 @@ SERVER_VECTORS: list[tuple[bytes, Any]] = [
     (H("ff 02 05  00000003 04 0000"), ConsoleClosed(3, CloseReason.OVERRUN, "")),
     (H("ff 02 06  00000001 00000800"), ConsoleCredit(1, 2048)),
     (H("ff 02 06  00000009 ffffffff"), ConsoleCredit(9, MAX_U32)),
+    # MARK 1, reattached, "boot".
+    (H("ff 02 07  00000001 00 0004") + b"boot", ConsoleMark(1, MarkKind.REATTACHED, "boot")),
+    (H("ff 02 07  00000002 ff 0000"), ConsoleMark(2, MarkKind.OTHER, "")),
 ]
 
 CLIENT_VECTORS: list[tuple[bytes, Any]] = [
     # Section 8: OPEN 1, credit 256 KiB, max_data 64 KiB, history.
     (H("ff 02 00  00000001 00040000 00010000 01"), ConsoleOpen(1, 262144, 65536, True)),
     (H("ff 02 00  00000002 00001000 00000010 00"), ConsoleOpen(2, 4096, 16, False)),
+    # History and marks.
+    (H("ff 02 00  00000003 00001000 00000010 03"), ConsoleOpen(3, 4096, 16, True, True)),
     # Section 8: CLOSE 1.
     (H("ff 02 01  00000001"), ConsoleClose(1)),
     # Section 8: DATA, type "x".
@@ -248,14 +255,28 @@ def test_unknown_kind_and_reason_read_as_other() -> None:
     assert gone == ConsoleClosed(4, CloseReason.OTHER, "")
 
 
-def test_flags_beyond_history_are_ignored() -> None:
+def test_flags_beyond_history_and_marks_are_ignored() -> None:
     raw = H("ff 02 00 01 ff 0001 00000001 00000001 00 fe 01") + b"s"
     assert parse_whole(parse_server_message, raw) == ConsolesAnnounced(
         1, 1, (ConsoleInfo(1, ConsoleKind.SERIAL, "s", False),)
     )
-    assert parse_whole(parse_client_message, H("ff 02 00 00000001 00000010 00000010 fe")) == (
+    assert parse_whole(parse_client_message, H("ff 02 00 00000001 00000010 00000010 fc")) == (
         ConsoleOpen(1, 16, 16, False)
     )
+
+
+def test_a_mark_comes_only_to_a_client_that_asked() -> None:
+    conn, ext = announced()
+    ext.open(1, marks=True)
+    conn.data_to_send()
+    wire.feed_all(conn, opened(1, 4096))
+    mark = H("ff 02 07 00000001 00 0000")
+    assert wire.feed_all(conn, mark) == [ConsoleMark(1, MarkKind.REATTACHED, "")]
+    conn, ext = announced()
+    ext.open(1)
+    conn.data_to_send()
+    wire.feed_all(conn, opened(1, 4096))
+    assert_fails(conn, mark, "not asked for")
 
 
 def test_invalid_utf8_is_replaced_without_losing_sync() -> None:
@@ -900,7 +921,7 @@ HOSTILE: list[tuple[str, Setup, bytes, str]] = [
     ("hello-max-data-65537", _fresh, hello(max_data=65537), "max_data 65537"),
     ("duplicate-added", _announced, added(2, 0, 0, b"other"), "announced twice"),
     ("duplicate-in-hello", _fresh, hello(SERIAL0, console(1, 0, 0, b"x")), "twice"),
-    ("unknown-op-7", _announced, server_message(7, b""), "unknown server operation 7"),
+    ("unknown-op-8", _announced, server_message(8, b""), "unknown server operation 8"),
     ("unknown-op-255", _open, server_message(255, wire.u32(1)), "operation 255"),
     ("unknown-op-before-hello", _fresh, server_message(9, b""), "operation 9"),
     ("closed-message-1025-header", _open, closed(1, 0, length=1025), "1025"),

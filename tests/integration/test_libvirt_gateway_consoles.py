@@ -1,0 +1,330 @@
+"""The gateway reaches a libvirt domain's PTY consoles through libvirt's console
+API, against the real libvirtd and a real (TCG) QEMU, with the real `virsh
+console` as the other program (issue #9, item 4).
+
+While the gateway holds serial0, `virsh console` is refused by libvirt ("Active
+console session exists") and the viewer loses none of the guest's echo; `virsh
+console --force` takes it away, and the viewer is told (CLOSED, backend error,
+with the reason); once that session ends the gateway takes the console again,
+without forcing, and the viewer opens it again and types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from resourced.consoles.ptylock import lock_path
+from resourced.demo.bootsector import build_boot_sector
+from resourced.gateway.libvirt import lookup_domain
+from resourced.rfb.aio import RfbClient, connect
+from resourced.rfb.consoles import (
+    CloseReason,
+    ConsoleClosed,
+    ConsoleData,
+    ConsoleInfo,
+    ConsoleOpened,
+    Consoles,
+)
+from tests.integration.test_libvirt_gateway_discovery import IO_TIMEOUT, GatewayProcess
+from tests.libvirtd import SYSTEM_URI, LibvirtdUnavailable, demo_domain_xml, ensure_libvirtd
+
+pytestmark = pytest.mark.integration
+
+PTY_CONSOLE = """\
+    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <graphics type='vnc'>
+      <listen type='socket'/>
+    </graphics>
+    <video>
+      <model type='vga'/>
+    </video>"""
+
+#: 240 bytes for the guest to echo (no byte may go missing).
+TYPED = b"".join(b"line-%02d-abcdefghijklmnopq " % n for n in range(10))[:240]
+
+
+@pytest.fixture(scope="module")
+def system_conn() -> Iterator[Any]:
+    try:
+        ensure_libvirtd()
+    except LibvirtdUnavailable as error:
+        pytest.fail(f"no libvirtd to test against: {error}", pytrace=False)
+    libvirt.registerErrorHandler(lambda *_args: None, None)
+    conn = libvirt.open(SYSTEM_URI)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def pty_domain(system_conn: Any) -> Iterator[tuple[str, Path]]:
+    """A transient TCG domain with a PTY serial console; its name and a directory."""
+    directory = Path(tempfile.mkdtemp(prefix="rsd-lvc-", dir="/tmp"))
+    directory.chmod(0o755)
+    image = directory / "boot.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    name = f"rsd-con-{uuid.uuid4().hex[:10]}"
+    domain = system_conn.createXML(demo_domain_xml(name, image, PTY_CONSOLE), 0)
+    try:
+        yield name, directory
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            domain.destroy()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def virsh_console(name: str, *, force: bool = False, seconds: float = 10) -> list[str]:
+    """`virsh console [--force] NAME` on a terminal (it needs one), killed after
+    `seconds` at the latest."""
+    flag = " --force" if force else ""
+    return [
+        "script",
+        "-qec",
+        f"timeout -k 1 {seconds:g} virsh -c {SYSTEM_URI} console{flag} {name}",
+        "/dev/null",
+    ]
+
+
+class Viewer:
+    """A viewer with the console extension, reading events as they come."""
+
+    def __init__(self, client: RfbClient, consoles: Consoles) -> None:
+        self.client = client
+        self.consoles = consoles
+        self.seen = b""
+        self.closed: list[ConsoleClosed] = []
+
+    @classmethod
+    async def connect(cls, path: Path) -> Viewer:
+        consoles = Consoles()
+        client = await connect(f"unix:{path}", extensions=[consoles], timeout=IO_TIMEOUT)
+        viewer = cls(client, consoles)
+        async with asyncio.timeout(IO_TIMEOUT):
+            while not consoles.announced:
+                await client.next_event()
+        return viewer
+
+    def serial0(self) -> ConsoleInfo:
+        info = self.consoles.by_name("serial0")
+        assert info is not None, self.consoles.consoles
+        return info
+
+    async def pump(self, seconds: float) -> None:
+        """Read events for up to `seconds` (less if the connection has none)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while True:
+                    event = await self.client.next_event()
+                    if isinstance(event, ConsoleData):
+                        self.seen += event.data
+                    elif isinstance(event, ConsoleClosed):
+                        self.closed.append(event)
+                    self.client.flush()
+
+    async def open_serial0(self) -> None:
+        console_id = self.serial0().console_id
+        self.consoles.open(console_id, history=False)
+        self.client.flush()
+        async with asyncio.timeout(IO_TIMEOUT):
+            while not isinstance(await self.client.next_event(), ConsoleOpened):
+                pass
+
+    async def type_until_echoed(self, text: bytes) -> None:
+        """Type `text` until the guest echoes it (it may still be in its BIOS,
+        which swallows what reaches its UART)."""
+        console_id = self.serial0().console_id
+        async with asyncio.timeout(IO_TIMEOUT):
+            while text not in self.seen:
+                self.consoles.write(console_id, text)
+                self.client.flush()
+                await self.pump(1.0)
+
+    async def echoed(self, text: bytes) -> None:
+        """Type `text` once; every byte of it must come back."""
+        start = len(self.seen)
+        self.consoles.write(self.serial0().console_id, text)
+        self.client.flush()
+        async with asyncio.timeout(IO_TIMEOUT):
+            while text not in self.seen[start:]:
+                await self.pump(0.5)
+                assert not self.closed, self.closed
+
+
+async def test_virsh_console_is_refused_while_the_gateway_holds_it(
+    pty_domain: tuple[str, Path],
+) -> None:
+    name, directory = pty_domain
+    gateway = GatewayProcess(name, directory / "gw.sock")
+    try:
+        await gateway.start()
+        await gateway.logged("console serial0: attached to")
+        viewer = await Viewer.connect(gateway.listen)
+        async with viewer.client:
+            await viewer.open_serial0()
+            await viewer.type_until_echoed(b"booted")
+            virsh = await asyncio.to_thread(
+                subprocess.run,
+                virsh_console(name),
+                capture_output=True,
+                text=True,
+                timeout=IO_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+            )
+            assert "Active console session exists" in virsh.stdout + virsh.stderr, virsh
+            # The viewer still gets every byte the guest echoes.
+            await viewer.echoed(TYPED)
+    finally:
+        await gateway.stop()
+
+
+async def test_virsh_console_force_closes_it_with_a_reason_and_it_comes_back(
+    pty_domain: tuple[str, Path],
+) -> None:
+    name, directory = pty_domain
+    gateway = GatewayProcess(name, directory / "gw.sock")
+    forcing: asyncio.subprocess.Process | None = None
+    try:
+        await gateway.start()
+        await gateway.logged("console serial0: attached to")
+        viewer = await Viewer.connect(gateway.listen)
+        async with viewer.client:
+            await viewer.open_serial0()
+            await viewer.type_until_echoed(b"booted")
+            mark = len(gateway.lines)
+            # A forcing session, ended below (or by `timeout` if all else fails).
+            command = virsh_console(name, force=True, seconds=IO_TIMEOUT)
+            forcing = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            async with asyncio.timeout(IO_TIMEOUT):
+                while not viewer.closed:
+                    await viewer.pump(0.5)
+            (closed,) = viewer.closed
+            assert closed.console_id == viewer.serial0().console_id
+            assert closed.reason is CloseReason.BACKEND_ERROR
+            assert "libvirt closed the console" in closed.message, closed
+            # While virsh holds it, the gateway does not force it back.
+            await gateway.logged("never forced away", mark)
+            async with asyncio.timeout(IO_TIMEOUT):
+                # Ctrl-] on virsh's terminal: its escape, the session ends.
+                assert forcing.stdin is not None
+                forcing.stdin.write(b"\x1d")
+                await forcing.stdin.drain()
+                await forcing.wait()
+            forcing = None
+            # Once virsh is done, the gateway takes the console again by itself.
+            await gateway.logged("console serial0: attached to libvirt console serial0", mark)
+            viewer.closed.clear()
+            await viewer.open_serial0()
+            await viewer.echoed(TYPED)
+    finally:
+        if forcing is not None and forcing.returncode is None:
+            forcing.kill()
+            await forcing.wait()
+        await gateway.stop()
+
+
+def lock_holder(path: str) -> int | None:
+    """The PID a lock file holds (None: no lock file)."""
+    try:
+        with open(path) as file:
+            return int(file.read())
+    except FileNotFoundError:
+        return None
+
+
+class PtyGatewayProcess(GatewayProcess):
+    """`python -m resourced.gateway --vnc ... --console serial0=pty:PATH`: a PTY
+    given directly, not found through libvirt."""
+
+    def __init__(self, vnc: str, pty: str, listen: Path) -> None:
+        super().__init__("", listen)
+        self.vnc = vnc
+        self.pty = pty
+
+    async def start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "resourced.gateway",
+            "--vnc",
+            self.vnc,
+            "--console",
+            f"serial0=pty:{self.pty}",
+            "--listen",
+            f"unix:{self.listen}",
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.get_running_loop().create_task(self._read_log())
+        await self.logged("listening on unix:")
+
+
+async def test_pty_given_directly_honours_libvirts_lock_file(
+    system_conn: Any, pty_domain: tuple[str, Path]
+) -> None:
+    """libvirt locks a PTY while a console session has it (/var/lock/LCK.._pts_N,
+    libvirtd's PID): the gateway does not open it then, and says why; once the
+    session ends it opens it, under a lock of its own, which libvirt honours in
+    turn: `virsh console` is refused."""
+    name, directory = pty_domain
+    resources = await asyncio.to_thread(lookup_domain, SYSTEM_URI, name)
+    (serial0,) = [spec for spec in resources.consoles if spec.name == "serial0"]
+    pty = serial0.endpoint.path
+    assert resources.vnc is not None
+    assert resources.vnc.socket_path is not None
+    domain = await asyncio.to_thread(system_conn.lookupByName, name)
+    stream = await asyncio.to_thread(system_conn.newStream, 0)
+    await asyncio.to_thread(domain.openConsole, None, stream, 0)
+    lock = lock_path(pty)
+    libvirtd_pid = lock_holder(lock)
+    assert libvirtd_pid is not None, "libvirt made no lock file: this test needs one"
+    gateway = PtyGatewayProcess(f"unix:{resources.vnc.socket_path}", pty, directory / "gw.sock")
+    try:
+        await gateway.start()
+        await gateway.logged(f"{pty} is locked by lock file {lock}, held by process {libvirtd_pid}")
+        mark = len(gateway.lines)
+        await asyncio.to_thread(stream.abort)  # the session ends: libvirt unlocks
+        await gateway.logged(f"console serial0: attached to pty:{pty}", mark)
+        assert gateway.process is not None
+        assert lock_holder(lock) == gateway.process.pid
+        virsh = await asyncio.to_thread(
+            subprocess.run,
+            virsh_console(name),
+            capture_output=True,
+            text=True,
+            timeout=IO_TIMEOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        assert "is locked by lock file" in virsh.stdout + virsh.stderr, virsh
+        viewer = await Viewer.connect(gateway.listen)
+        async with viewer.client:
+            await viewer.open_serial0()
+            await viewer.type_until_echoed(b"booted")
+            await viewer.echoed(TYPED)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(stream.abort)
+        await gateway.stop()
+    assert lock_holder(lock) is None  # the gateway removed its lock on the way out
