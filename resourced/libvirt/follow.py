@@ -241,7 +241,10 @@ class LibvirtFollower:
                 # qemu:///system reach one libvirtd): the first URI keeps it.
                 return
             guest = self._new_guest(uuid, resources)
-        guest.set_consoles(self._consoles(uuid, resources, running))
+        if running:
+            # An inactive domain's XML has no PTY paths: its consoles are kept (as
+            # unavailable) rather than withdrawn and published again at each restart.
+            guest.set_consoles(self._consoles(uuid, resources, running))
         guest.set_running(running)
 
     def _xml(self, domain: Any) -> str:

@@ -188,6 +188,7 @@ async def test_libvirt_guest_with_console_stream(session: Session, domain: Any) 
         async with asyncio.timeout(TIMEOUT):
             while await prop(bus, path, GUEST, "State") == "stopped":
                 await asyncio.sleep(0.1)
+        assert serial in await prop(bus, path, GUEST, "Consoles")  # kept across the restart
         reply = await call(bus, serial, CONSOLE, "Open", "a{sv}", [{}])
         assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
         with socket.socket(fileno=reply.unix_fds[reply.body[0]]) as again:
