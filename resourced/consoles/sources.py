@@ -13,6 +13,7 @@ end that is down (the hub does).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import errno
@@ -95,7 +96,7 @@ def source_for(endpoint: Endpoint) -> ConsoleSource:
     return PtySource(endpoint.path)
 
 
-class _Reattaching:
+class _Reattaching(abc.ABC):
     """The reattach loop both sources share: attach, wait for the loss, report it,
     wait a little longer each failed attempt, again."""
 
@@ -142,12 +143,13 @@ class _Reattaching:
             await asyncio.sleep(RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)])
             attempt += 1
 
+    @abc.abstractmethod
     async def _attached(self) -> None:
         """Attach, report it, and return once the host end is gone."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _detach(self) -> None:
-        raise NotImplementedError
+        """Let go of the host end (after it is gone, or at close)."""
 
 
 class ChardevSocketSource(_Reattaching):
