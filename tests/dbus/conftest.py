@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -270,3 +272,33 @@ async def call(
 def ok(reply: Message) -> list[object]:
     assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
     return list(reply.body)
+
+
+def read_fd_until(fd: int, wanted: bytes, seen: bytes = b"") -> bytes:
+    """Read a blocking fd (with a deadline) until `wanted` is in what came."""
+    deadline = time.monotonic() + TIMEOUT
+    while wanted not in seen:
+        assert time.monotonic() < deadline, f"did not see {wanted!r}, only {seen!r}"
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            chunk = os.read(fd, 4096)
+            assert chunk, f"EOF before {wanted!r}; had {seen!r}"
+            seen += chunk
+    return seen
+
+
+def type_until_echoed(sock: socket.socket, text: bytes) -> None:
+    """Type `text` until the guest echoes it (bytes typed while the console is
+    down may be lost in QEMU)."""
+    seen = b""
+    deadline = time.monotonic() + TIMEOUT
+    while text not in seen:
+        assert time.monotonic() < deadline, f"no echo of {text!r}; saw {seen!r}"
+        sock.sendall(text)
+        end = time.monotonic() + 1.0
+        while text not in seen and time.monotonic() < end:
+            ready, _, _ = select.select([sock], [], [], 0.2)
+            if ready:
+                chunk = sock.recv(4096)
+                assert chunk, f"EOF; saw {seen!r}"
+                seen += chunk

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import select
 import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,27 +23,21 @@ from dbus_fast import MessageType
 from dbus_fast.aio import MessageBus
 
 from resourced.demo.bootsector import build_boot_sector
-from tests.dbus.conftest import BUS_NAME, ROOT, TIMEOUT, Session, call, ok
-from tests.dbus.test_service import read_fd_until
-from tests.libvirtd import SYSTEM_URI, LibvirtdUnavailable, demo_domain_xml, ensure_libvirtd
+from tests.dbus.conftest import (
+    BUS_NAME,
+    ROOT,
+    TIMEOUT,
+    Session,
+    call,
+    ok,
+    read_fd_until,
+    type_until_echoed,
+)
+from tests.libvirtd import SYSTEM_URI, demo_domain_xml
 
 GUEST = f"{BUS_NAME}.Guest"
 CONSOLE = f"{BUS_NAME}.Console"
 PROPERTIES = "org.freedesktop.DBus.Properties"
-
-
-@pytest.fixture(scope="module")
-def system_conn() -> Iterator[Any]:
-    try:
-        ensure_libvirtd()
-    except LibvirtdUnavailable as error:
-        pytest.fail(f"no libvirtd to test against: {error}", pytrace=False)
-    libvirt.registerErrorHandler(lambda *_args: None, None)
-    conn = libvirt.open(SYSTEM_URI)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -84,21 +76,6 @@ def domain(system_conn: Any) -> Iterator[Any]:
         with contextlib.suppress(libvirt.libvirtError):
             dom.undefine()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def type_until_echoed(sock: socket.socket, text: bytes) -> None:
-    seen = b""
-    deadline = time.monotonic() + TIMEOUT
-    while text not in seen:
-        assert time.monotonic() < deadline, f"no echo of {text!r}; saw {seen!r}"
-        sock.sendall(text)
-        end = time.monotonic() + 1.0
-        while text not in seen and time.monotonic() < end:
-            ready, _, _ = select.select([sock], [], [], 0.2)
-            if ready:
-                chunk = sock.recv(4096)
-                assert chunk, f"EOF; saw {seen!r}"
-                seen += chunk
 
 
 async def guest_path(bus: MessageBus, name: str) -> str | None:

@@ -17,7 +17,17 @@ from pathlib import Path
 
 from dbus_fast import MessageType, Variant
 
-from tests.dbus.conftest import BUS_NAME, ROOT, TIMEOUT, GatewayGuest, Session, call, ok
+from tests.dbus.conftest import (
+    BUS_NAME,
+    ROOT,
+    TIMEOUT,
+    GatewayGuest,
+    Session,
+    call,
+    ok,
+    read_fd_until,
+    type_until_echoed,
+)
 
 MANAGER = f"{BUS_NAME}.Manager"
 GUEST = f"{BUS_NAME}.Guest"
@@ -47,21 +57,6 @@ async def add_demo(session: Session, gateway: GatewayGuest) -> None:
         return SERIAL in out and "/consoles/monitor" in out
 
     await until(consoles_published, "consoles published")
-
-
-def read_fd_until(fd: int, wanted: bytes, seen: bytes = b"") -> bytes:
-    """Read a blocking fd (with a deadline) until `wanted` is in what came."""
-    deadline = time.monotonic() + TIMEOUT
-    while wanted not in seen:
-        assert time.monotonic() < deadline, f"did not see {wanted!r}, only {seen!r}"
-        import select
-
-        ready, _, _ = select.select([fd], [], [], 0.5)
-        if ready:
-            chunk = os.read(fd, 4096)
-            assert chunk, f"EOF before {wanted!r}; had {seen!r}"
-            seen += chunk
-    return seen
 
 
 async def test_script_path_with_busctl(session: Session, gateway_guest: GatewayGuest) -> None:
@@ -590,22 +585,3 @@ async def test_console_whose_host_end_left_the_gateway_comes_back(
             serial.close()
     finally:
         bus.disconnect()
-
-
-def type_until_echoed(sock: socket.socket, text: bytes) -> None:
-    """Type `text` until the guest echoes it (bytes typed while the console is
-    down may be lost in QEMU)."""
-    import select
-
-    seen = b""
-    deadline = time.monotonic() + TIMEOUT
-    while text not in seen:
-        assert time.monotonic() < deadline, f"no echo of {text!r}; saw {seen!r}"
-        sock.sendall(text)
-        end = time.monotonic() + 1.0
-        while text not in seen and time.monotonic() < end:
-            ready, _, _ = select.select([sock], [], [], 0.2)
-            if ready:
-                chunk = sock.recv(4096)
-                assert chunk, f"EOF; saw {seen!r}"
-                seen += chunk

@@ -498,7 +498,8 @@ async def half_close_after_server_init(address: str) -> bytes:
             assert await reader.readexactly(12) == b"RFB 003.008\n"
             writer.write(b"RFB 003.008\n")
             count = (await reader.readexactly(1))[0]
-            assert 1 in await reader.readexactly(count)
+            security_types = await reader.readexactly(count)
+            assert 1 in security_types, f"security None not offered: {list(security_types)}"
             writer.write(b"\x01")  # None
             assert await reader.readexactly(4) == b"\0\0\0\0"
             writer.write(b"\x01")  # ClientInit, shared

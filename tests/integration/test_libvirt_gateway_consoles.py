@@ -38,7 +38,7 @@ from resourced.rfb.consoles import (
     Consoles,
 )
 from tests.integration.test_libvirt_gateway_discovery import IO_TIMEOUT, GatewayProcess
-from tests.libvirtd import SYSTEM_URI, LibvirtdUnavailable, demo_domain_xml, ensure_libvirtd
+from tests.libvirtd import SYSTEM_URI, demo_domain_xml
 
 pytestmark = pytest.mark.integration
 
@@ -58,20 +58,6 @@ PTY_CONSOLE = """\
 
 #: 240 bytes for the guest to echo (no byte may go missing).
 TYPED = b"".join(b"line-%02d-abcdefghijklmnopq " % n for n in range(10))[:240]
-
-
-@pytest.fixture(scope="module")
-def system_conn() -> Iterator[Any]:
-    try:
-        ensure_libvirtd()
-    except LibvirtdUnavailable as error:
-        pytest.fail(f"no libvirtd to test against: {error}", pytrace=False)
-    libvirt.registerErrorHandler(lambda *_args: None, None)
-    conn = libvirt.open(SYSTEM_URI)
-    try:
-        yield conn
-    finally:
-        conn.close()
 
 
 @pytest.fixture
