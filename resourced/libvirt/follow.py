@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between attempts to reach libvirtd.
 RECONNECT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
+#: Seconds before a running domain whose XML lacks a console is looked at again.
+RECHECK_DELAY = 1.0
 #: Remote URIs: a keepalive probe every 5 s, given up after 3 unanswered.
 KEEPALIVE = (5, 3)
 
@@ -196,7 +198,7 @@ class LibvirtFollower:
             uuid = domain.UUIDString()
             self._loop.call_soon_threadsafe(self._schedule, uuid, domain, False)
 
-    def _schedule(self, uuid: str, domain: Any, undefined: bool) -> None:
+    def _schedule(self, uuid: str, domain: Any, undefined: bool, settled: bool = False) -> None:
         """Look at a domain again (one look at a time per domain, the latest wins)."""
         previous = self._updates.get(uuid)
 
@@ -208,7 +210,7 @@ class LibvirtFollower:
                 if undefined:
                     await self._remove(uuid)
                 else:
-                    await self._update(domain)
+                    await self._update(domain, settled)
             except Exception:
                 log.exception("libvirt %s: updating domain %s failed", self.uri, uuid)
 
@@ -218,7 +220,7 @@ class LibvirtFollower:
             lambda t: self._updates.pop(uuid, None) if self._updates.get(uuid) is t else None
         )
 
-    async def _update(self, domain: Any) -> None:
+    async def _update(self, domain: Any, settled: bool = False) -> None:
         libvirt = self._libvirt
         uuid = await self._run(domain.UUIDString)
         try:
@@ -244,7 +246,17 @@ class LibvirtFollower:
         if running:
             # An inactive domain's XML has no PTY paths: its consoles are kept (as
             # unavailable) rather than withdrawn and published again at each restart.
-            guest.set_consoles(self._consoles(uuid, resources, running))
+            wanted = self._consoles(uuid, resources, running)
+            missing = set(guest.consoles) - {name for name, _kind, _source in wanted}
+            if missing and not settled:
+                # Right after a start the live XML may not show a PTY's path yet:
+                # keep those consoles and look again once it has settled.
+                for name in missing:
+                    console = guest.consoles[name]
+                    if isinstance(console.source, LibvirtConsoleSource):
+                        wanted.append((name, console.kind, console.source))
+                self._loop.call_later(RECHECK_DELAY, self._schedule, uuid, domain, False, True)
+            guest.set_consoles(wanted)
         guest.set_running(running)
 
     def _xml(self, domain: Any) -> str:

@@ -104,6 +104,7 @@ class LibvirtConsoleSource:
     def set_stopped(self, stopped: bool) -> None:
         """The domain stopped (let go of the stream) or runs again (attach if held)."""
         self._stopped = stopped
+        self.failure = None
         if stopped:
             self.detach("the guest stopped")
         elif self._holds:
@@ -150,6 +151,7 @@ class LibvirtConsoleSource:
         if self._closed or self._stopped or self._attached:
             return
         if self._task is None or self._task.done():
+            self.failure = None  # a new attempt: an old failure says nothing about it
             self._task = self._loop.create_task(
                 self._attach_loop(), name=f"libvirt-console-{self.device}"
             )
