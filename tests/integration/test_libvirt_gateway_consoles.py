@@ -1,12 +1,12 @@
 """The gateway reaches a libvirt domain's PTY consoles through libvirt's console
-API, against the real libvirtd and a real (TCG) QEMU, with the real `virsh
-console` as the other program (issue #9, item 4).
+API, against the real libvirtd and a real (TCG) QEMU, with another program
+opening the console the way `virsh console` does (issue #9, item 4).
 
-While the gateway holds serial0, `virsh console` is refused by libvirt ("Active
-console session exists") and the viewer loses none of the guest's echo; `virsh
-console --force` takes it away, and the viewer is told (CLOSED, backend error,
-with the reason); once that session ends the gateway takes the console again,
-without forcing, and the viewer opens it again and types.
+While the gateway holds serial0, the other program is refused by libvirt
+("Active console session exists") and the viewer loses none of the guest's echo;
+a forced open (`virsh console --force`) takes it away, and the viewer is told
+(CLOSED, backend error, with the reason); once that session ends the gateway
+takes the console again, without forcing, and the viewer opens it again and types.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -38,7 +37,12 @@ from resourced.rfb.consoles import (
     Consoles,
 )
 from tests.integration.test_libvirt_gateway_discovery import IO_TIMEOUT, GatewayProcess
-from tests.libvirtd import SYSTEM_URI, demo_domain_xml
+from tests.libvirtd import (
+    SYSTEM_URI,
+    OtherConsoleSession,
+    demo_domain_xml,
+    other_console_refusal,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -76,18 +80,6 @@ def pty_domain(system_conn: Any) -> Iterator[tuple[str, Path]]:
         with contextlib.suppress(libvirt.libvirtError):
             domain.destroy()
         shutil.rmtree(directory, ignore_errors=True)
-
-
-def virsh_console(name: str, *, force: bool = False, seconds: float = 10) -> list[str]:
-    """`virsh console [--force] NAME` on a terminal (it needs one), killed after
-    `seconds` at the latest."""
-    flag = " --force" if force else ""
-    return [
-        "script",
-        "-qec",
-        f"timeout -k 1 {seconds:g} virsh -c {SYSTEM_URI} console{flag} {name}",
-        "/dev/null",
-    ]
 
 
 class Viewer:
@@ -155,7 +147,7 @@ class Viewer:
                 assert not self.closed, self.closed
 
 
-async def test_virsh_console_is_refused_while_the_gateway_holds_it(
+async def test_another_console_session_is_refused_while_the_gateway_holds_it(
     pty_domain: tuple[str, Path],
 ) -> None:
     name, directory = pty_domain
@@ -167,27 +159,21 @@ async def test_virsh_console_is_refused_while_the_gateway_holds_it(
         async with viewer.client:
             await viewer.open_serial0()
             await viewer.type_until_echoed(b"booted")
-            virsh = await asyncio.to_thread(
-                subprocess.run,
-                virsh_console(name),
-                capture_output=True,
-                text=True,
-                timeout=IO_TIMEOUT,
-                stdin=subprocess.DEVNULL,
-            )
-            assert "Active console session exists" in virsh.stdout + virsh.stderr, virsh
+            refusal = await asyncio.to_thread(other_console_refusal, name)
+            assert refusal is not None, "libvirt let a second session in"
+            assert "Active console session exists" in refusal, refusal
             # The viewer still gets every byte the guest echoes.
             await viewer.echoed(TYPED)
     finally:
         await gateway.stop()
 
 
-async def test_virsh_console_force_closes_it_with_a_reason_and_it_comes_back(
+async def test_a_forced_console_session_closes_it_with_a_reason_and_it_comes_back(
     pty_domain: tuple[str, Path],
 ) -> None:
     name, directory = pty_domain
     gateway = GatewayProcess(name, directory / "gw.sock")
-    forcing: asyncio.subprocess.Process | None = None
+    forcing: OtherConsoleSession | None = None
     try:
         await gateway.start()
         await gateway.logged("console serial0: attached to")
@@ -196,14 +182,10 @@ async def test_virsh_console_force_closes_it_with_a_reason_and_it_comes_back(
             await viewer.open_serial0()
             await viewer.type_until_echoed(b"booted")
             mark = len(gateway.lines)
-            # A forcing session, ended below (or by `timeout` if all else fails).
-            command = virsh_console(name, force=True, seconds=IO_TIMEOUT)
-            forcing = await asyncio.create_subprocess_exec(
-                *command,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            # A forcing session (`virsh console --force`), ended below.
+            forcing = await asyncio.to_thread(OtherConsoleSession, name)
+            refusal = await asyncio.to_thread(lambda: forcing.open(force=True))
+            assert refusal is None, refusal
             async with asyncio.timeout(IO_TIMEOUT):
                 while not viewer.closed:
                     await viewer.pump(0.5)
@@ -211,24 +193,18 @@ async def test_virsh_console_force_closes_it_with_a_reason_and_it_comes_back(
             assert closed.console_id == viewer.serial0().console_id
             assert closed.reason is CloseReason.BACKEND_ERROR
             assert "libvirt closed the console" in closed.message, closed
-            # While virsh holds it, the gateway does not force it back.
+            # While the other session holds it, the gateway does not force it back.
             await gateway.logged("never forced away", mark)
-            async with asyncio.timeout(IO_TIMEOUT):
-                # Ctrl-] on virsh's terminal: its escape, the session ends.
-                assert forcing.stdin is not None
-                forcing.stdin.write(b"\x1d")
-                await forcing.stdin.drain()
-                await forcing.wait()
+            await asyncio.to_thread(forcing.close)
             forcing = None
-            # Once virsh is done, the gateway takes the console again by itself.
+            # Once that session ends, the gateway takes the console again by itself.
             await gateway.logged("console serial0: attached to libvirt console serial0", mark)
             viewer.closed.clear()
             await viewer.open_serial0()
             await viewer.echoed(TYPED)
     finally:
-        if forcing is not None and forcing.returncode is None:
-            forcing.kill()
-            await forcing.wait()
+        if forcing is not None:
+            await asyncio.to_thread(forcing.close)
         await gateway.stop()
 
 
@@ -273,7 +249,7 @@ async def test_pty_given_directly_honours_libvirts_lock_file(
     """libvirt locks a PTY while a console session has it (/var/lock/LCK.._pts_N,
     libvirtd's PID): the gateway does not open it then, and says why; once the
     session ends it opens it, under a lock of its own, which libvirt honours in
-    turn: `virsh console` is refused."""
+    turn: another session (as `virsh console` opens one) is refused."""
     name, directory = pty_domain
     resources = await asyncio.to_thread(lookup_domain, SYSTEM_URI, name)
     (serial0,) = [spec for spec in resources.consoles if spec.name == "serial0"]
@@ -295,15 +271,9 @@ async def test_pty_given_directly_honours_libvirts_lock_file(
         await gateway.logged(f"console serial0: attached to pty:{pty}", mark)
         assert gateway.process is not None
         assert lock_holder(lock) == gateway.process.pid
-        virsh = await asyncio.to_thread(
-            subprocess.run,
-            virsh_console(name),
-            capture_output=True,
-            text=True,
-            timeout=IO_TIMEOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        assert "is locked by lock file" in virsh.stdout + virsh.stderr, virsh
+        refusal = await asyncio.to_thread(other_console_refusal, name)
+        assert refusal is not None, "libvirt let a session in past our lock file"
+        assert "is locked by lock file" in refusal, refusal
         viewer = await Viewer.connect(gateway.listen)
         async with viewer.client:
             await viewer.open_serial0()
