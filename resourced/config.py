@@ -14,6 +14,13 @@
     [libvirt]
     uris = ["qemu:///system"]  # default: qemu:///session and qemu:///system, if they open
 
+    [audio]
+    autostart = true          # play a guest's sound whenever its connection is open
+    format = "s16"            # what QEMU is asked for: u8 s8 u16 s16 u32 s32
+    channels = 2              # 1 or 2
+    rate = 48000              # Hz, at most 48000
+    server = ""               # PulseAudio/PipeWire server; "" = the desktop's ($PULSE_SERVER...)
+
     [[guest]]                 # guests reached at a VNC address (a gateway)
     name = "web1"
     address = "unix:/run/vm/web1-gw.sock"
@@ -36,6 +43,8 @@ from typing import Any
 
 import tomli_w
 
+from resourced.audio import AudioFormat, SampleFormat
+from resourced.broker.audio import DEFAULT_FORMAT, AudioSettings
 from resourced.broker.guest import GuestSettings
 from resourced.errors import ConfigurationError
 
@@ -83,6 +92,9 @@ class Config:
     libvirt_uris: tuple[str, ...] | None = None
     guests: tuple[GuestEntry, ...] = ()
     directory: Path = field(default_factory=config_dir)
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    #: The sound server to play into ("" = libpulse's default: the desktop's).
+    sound_server: str = ""
 
 
 def _number(table: dict[str, Any], key: str, default: float, where: str) -> float:
@@ -137,7 +149,7 @@ def load(directory: Path | None = None) -> Config:
     directory = directory or config_dir()
     path = directory / "config.toml"
     data = _read(path)
-    _check_keys(data, {"service", "guests", "libvirt", "guest"}, str(path))
+    _check_keys(data, {"service", "guests", "libvirt", "guest", "audio"}, str(path))
     service = data.get("service", {})
     guests = data.get("guests", {})
     libvirt = data.get("libvirt", {})
@@ -163,13 +175,43 @@ def load(directory: Path | None = None) -> Config:
     entries = _guests(data, path) + _guests(
         _read(directory / "guests.toml"), directory / "guests.toml"
     )
+    audio, sound_server = _audio(data.get("audio", {}), f"{path} [audio]")
     return Config(
         idle_exit=_number(service, "idle-exit", 60, f"{path} [service]"),
         guest_settings=settings,
         libvirt_uris=None if uris is None else tuple(uris),
         guests=tuple(entries),
         directory=directory,
+        audio=audio,
+        sound_server=sound_server,
     )
+
+
+def _audio(table: dict[str, Any], where: str) -> tuple[AudioSettings, str]:
+    """The `[audio]` table: the settings, and the sound server ("" = default)."""
+    _check_keys(table, {"autostart", "format", "channels", "rate", "server"}, where)
+    autostart = table.get("autostart", True)
+    if not isinstance(autostart, bool):
+        raise ConfigurationError(f"{where}: autostart must be true or false")
+    names = [f.value for f in SampleFormat]
+    sample = table.get("format", DEFAULT_FORMAT.sample_format.value)
+    if sample not in names:
+        raise ConfigurationError(
+            f"{where}: format must be one of {', '.join(names)}, not {sample!r}"
+        )
+    channels = table.get("channels", DEFAULT_FORMAT.channels)
+    rate = table.get("rate", DEFAULT_FORMAT.rate)
+    for key, value in (("channels", channels), ("rate", rate)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigurationError(f"{where}: {key} must be a whole number, not {value!r}")
+    try:
+        fmt = AudioFormat(SampleFormat(sample), channels, rate)
+    except ValueError as err:
+        raise ConfigurationError(f"{where}: {err}") from None
+    server = table.get("server", "")
+    if not isinstance(server, str):
+        raise ConfigurationError(f"{where}: server must be a string")
+    return AudioSettings(autostart=autostart, format=fmt), server
 
 
 def remember_guest(directory: Path, entry: GuestEntry) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from resourced.broker.audio import AudioSettings, PlaybackFactory
 from resourced.broker.guest import Guest, GuestSettings
 from resourced.broker.link import Connector
 from resourced.errors import ConfigurationError, NoSuchGuest, NotConnected, ResourcedError
@@ -99,8 +100,16 @@ class BrokerObserver:
 class Broker:
     """Every guest the service knows, by name."""
 
-    def __init__(self, settings: GuestSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: GuestSettings | None = None,
+        audio_settings: AudioSettings | None = None,
+        playback_factory: PlaybackFactory | None = None,
+    ) -> None:
         self.settings = settings or GuestSettings()
+        self.audio_settings = audio_settings or AudioSettings()
+        #: Makes each guest's stream on the sound server (None: no sound server).
+        self.playback_factory = playback_factory
         self.guests: dict[str, Guest] = {}
         self.observers: list[BrokerObserver] = []
         #: libvirt URI -> its follower (`resourced.libvirt.follow.LibvirtFollower`).
@@ -168,6 +177,8 @@ class Broker:
             source="vnc",
             address=str(parse_address(address)),
             settings=self.settings,
+            audio_settings=self.audio_settings,
+            playback_factory=self.playback_factory,
         )
         guest.ephemeral = ephemeral
         self.add_guest(guest)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from resourced.broker.audio import AudioSettings, GuestAudio, PlaybackFactory
 from resourced.broker.link import Connector, GuestLink, LinkObserver, LinkState
 from resourced.broker.rfbsource import RfbConsoleSource
 from resourced.consoles import ConsoleKind
@@ -85,6 +86,9 @@ class GuestObserver:
 
     def console_changed(self, console: BrokerConsole) -> None:
         """Available or OpenCount changed."""
+
+    def audio_changed(self, guest: Guest) -> None:
+        """Something of the guest's sound changed (`guest.audio`)."""
 
 
 class Demand(Protocol):
@@ -240,6 +244,8 @@ class Guest(LinkObserver):
         uuid: str = "",
         settings: GuestSettings | None = None,
         console_origin: str = "rfb",
+        audio_settings: AudioSettings | None = None,
+        playback_factory: PlaybackFactory | None = None,
     ) -> None:
         self.name = name
         #: Added at run time and not remembered: keeps the service from idle exit.
@@ -266,6 +272,13 @@ class Guest(LinkObserver):
             idle_timeout=self.settings.idle_timeout,
             connect_timeout=self.settings.connect_timeout,
         )
+        self.audio = GuestAudio(
+            name,
+            self.link,
+            audio_settings or AudioSettings(),
+            playback_factory,
+            lambda: self._notify("audio_changed", self),
+        )
         for event_type, handler in (
             (ConsolesAnnounced, self._on_announced),
             (ConsoleAdded, self._on_added),
@@ -287,11 +300,12 @@ class Guest(LinkObserver):
         return self.link.last_error
 
     def _extensions(self) -> Sequence[Extension]:
+        audio = self.audio.extension()
         if self.console_origin != "rfb":
             self._ext = None
-            return []
+            return [audio]
         self._ext = Consoles()
-        return [self._ext]
+        return [self._ext, audio]
 
     # --- notifications ------------------------------------------------------------
 
@@ -311,18 +325,19 @@ class Guest(LinkObserver):
         self._notify("guest_changed", self)
 
     def link_up(self, client: RfbClient) -> None:
-        if self.console_origin == "rfb":
-            # A server answers this after it has handled our SetEncodings, so a
-            # gateway's console HELLO comes first; an update with no HELLO before
-            # it says the server has no console extension (QEMU's own).
-            client.send(FramebufferUpdateRequest(False, 0, 0, 1, 1))
+        # A server answers this after it has handled our SetEncodings, so a
+        # gateway's console HELLO and QEMU's audio acknowledgement come first; an
+        # update with neither before it says the server has no such extension.
+        client.send(FramebufferUpdateRequest(False, 0, 0, 1, 1))
 
     def _on_update(self, _event: FramebufferUpdate) -> None:
-        if not self._announced.is_set():
+        self.audio.server_answered()
+        if self.console_origin == "rfb" and not self._announced.is_set():
             self.consoles_offered = False
             self._announced.set()
 
     def link_down(self, reason: str) -> None:
+        self.audio.link_down()
         self._announced.clear()
         self.consoles_offered = None
         self._by_id.clear()
@@ -572,6 +587,7 @@ class Guest(LinkObserver):
         for console in list(self.consoles.values()):
             await console.close("the guest was removed")
         self.consoles.clear()
+        await self.audio.close()
         await self.link.close()
 
 

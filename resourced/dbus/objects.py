@@ -34,6 +34,7 @@ from dbus_fast.service import (
 )
 
 from resourced import __version__
+from resourced.broker.audio import GuestAudio
 from resourced.broker.broker import Broker, BrokerObserver, VncOptions
 from resourced.broker.guest import BrokerConsole, Guest, GuestObserver
 from resourced.cli import read_password_file
@@ -57,6 +58,7 @@ INTROSPECTABLE = "org.freedesktop.DBus.Introspectable"
 Str = Annotated[str, DBusSignature("s")]
 Bool = Annotated[bool, DBusSignature("b")]
 UInt32 = Annotated[int, DBusSignature("u")]
+UInt64 = Annotated[int, DBusSignature("t")]
 Double = Annotated[float, DBusSignature("d")]
 Path = Annotated[str, DBusSignature("o")]
 Paths = Annotated[list[str], DBusSignature("ao")]
@@ -261,14 +263,112 @@ class GuestInterface(_Interface):
 
 
 class AudioInterface(_Interface):
-    """`org.resourced.Resourced1.Audio`: the guest's sound (not built yet: unavailable)."""
+    """`org.resourced.Resourced1.Audio`: the guest's sound card, played into the
+    desktop's sound server (one stream per guest) and recorded on request."""
 
-    def __init__(self) -> None:
+    #: LatencyUsec changes all the time: read it, it is not signalled.
+    UNSIGNALLED = ("LatencyUsec",)
+
+    def __init__(self, face: "Face", guest: Guest) -> None:
         super().__init__(AUDIO)
+        self.face = face
+        self.guest = guest
+
+    def introspect(self) -> intr.Interface:
+        description = super().introspect()
+        for prop in description.properties:
+            if prop.name in self.UNSIGNALLED:
+                prop.annotations[EMITS_CHANGED] = "false"
+        return description
+
+    @property
+    def _audio(self) -> GuestAudio:
+        return self.guest.audio
+
+    @dbus_method()
+    @translated
+    async def Start(self, options: Options) -> None:
+        """Play the guest's sound from now on, connecting if need be (the
+        connection stays open until Stop). `Unsupported` if the guest's VNC
+        server has no audio or there is no sound server; `NotConnected` if the
+        guest cannot be reached."""
+        parse_options(options, {}, "Start")
+        await self._audio.start()
+
+    @dbus_method()
+    @translated
+    def Stop(self, options: Options) -> None:
+        """Stop playing the guest's sound (a recording goes on)."""
+        parse_options(options, {}, "Stop")
+        self._audio.stop()
+
+    @dbus_method()
+    @translated
+    async def Record(self, path: Str, options: Options) -> None:
+        """Record the guest's sound into a new WAV file at `path` (an absolute
+        path the service can write), connecting if need be, until StopRecording.
+        `InvalidArgument` if a recording runs already or the file cannot be made."""
+        parse_options(options, {}, "Record")
+        target = FsPath(path)
+        if not target.is_absolute():
+            raise DBusError(INVALID_ARGUMENT, f"give an absolute path, not {path!r}")
+        await self._audio.record(target)
+
+    @dbus_method()
+    @translated
+    def StopRecording(self, options: Options) -> Str:
+        """End the recording; the file it was written to ("" if none ran)."""
+        parse_options(options, {}, "StopRecording")
+        return self._audio.stop_recording()
 
     @dbus_property(access=PropertyAccess.READ)
     def Available(self) -> Bool:
-        return False
+        """The guest's VNC server offers its sound (known once connected)."""
+        return self._audio.available
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Playing(self) -> Bool:
+        return self._audio.playing
+
+    @dbus_property()
+    def Volume(self) -> Double:
+        """The stream's volume as LINEAR AMPLITUDE, 0.0-1.0 (0.5 halves the
+        samples; mixers show 0.5 as about 79 %, their scale being cubic)."""
+        return self._audio.volume
+
+    @Volume.setter  # type: ignore[no-redef]
+    @translated
+    def Volume(self, value: Double) -> None:
+        self._audio.set_volume(value)
+
+    @dbus_property()
+    def Muted(self) -> Bool:
+        return self._audio.muted
+
+    @Muted.setter  # type: ignore[no-redef]
+    @translated
+    def Muted(self, value: Bool) -> None:
+        self._audio.set_muted(value)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Format(self) -> Str:
+        """The PCM QEMU sends, e.g. "s16 2ch 48000 Hz" (little-endian, interleaved)."""
+        return str(self._audio.format)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LatencyUsec(self) -> UInt64:
+        """Current playback latency in µs (0 when not playing)."""
+        return self._audio.latency_usec
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Underruns(self) -> UInt64:
+        """Times the stream ran dry while playing, since the service started."""
+        return self._audio.underruns
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Recording(self) -> Str:
+        """The WAV file being recorded ("" when none)."""
+        return self._audio.recording
 
     @dbus_property(access=PropertyAccess.READ)
     def Interfaces(self) -> Strs:
@@ -456,6 +556,8 @@ class Face(BrokerObserver, GuestObserver):
         self._guests: dict[Guest, tuple[str, GuestInterface, AudioInterface]] = {}
         self._consoles: dict[BrokerConsole, tuple[str, ConsoleInterface]] = {}
         self._paths: dict[str, Guest] = {}
+        #: The audio properties last signalled, per guest (to signal only changes).
+        self._audio_values: dict[Guest, dict[str, Any]] = {}
         bus.export(ROOT, self.manager)
         broker.observers.append(self)
         for guest in broker.guests.values():
@@ -467,6 +569,7 @@ class Face(BrokerObserver, GuestObserver):
         for interface in (
             self.manager,
             GuestInterface(self, None),  # type: ignore[arg-type]
+            AudioInterface(self, None),  # type: ignore[arg-type]
             ConsoleInterface(self, None),  # type: ignore[arg-type]
         ):
             for method in ServiceInterface._get_methods(interface):
@@ -511,7 +614,7 @@ class Face(BrokerObserver, GuestObserver):
 
     def guest_added(self, guest: Guest) -> None:
         path = self.guest_path(guest)
-        guest_iface, audio = GuestInterface(self, guest), AudioInterface()
+        guest_iface, audio = GuestInterface(self, guest), AudioInterface(self, guest)
         self._guests[guest] = (path, guest_iface, audio)
         self._paths[path] = guest
         self.bus.export(path, guest_iface)
@@ -530,6 +633,7 @@ class Face(BrokerObserver, GuestObserver):
             return
         path = entry[0]
         self._paths.pop(path, None)
+        self._audio_values.pop(guest, None)
         self.bus.unexport(path)
         self._signal("InterfacesRemoved", "oas", [path, [GUEST, AUDIO]])
         self.manager.emit_properties_changed({"Guests": self.manager.Guests})
@@ -549,6 +653,29 @@ class Face(BrokerObserver, GuestObserver):
         iface.emit_properties_changed(
             {"State": iface.State, "LastError": iface.LastError, "Consoles": iface.Consoles}
         )
+
+    #: Audio properties signalled when they change (LatencyUsec is read, not signalled).
+    AUDIO_SIGNALLED = (
+        "Available",
+        "Playing",
+        "Volume",
+        "Muted",
+        "Format",
+        "Underruns",
+        "Recording",
+    )
+
+    def audio_changed(self, guest: Guest) -> None:
+        entry = self._guests.get(guest)
+        if entry is None:
+            return
+        audio = entry[2]
+        now = {name: getattr(audio, name) for name in self.AUDIO_SIGNALLED}
+        last = self._audio_values.get(guest, {})
+        changed = {name: value for name, value in now.items() if last.get(name) != value}
+        self._audio_values[guest] = now
+        if changed:
+            audio.emit_properties_changed(changed)
 
     def console_added(self, console: BrokerConsole) -> None:
         if console in self._consoles or console.guest not in self._guests:

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.constants import NameFlag
 
 from resourced import config as config_module
+from resourced.broker.audio import Playback, PlaybackFactory
 from resourced.broker.broker import Broker
 from resourced.dbus.access import CallerGuard
 from resourced.dbus.bus import ServiceBus
@@ -70,7 +72,12 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
     except Exception as err:  # no bus: say so in one line
         raise ResourcedError(f"cannot connect to the session bus ({address}): {err}") from err
     config_module.runtime_dir()
-    broker = Broker(config.guest_settings)
+    sound = await _start_sound_server(config.sound_server)
+    broker = Broker(
+        config.guest_settings,
+        config.audio,
+        None if sound is None else _playback_factory(sound),
+    )
 
     def persist(name: str, address: str, values: dict[str, Any]) -> None:
         options = {k: str(values[k]) for k in config_module.GUEST_OPTION_KEYS if values.get(k)}
@@ -114,6 +121,8 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await broker.close()
+        if sound is not None:
+            await sound.close()
         bus.disconnect()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(bus.wait_for_disconnect(), 2)  # type: ignore[no-untyped-call]
@@ -139,6 +148,27 @@ async def _run_until_idle(
         while time.monotonic() - guard.last_call < DRAIN_QUIET or _busy(broker):  # noqa: ASYNC110
             await asyncio.sleep(DRAIN_QUIET / 3)  # polled: calls are counted, not signalled
         return
+
+
+async def _start_sound_server(server: str) -> Any:
+    """The connection to the desktop's sound server (`PulseServer`, which keeps
+    reconnecting by itself), or None when libpulse cannot be loaded at all."""
+    try:
+        from resourced.sinks.pulse import PulseServer  # type: ignore[import-not-found]
+    except (ImportError, ResourcedError) as err:
+        log.warning("no sound: cannot load the PulseAudio client library (%s)", err)
+        return None
+    sound = PulseServer(server or None)
+    await sound.start()
+    return sound
+
+
+def _playback_factory(sound: Any) -> PlaybackFactory:
+    def make(name: str, on_change: Callable[[], None]) -> Playback:
+        playback: Playback = sound.playback(name, on_change=on_change)
+        return playback
+
+    return make
 
 
 async def _follow_libvirt(broker: Broker, uri: str, *, keep: bool) -> None:

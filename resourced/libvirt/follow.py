@@ -284,6 +284,8 @@ class LibvirtFollower:
             uuid=uuid,
             settings=self.broker.settings,
             console_origin="libvirt",
+            audio_settings=self.broker.audio_settings,
+            playback_factory=self.broker.playback_factory,
         )
         self._guests[uuid] = guest
         self.broker.add_guest(guest)
