@@ -11,11 +11,13 @@
     resourcectl history GUEST CONSOLE [--max-bytes N]
     resourcectl write GUEST CONSOLE TEXT
     resourcectl break GUEST CONSOLE
+    resourcectl audio GUEST on|off|volume N|mute|unmute|record FILE|stop-recording|status
 
 `console` is a raw terminal on the fd that `Console.Open` returns: `Ctrl-]`
 leaves, as in `virsh console`. Each named error of the service prints its
 sentence and exits with its own status (see `EXIT_CODES`), so scripts can tell
-"no such guest" from "not connected".
+"no such guest" from "not connected". `audio ... volume N` is linear amplitude
+(0.0-1.0, or 0%-100%), as the Audio interface's Volume property.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ ROOT = "/org/resourced/Resourced1"
 MANAGER = f"{BUS_NAME}.Manager"
 GUEST = f"{BUS_NAME}.Guest"
 CONSOLE = f"{BUS_NAME}.Console"
+AUDIO = f"{BUS_NAME}.Audio"
+PROPERTIES = "org.freedesktop.DBus.Properties"
 ESCAPE = b"\x1d"  # Ctrl-]
 
 #: Exit status per error: 0 is success, 1 any other failure.
@@ -390,6 +394,58 @@ async def _terminal(sock: socket.socket) -> int:
         sock.close()
 
 
+def _volume(text: str) -> float:
+    """A volume as linear amplitude: 0.0-1.0, or a percentage ("50%")."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a volume: {text!r} (0.0-1.0 or 0%-100%)") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"volume {text} is outside 0.0-1.0 (0%-100%)")
+    return value
+
+
+async def cmd_audio(client: Client, args: argparse.Namespace) -> int:
+    path, _, _ = await client.guest(args.guest)
+    action = args.action
+
+    async def set_property(name: str, value: Variant) -> None:
+        await client.call(path, PROPERTIES, "Set", "ssv", [AUDIO, name, value])
+
+    if action == "on":
+        await client.call(path, AUDIO, "Start", "a{sv}", [{}])
+    elif action == "off":
+        await client.call(path, AUDIO, "Stop", "a{sv}", [{}])
+    elif action == "volume":
+        await set_property("Volume", Variant("d", args.volume))
+    elif action in ("mute", "unmute"):
+        await set_property("Muted", Variant("b", action == "mute"))
+    elif action == "record":
+        target = _absolute(args.file)
+        await client.call(path, AUDIO, "Record", "sa{sv}", [target, {}])
+        print(target)
+    elif action == "stop-recording":
+        (written,) = await client.call(path, AUDIO, "StopRecording", "a{sv}", [{}])
+        if written:
+            print(written)
+    else:
+        (props,) = await client.call(path, PROPERTIES, "GetAll", "s", [AUDIO])
+        values = {k: v.value for k, v in props.items() if k != "Interfaces"}
+        if args.json:
+            print(json.dumps(values, indent=2))
+            return 0
+        state = "playing" if values["Playing"] else "not playing"
+        if not values["Available"]:
+            state += " (its VNC server offers no audio, or it was not reached yet)"
+        print(f"{args.guest}: {state}")
+        print(f"  volume {values['Volume']:.2f} (linear)" + (", muted" if values["Muted"] else ""))
+        print(f"  format {values['Format']}")
+        print(f"  latency {values['LatencyUsec'] / 1000:.1f} ms, underruns {values['Underruns']}")
+        if values["Recording"]:
+            print(f"  recording to {values['Recording']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="resourcectl", description="Drive the resourced service.")
     parser.add_argument("--bus", help="bus address (default: the session bus)")
@@ -436,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("break", help="send a serial break")
     p.add_argument("guest")
     p.add_argument("console")
+    p = commands.add_parser("audio", help="the guest's sound: on, off, volume, mute, record...")
+    p.add_argument("guest")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("on", help="play the guest's sound (connects if need be)")
+    actions.add_parser("off", help="stop playing it")
+    a = actions.add_parser("volume", help="set the volume: linear amplitude 0.0-1.0 or 0%%-100%%")
+    a.add_argument("volume", type=_volume)
+    actions.add_parser("mute")
+    actions.add_parser("unmute")
+    a = actions.add_parser("record", help="record the guest's sound to a WAV file")
+    a.add_argument("file")
+    actions.add_parser("stop-recording", help="end the recording (prints the file)")
+    a = actions.add_parser("status", help="playing, volume, format, latency, underruns")
+    a.add_argument("--json", action="store_true")
     return parser
 
 
@@ -452,6 +522,7 @@ COMMANDS = {
     "history": cmd_history,
     "write": cmd_write,
     "break": cmd_break,
+    "audio": cmd_audio,
 }
 
 
