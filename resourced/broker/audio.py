@@ -72,8 +72,9 @@ class Playback(Protocol):
     def set_muted(self, muted: bool) -> None: ...
 
 
-#: Makes a guest's playback stream: (guest name, called on every change) -> stream.
-PlaybackFactory = Callable[[str, Callable[[], None]], Playback]
+#: Makes a guest's playback stream: (guest name, called on every change) -> the
+#: stream, or None when there is no sound server to play into (none could be loaded).
+PlaybackFactory = Callable[[str, Callable[[], None]], Playback | None]
 
 
 class GuestAudio:
@@ -102,9 +103,10 @@ class GuestAudio:
         self._answered = asyncio.Event()
         #: The format the data now arriving is in (None: no capture running).
         self.current_format: AudioFormat | None = None
-        self.playback: Playback | None = (
-            None if playback_factory is None else playback_factory(name, self._changed)
-        )
+        self._playback_factory = playback_factory
+        #: Made on first use: the sound server is loaded after the service has
+        #: its bus name (loading libpulse takes longer than activation should).
+        self._playback: Playback | None = None
         self.recorder: WavFileSink | None = None
         self._recording_format: AudioFormat | None = None
         for event_type, handler in (
@@ -143,31 +145,41 @@ class GuestAudio:
             self.offered = False
             self._changed()
 
+    @property
+    def playback(self) -> Playback | None:
+        """The guest's stream on the sound server (None: there is no sound server)."""
+        if self._playback is None and self._playback_factory is not None:
+            self._playback = self._playback_factory(self.name, self._changed)
+        return self._playback
+
     # --- properties -----------------------------------------------------------------
 
     @property
     def available(self) -> bool:
         return bool(self.offered)
 
+    # The properties read the stream only once it exists (reading makes none).
+
     @property
     def playing(self) -> bool:
-        return self.playback is not None and self.playback.playing
+        return self._playback is not None and self._playback.playing
 
     @property
     def volume(self) -> float:
-        return 1.0 if self.playback is None else self.playback.volume
+        return 1.0 if self._playback is None else self._playback.volume
 
     @property
     def muted(self) -> bool:
-        return False if self.playback is None else self.playback.muted
+        return False if self._playback is None else self._playback.muted
 
     @property
     def latency_usec(self) -> int:
-        return 0 if self.playback is None or not self.playing else self.playback.latency_usec
+        playback = self._playback
+        return 0 if playback is None or not playback.playing else playback.latency_usec
 
     @property
     def underruns(self) -> int:
-        return 0 if self.playback is None else self.playback.underruns
+        return 0 if self._playback is None else self._playback.underruns
 
     @property
     def format(self) -> AudioFormat:
@@ -197,8 +209,8 @@ class GuestAudio:
     def stop(self) -> None:
         """Stop playing the guest's sound (until `start()`); recording goes on."""
         self.on = False
-        if self.playback is not None:
-            self.playback.end()
+        if self._playback is not None:
+            self._playback.end()
         if self._held_for_playing:
             self._held_for_playing = False
             self.link.release()
@@ -270,9 +282,10 @@ class GuestAudio:
         if self._held_for_playing:
             self._held_for_playing = False
             self.link.release()
-        if self.playback is not None:
-            self.playback.close()
-            self.playback = None
+        if self._playback is not None:
+            self._playback.close()
+            self._playback = None
+        self._playback_factory = None
 
     # --- capture ------------------------------------------------------------------------
 
@@ -299,19 +312,21 @@ class GuestAudio:
 
     def _on_begin(self, event: AudioBegin) -> None:
         self.current_format = event.format
-        if self.on and self.playback is not None:
-            self.playback.begin(event.format)
+        playback = self.playback if self.on else None
+        if playback is not None:
+            playback.begin(event.format)
         self._changed()
 
     def _on_data(self, event: AudioData) -> None:
+        playback = self.playback if self.on else None
         if self.current_format != event.format:
             # Data with no BEGIN before it (QEMU sends BEGIN when the guest starts
             # playing; a capture enabled mid-sound gets data first).
             self.current_format = event.format
-            if self.on and self.playback is not None:
-                self.playback.begin(event.format)
-        if self.on and self.playback is not None:
-            self.playback.write(event.data)
+            if playback is not None:
+                playback.begin(event.format)
+        if playback is not None:
+            playback.write(event.data)
         if self.recorder is not None and event.format == self._recording_format:
             try:
                 self.recorder.write(event.data)
@@ -326,8 +341,8 @@ class GuestAudio:
 
     def _finish_capture(self) -> None:
         self.current_format = None
-        if self.playback is not None:
-            self.playback.end()
+        if self._playback is not None:
+            self._playback.end()
         self._changed()
 
     def _flush(self) -> None:

@@ -32,7 +32,7 @@ from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.constants import NameFlag
 
 from resourced import config as config_module
-from resourced.broker.audio import Playback, PlaybackFactory
+from resourced.broker.audio import Playback
 from resourced.broker.broker import Broker
 from resourced.dbus.access import CallerGuard
 from resourced.dbus.bus import ServiceBus
@@ -72,12 +72,8 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
     except Exception as err:  # no bus: say so in one line
         raise ResourcedError(f"cannot connect to the session bus ({address}): {err}") from err
     config_module.runtime_dir()
-    sound = await _start_sound_server(config.sound_server)
-    broker = Broker(
-        config.guest_settings,
-        config.audio,
-        None if sound is None else _playback_factory(sound),
-    )
+    sound = SoundServer(config.sound_server)
+    broker = Broker(config.guest_settings, config.audio, sound.playback)
 
     def persist(name: str, address: str, values: dict[str, Any]) -> None:
         options = {k: str(values[k]) for k in config_module.GUEST_OPTION_KEYS if values.get(k)}
@@ -96,6 +92,7 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         bus.disconnect()
         raise ResourcedError(f"{BUS_NAME} is already taken on this bus: is resourced running?")
     log.info("resourced %s: serving %s on %s", _version(), BUS_NAME, address or "the session bus")
+    await sound.start()
     for entry in config.guests:
         try:
             values: dict[str, Any] = {"password": None, "password-file": None, "tls": "auto"}
@@ -121,8 +118,7 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         await broker.close()
-        if sound is not None:
-            await sound.close()
+        await sound.close()
         bus.disconnect()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(bus.wait_for_disconnect(), 2)  # type: ignore[no-untyped-call]
@@ -150,25 +146,38 @@ async def _run_until_idle(
         return
 
 
-async def _start_sound_server(server: str) -> Any:
-    """The connection to the desktop's sound server (`PulseServer`, which keeps
-    reconnecting by itself), or None when libpulse cannot be loaded at all."""
-    try:
-        from resourced.sinks.pulse import PulseServer  # type: ignore[import-not-found]
-    except (ImportError, ResourcedError) as err:
-        log.warning("no sound: cannot load the PulseAudio client library (%s)", err)
-        return None
-    sound = PulseServer(server or None)
-    await sound.start()
-    return sound
+class SoundServer:
+    """The desktop's sound server as the guests' playback streams reach it.
 
+    libpulse is loaded by `start()`, called once the service has its bus name:
+    loading it takes longer than activation should. Until then, or when it
+    cannot be loaded at all, `playback()` has no stream to give (None).
+    """
 
-def _playback_factory(sound: Any) -> PlaybackFactory:
-    def make(name: str, on_change: Callable[[], None]) -> Playback:
-        playback: Playback = sound.playback(name, on_change=on_change)
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self._pulse: Any = None
+
+    async def start(self) -> None:
+        try:
+            from resourced.sinks.pulse import PulseServer  # type: ignore[import-not-found]
+        except (ImportError, ResourcedError) as err:
+            log.warning("no sound: cannot load the PulseAudio client library (%s)", err)
+            return
+        pulse = PulseServer(self.server or None)
+        await pulse.start()
+        self._pulse = pulse
+
+    def playback(self, name: str, on_change: Callable[[], None]) -> Playback | None:
+        if self._pulse is None:
+            return None
+        playback: Playback = self._pulse.playback(name, on_change=on_change)
         return playback
 
-    return make
+    async def close(self) -> None:
+        pulse, self._pulse = self._pulse, None
+        if pulse is not None:
+            await pulse.close()
 
 
 async def _follow_libvirt(broker: Broker, uri: str, *, keep: bool) -> None:
