@@ -65,13 +65,24 @@ class Signals:
             ) from None
 
     async def wait_property(
-        self, path: str, interface: str, name: str, value: Any, since: int = 0
+        self,
+        path: str,
+        interface: str,
+        name: str,
+        value: Any,
+        since: int = 0,
+        approx: float | None = None,
     ) -> Message:
-        """The first PropertiesChanged of `path` that sets `name` to `value`."""
+        """The first PropertiesChanged of `path` that sets `name` to `value`
+        (a number within `approx` of it, if given)."""
 
         def matches(message: Message) -> bool:
             changed = properties_changed(message, path, interface)
-            return name in changed and changed[name] == value
+            if name not in changed:
+                return False
+            if approx is not None:
+                return bool(abs(changed[name] - value) <= approx)
+            return bool(changed[name] == value)
 
         return await self.wait_for(matches, f"{path} {name} = {value!r}", since)
 
