@@ -7,8 +7,10 @@ there is none (a fresh server), on a private `dbus-daemon` whose address it
 prints. It registers the guest as `demo` and shows, with the same tools a
 user has: `resourcectl list`, the serial banner from the console's history,
 an echo through an fd from `Console.Open` and through a PTY from `OpenPty`
-(opened as a file, as `screen` or `picocom` would), and the beep recorded
-through the gateway. Then it stays up for `resourcectl console demo` in
+(opened as a file, as `screen` or `picocom` would), the guest's beep played
+through the sound server (the desktop's, or a private PulseAudio where there is
+none) and recorded back from its monitor, and then recorded to a WAV file by
+the service (`resourcectl audio demo record`). Then it stays up for `resourcectl console demo` in
 another terminal until Ctrl-C; `--once` stops after the tour.
 """
 
@@ -26,16 +28,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import wave
 from pathlib import Path
 
 from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
+from resourced.audio import AudioFormat, SampleFormat, analyse
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
+from resourced.demo.bootsector import tone_frequency
 from resourced.demo.qemu import GuestConfig, QemuGuest
+from resourced.demo.soundserver import RECORD_FORMAT, PrivatePulseAudio
 from resourced.errors import ResourcedError
 from resourced.gateway.gateway import Gateway, GatewayConfig
-from resourced.rfb.__main__ import _print_report, build_parser, probe
 from resourced.rfb.server import ServerSecurity
 
 BUS_NAME = "org.resourced.Resourced1"
@@ -80,7 +85,8 @@ class PrivateBus:
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
 
-    def start(self) -> str:
+    def start(self, env: dict[str, str] | None = None) -> str:
+        """Start the bus; services it activates get `env` (default: ours)."""
         services = self.directory / "share"
         subprocess.run(
             [str(BIN / "resourced"), "install-user-service", "--prefix", str(services)],
@@ -95,6 +101,7 @@ class PrivateBus:
             ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            env=env,
         )
         deadline = time.monotonic() + TIMEOUT
         while not socket_path.exists():
@@ -156,8 +163,17 @@ def _show(command: list[str], env: dict[str, str]) -> str:
 async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
     private = None if _session_bus_usable() else PrivateBus(workdir)
     env = dict(os.environ)
+    sound: PrivatePulseAudio | None = None
+    desktop_sound = await asyncio.to_thread(_sound_server_answers, env)
     if private is not None:
-        env["DBUS_SESSION_BUS_ADDRESS"] = await asyncio.to_thread(private.start)
+        if not desktop_sound:
+            # No sound server either (a fresh server): a private one, which the
+            # service activated on our private bus is told of by its environment.
+            sound = PrivatePulseAudio(workdir / "sound")
+            await sound.start()
+            env["PULSE_SERVER"] = sound.server
+            print(f"sound:     no sound server here; a private PulseAudio at {sound.server}")
+        env["DBUS_SESSION_BUS_ADDRESS"] = await asyncio.to_thread(private.start, env)
         print(f"bus:       no session bus here; a private one at {private.address}")
         print(f"           (export DBUS_SESSION_BUS_ADDRESS={private.address} to use it)")
     else:
@@ -224,10 +240,7 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
         finally:
             os.close(fd)
         print(f"pty:       opened {pty_path}; typed 'typed into a pty', the guest echoed it")
-        args = build_parser().parse_args(
-            ["probe", f"unix:{gateway_path}", "--audio", str(wav), "--duration", str(duration)]
-        )
-        _print_report(await probe(args))
+        await _sound_tour(env, sound, desktop_sound, wav, duration, config.tone_hz)
         if once:
             return
         print()
@@ -260,6 +273,102 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
         if private is not None:
             _stop_service(private.address)
             private.stop()
+        if sound is not None:
+            await sound.stop()
+
+
+def _sound_server_answers(env: dict[str, str]) -> bool:
+    """Whether a PulseAudio (or pipewire-pulse) server answers with this environment."""
+    try:
+        result = subprocess.run(
+            ["pactl", "info"], env=env, capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def _parec(env: dict[str, str], source: str, seconds: float) -> bytes:
+    """`seconds` of what `source` (a sink's monitor) hears, as RECORD_FORMAT."""
+    fmt = RECORD_FORMAT
+    wanted = int(seconds * fmt.byte_rate)
+    with subprocess.Popen(
+        [
+            "parec",
+            "-d",
+            source,
+            "--raw",
+            "--format=s16le",
+            f"--rate={fmt.rate}",
+            f"--channels={fmt.channels}",
+            "--latency-msec=20",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as parec:
+        assert parec.stdout is not None
+        data = b""
+        deadline = time.monotonic() + seconds + TIMEOUT
+        while len(data) < wanted and time.monotonic() < deadline:
+            ready, _, _ = select.select([parec.stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(parec.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                data += chunk
+        parec.terminate()
+    return data[:wanted]
+
+
+async def _sound_tour(
+    env: dict[str, str],
+    sound: PrivatePulseAudio | None,
+    desktop_sound: bool,
+    wav: Path,
+    duration: float,
+    tone_hz: int,
+) -> None:
+    """The guest's beep played through the sound server and recorded back, then
+    recorded to a WAV file by the service."""
+    if sound is not None or desktop_sound:
+        await asyncio.to_thread(_show, ["resourcectl", "audio", "demo", "on"], env)
+        deadline = time.monotonic() + TIMEOUT
+        while '"Playing": true' not in await asyncio.to_thread(
+            _quiet, ["resourcectl", "audio", "demo", "status", "--json"], env
+        ):
+            if time.monotonic() > deadline:
+                raise ResourcedError("the demo guest's sound did not start playing")
+            await asyncio.sleep(0.1)
+        source = f"{sound.sink}.monitor" if sound is not None else "@DEFAULT_MONITOR@"
+        where = "the private PulseAudio" if sound is not None else "your sound server"
+        heard = analyse(await asyncio.to_thread(_parec, env, source, 2.0), RECORD_FORMAT)
+        print(
+            f"played:    the guest's beep through {where}; recorded back from {source}: "
+            f"{heard.seconds:.1f} s, {heard.frequency_hz:.0f} Hz, {heard.rms_dbfs:.1f} dBFS"
+        )
+        tone = tone_frequency(tone_hz)
+        if abs(heard.frequency_hz - tone) > 0.03 * tone:
+            raise ResourcedError("the beep did not come back from the sound server")
+        await asyncio.to_thread(_show, ["resourcectl", "audio", "demo", "status"], env)
+        await asyncio.to_thread(_show, ["resourcectl", "audio", "demo", "off"], env)
+    else:
+        print("sound:     the session bus's service plays into your sound server, and none")
+        print("           answers here (pactl info): playback skipped, recording shown")
+    await asyncio.to_thread(_show, ["resourcectl", "audio", "demo", "record", str(wav)], env)
+    await asyncio.sleep(duration)
+    await asyncio.to_thread(_show, ["resourcectl", "audio", "demo", "stop-recording"], env)
+    with wave.open(str(wav), "rb") as recorded:
+        fmt = AudioFormat(
+            SampleFormat.S16 if recorded.getsampwidth() == 2 else SampleFormat.U8,
+            recorded.getnchannels(),
+            recorded.getframerate(),
+        )
+        measured = analyse(recorded.readframes(recorded.getnframes()), fmt)
+    print(
+        f"recorded:  {wav}: {measured.seconds:.1f} s of {fmt}, "
+        f"{measured.frequency_hz:.0f} Hz, {measured.rms_dbfs:.1f} dBFS"
+    )
 
 
 def _quiet(command: list[str], env: dict[str, str]) -> str:
@@ -291,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args(argv)
     args.wav.parent.mkdir(parents=True, exist_ok=True)
+    args.wav = args.wav.resolve()  # the service writes it, from its own directory
     workdir = Path(tempfile.mkdtemp(prefix="rsd-demo-", dir="/tmp"))
     try:
         asyncio.run(tour(workdir, args.once, args.wav, args.duration))

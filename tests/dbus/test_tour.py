@@ -1,6 +1,7 @@
 """The README's run command (`./scripts/run --once`) does what the README says on a
-machine with no session bus: a private bus, the service activated on it, the demo
-guest reached through resourcectl, an fd and a PTY."""
+machine with no session bus and no sound server: a private bus and a private
+PulseAudio, the service activated on it, the demo guest reached through
+resourcectl, an fd and a PTY, its beep played and recorded."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from resourced.demo.bootsector import tone_frequency
 
 
 async def test_tour_once_without_a_session_bus(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "DBUS_SESSION_BUS_ADDRESS"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DBUS_SESSION_BUS_ADDRESS", "PULSE_SERVER")
+    }
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -41,5 +44,14 @@ async def test_tour_once_without_a_session_bus(tmp_path: Path) -> None:
     assert "resourced demo guest" in text.split("$ resourcectl history demo serial0")[1]
     assert "typed 'typed into an fd', the guest echoed it" in text
     assert "typed 'typed into a pty', the guest echoed it" in text
-    pitch = float(text.split("pitch:")[1].split("Hz")[0])
-    assert pitch == pytest.approx(tone_frequency(440), abs=8)
+    # No sound server here either: a private PulseAudio, the beep played into it
+    # and recorded back from its monitor, then recorded to WAV by the service.
+    assert "a private PulseAudio at unix:" in text, text
+    played = re.search(r"played: .* recorded back from \S+: ([\d.]+) s, (\d+) Hz", text)
+    assert played is not None, text
+    assert float(played.group(2)) == pytest.approx(tone_frequency(440), abs=8)
+    assert "$ resourcectl audio demo status" in text
+    recorded = re.search(r"recorded: .*beep.wav: ([\d.]+) s of .*, (\d+) Hz", text)
+    assert recorded is not None, text
+    assert float(recorded.group(1)) >= 0.5
+    assert float(recorded.group(2)) == pytest.approx(tone_frequency(440), abs=8)
