@@ -293,13 +293,6 @@ async def test_qemu_restarted_behind_the_gateway(
             await restarted.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap: on reconnecting, the service opens consoles without history "
-    "(its ring is not empty and the console extension gives no offsets to join the "
-    "two at), so output the gateway got while the service was away is not replayed",
-)
 async def test_output_while_reconnecting_is_replayed(
     session: Session, guest: QemuGuest, gateway: GatewayProcess
 ) -> None:
