@@ -48,6 +48,7 @@ from resourced.rfb.consoles import (
     ConsoleWrite,
     MarkKind,
     ServedConsole,
+    StreamPosition,
     parse_client_message,
 )
 from resourced.rfb.constants import (
@@ -663,6 +664,10 @@ class Session(asyncio.BufferedProtocol):
         served = ServedConsole(message, hub.name, INPUT_WINDOW)
         offset, opened = served.begin(hub.stream_id, hub.oldest, hub.total)
         console = _OpenConsole(hub, offset, served)
+        if message.history and message.resume == StreamPosition(hub.stream_id, offset):
+            # The viewer has the output before its resume point: a mark at the
+            # point itself (the host end attached again just as it left) is news to it.
+            console.marked = offset - 1
 
         def listener(hub: ConsoleHub, console_id: int = console_id) -> None:
             if hub.connected is not console.attached:

@@ -6,7 +6,11 @@ advertises pseudo-encoding -262; a server that knows the extension answers with
 HELLO (QEMU server message 255, submessage 2) listing its consoles; only then may
 the client send console messages (255/2). Consoles are opened, written, read,
 sent a break, and closed; data in each direction is bounded by credit the reader
-grants, per console, so a slow reader never stalls anything else.
+grants, per console, so a slow reader never stalls anything else. A server that
+announces stream positions (HELLO's flag) answers an OPEN that asks for them
+with OPENED AT, which says where the console's output stream stands, and
+replays from the client's resume point when it still holds it; the client
+works out whether that joins what it had (`Resumed`).
 
 This module holds one frozen dataclass per message (server messages double as
 the client's events), `Consoles`, the client-side `Extension`, and

@@ -374,6 +374,10 @@ async def test_host_end_gone_closes_the_console_with_a_reason(make_rig: MakeRig)
         assert closed.reason is CloseReason.BACKEND_ERROR
         assert "host end went away" in closed.message, closed
         assert v.consoles.by_name("serial0") is not None  # still listed
+        # Where v's output of serial0 stopped: the host end attaches again there.
+        left_at = StreamPosition(
+            v.opened[serial].stream_id, v.opened[serial].replay_from + len(v.seen(serial))
+        )
         del v.opened[serial]
         serial = await v.open("serial0", history=False)
         v.write(
@@ -405,6 +409,20 @@ async def test_host_end_gone_closes_the_console_with_a_reason(make_rig: MakeRig)
             assert b"back again" in data_after
         finally:
             await late.close()
+        # A viewer that resumes from where v stopped gets the mark first: the
+        # point is its resume point, and it has the output before it.
+        resumer = await viewer(rig)
+        try:
+            again = await resumer.open("serial0", marks=True, resume=left_at)
+            assert resumer.opened[again].resumed is Resumed.EXACT
+            await resumer.pump(lambda: b"back again" in resumer.seen(again))
+            (mark,) = [e for e in resumer.events if isinstance(e, ConsoleMark)]
+            assert mark.kind is MarkKind.REATTACHED
+            replayed = [e for e in resumer.events if isinstance(e, ConsoleMark | ConsoleData)]
+            assert replayed[0] == mark
+            assert DEFAULT_BANNER not in resumer.seen(again)
+        finally:
+            await resumer.close()
     finally:
         await v.close()
 
