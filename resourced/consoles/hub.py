@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Callable, Iterable
 
 from resourced.consoles.ring import DEFAULT_RING_SIZE, DEFAULT_STALL_TIMEOUT, Overrun, Ring
@@ -86,6 +87,11 @@ class ConsoleHub:
         #: Absolute offset just past the newest byte ever received: the ring's, as
         #: a plain attribute (readers look at it per chunk).
         self.total = 0
+        #: Names this hub's offsets to readers on other connections (the console
+        #: extension's stream identity): random and nonzero, so a new hub (another
+        #: process's, a console made again) counts from 0 under another name. It
+        #: stays when the host end attaches again: the offsets go on.
+        self.stream_id = secrets.randbits(64) or 1
         self.connected = False
         self.last_error: str | None = None
         #: Absolute offsets at which the host end attached again after an earlier

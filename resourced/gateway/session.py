@@ -48,6 +48,7 @@ from resourced.rfb.consoles import (
     ConsoleWrite,
     MarkKind,
     ServedConsole,
+    StreamPosition,
     parse_client_message,
 )
 from resourced.rfb.constants import (
@@ -569,7 +570,8 @@ class Session(asyncio.BufferedProtocol):
             self._upstream_encodings = frozenset(kept)
             if wants_consoles and not self.consoles_enabled:
                 self.consoles_enabled = True
-                self._send(ConsolesAnnounced(VERSION, MAX_CONSOLE_DATA, tuple(self._infos())))
+                infos = tuple(self._infos())
+                self._send(ConsolesAnnounced(VERSION, MAX_CONSOLE_DATA, infos, positions=True))
         elif isinstance(
             message, ConsoleOpen | ConsoleClose | ConsoleWrite | ConsoleBreak | ConsoleGrant
         ):
@@ -659,8 +661,13 @@ class Session(asyncio.BufferedProtocol):
             self._close_console(console_id, CloseReason.ALREADY_OPEN, "opened twice")
             return
         hub = self.gateway.hubs[console_id]
-        offset = hub.oldest if message.history else hub.total
-        console = _OpenConsole(hub, offset, ServedConsole(message, hub.name, INPUT_WINDOW))
+        served = ServedConsole(message, hub.name, INPUT_WINDOW)
+        offset, opened = served.begin(hub.stream_id, hub.oldest, hub.total)
+        console = _OpenConsole(hub, offset, served)
+        if message.history and message.resume == StreamPosition(hub.stream_id, offset):
+            # The viewer has the output before its resume point: a mark at the
+            # point itself (the host end attached again just as it left) is news to it.
+            console.marked = offset - 1
 
         def listener(hub: ConsoleHub, console_id: int = console_id) -> None:
             if hub.connected is not console.attached:
@@ -671,7 +678,7 @@ class Session(asyncio.BufferedProtocol):
         console.listener = listener
         self._open[console_id] = console
         hub.subscribe(listener, offset)
-        self._send(console.served.opened(hub.total - offset))
+        self._send(opened)
         self._pump(console_id)
 
     def _host_end_changed(self, console_id: int, console: _OpenConsole) -> None:

@@ -6,7 +6,11 @@ advertises pseudo-encoding -262; a server that knows the extension answers with
 HELLO (QEMU server message 255, submessage 2) listing its consoles; only then may
 the client send console messages (255/2). Consoles are opened, written, read,
 sent a break, and closed; data in each direction is bounded by credit the reader
-grants, per console, so a slow reader never stalls anything else.
+grants, per console, so a slow reader never stalls anything else. A server that
+announces stream positions (HELLO's flag) answers an OPEN that asks for them
+with OPENED AT, which says where the console's output stream stands, and
+replays from the client's resume point when it still holds it; the client
+works out whether that joins what it had (`Resumed`).
 
 This module holds one frozen dataclass per message (server messages double as
 the client's events), `Consoles`, the client-side `Extension`, and
@@ -49,8 +53,16 @@ MAX_CREDIT = 0xFFFFFFFF
 #: Default window a client grants per console.
 DEFAULT_WINDOW = 256 * 1024
 
+#: Offsets in a console's output stream are u64s.
+MAX_OFFSET = 0xFFFFFFFFFFFFFFFF
+
 HISTORY_FLAG = 0x01
 MARKS_FLAG = 0x02
+#: OPEN's flag: the client speaks stream positions (a resume point follows the
+#: flags; the answer is OPENED AT). Only to a server whose HELLO has `positions`.
+POSITIONS_FLAG = 0x04
+#: HELLO's flag: the server speaks stream positions (console-extension.md, "Stream positions").
+HELLO_POSITIONS_FLAG = 0x01
 
 
 class ConsoleServerOp(enum.IntEnum):
@@ -64,6 +76,7 @@ class ConsoleServerOp(enum.IntEnum):
     CLOSED = 5
     CREDIT = 6
     MARK = 7
+    OPENED_AT = 8
 
 
 class ConsoleClientOp(enum.IntEnum):
@@ -102,6 +115,9 @@ def _client_head(op: ConsoleClientOp) -> bytes:
 # a u32 count (DATA's length, CREDIT's increment). Parsers start after the type bytes.
 _HEADER = struct.Struct("!3sII")
 _ID_COUNT = struct.Struct("!II")
+# OPEN's resume point (stream, offset) and OPENED AT's body.
+_RESUME_POINT = struct.Struct("!QQ")
+_OPENED_AT = struct.Struct("!IIIQQQ")
 _SERVER_DATA = _server_head(ConsoleServerOp.DATA)
 _SERVER_CREDIT = _server_head(ConsoleServerOp.CREDIT)
 _CLIENT_DATA = _client_head(ConsoleClientOp.DATA)
@@ -154,12 +170,14 @@ class ConsolesAnnounced:
     version: int
     max_data: int
     consoles: tuple[ConsoleInfo, ...]
+    #: The server speaks stream positions: a client may set `positions` in OPEN.
+    positions: bool = False
 
     def serialize(self) -> bytes:
         return (
             _server_head(ConsoleServerOp.HELLO)
             + u8(self.version)
-            + u8(0)
+            + u8(HELLO_POSITIONS_FLAG if self.positions else 0)
             + u16(len(self.consoles))
             + u32(self.max_data)
             + b"".join(c.serialize() for c in self.consoles)
@@ -167,11 +185,12 @@ class ConsolesAnnounced:
 
     @classmethod
     def parse(cls, r: Reader) -> ConsolesAnnounced:
-        version, _flags, count, max_data = r.u8(), r.u8(), r.u16(), r.u32()
+        version, flags, count, max_data = r.u8(), r.u8(), r.u16(), r.u32()
         if count > MAX_CONSOLES:
             raise RemoteProtocolError(f"HELLO lists {count} consoles (at most {MAX_CONSOLES})")
         _check_max_data(max_data)
-        return cls(version, max_data, tuple(ConsoleInfo.parse(r) for _ in range(count)))
+        consoles = tuple(ConsoleInfo.parse(r) for _ in range(count))
+        return cls(version, max_data, consoles, bool(flags & HELLO_POSITIONS_FLAG))
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,14 +222,81 @@ class ConsoleRemoved:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """A point in a console's output stream, as a server names it: the stream's
+    identity (nonzero) and the offset in it, in bytes since the stream began."""
+
+    stream_id: int
+    offset: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.stream_id <= MAX_OFFSET or not 0 <= self.offset <= MAX_OFFSET:
+            raise LocalProtocolError(f"no such stream position: {self.stream_id}@{self.offset}")
+
+
+class Resumed(enum.Enum):
+    """How the replay after OPENED AT joins the position the client asked to
+    resume from (console-extension.md, "Stream positions"). Worked out by the
+    client; not on the wire."""
+
+    #: No position was asked for (or the server has no positions).
+    NOT_ASKED = "not asked"
+    #: The replay starts right after the position asked for: nothing lost or repeated.
+    EXACT = "exact"
+    #: Another stream (e.g. a new server process), replayed from its beginning:
+    #: none of it is missing, but what the old stream had after the position
+    #: asked for, if anything, is out of reach.
+    NEW_STREAM = "new stream"
+    #: Output is missing between the position asked for and the replay: the
+    #: server no longer held it (or, on another stream, no longer held that
+    #: stream's beginning).
+    GAP = "gap"
+
+
+@dataclass(frozen=True, slots=True)
 class ConsoleOpened:
-    """Answer to OPEN: `credit` bytes may be written; `history_length` bytes of replay follow."""
+    """Answer to OPEN: `credit` bytes may be written; `history_length` bytes of replay follow.
+
+    On the wire OPENED, or OPENED AT (`stream_id` not 0) for a client that set
+    `positions` in OPEN: then the server holds the stream's output from offset
+    `start` to `end` (just past its newest byte); the replay is the bytes from
+    `replay_from` to `end`, and live output goes on from `end`.
+    """
 
     console_id: int
     credit: int
     history_length: int
+    stream_id: int = 0
+    start: int = 0
+    end: int = 0
+    #: Not on the wire: how the replay joins the position asked for (set by `Consoles`).
+    resumed: Resumed = Resumed.NOT_ASKED
+
+    @property
+    def replay_from(self) -> int:
+        """Offset of the first replayed byte (OPENED AT only)."""
+        return self.end - self.history_length
+
+    @property
+    def position(self) -> StreamPosition | None:
+        """Where the replay starts, in the server's stream (None for a plain OPENED)."""
+        return StreamPosition(self.stream_id, self.replay_from) if self.stream_id else None
 
     def serialize(self) -> bytes:
+        if self.stream_id:
+            if not self.history_length <= self.end - self.start:
+                raise LocalProtocolError(
+                    f"a replay of {self.history_length} bytes from a history of "
+                    f"{self.start}..{self.end}"
+                )
+            return _server_head(ConsoleServerOp.OPENED_AT) + _OPENED_AT.pack(
+                self.console_id,
+                self.credit,
+                self.history_length,
+                self.stream_id,
+                self.start,
+                self.end,
+            )
         return (
             _server_head(ConsoleServerOp.OPENED)
             + u32(self.console_id)
@@ -221,6 +307,20 @@ class ConsoleOpened:
     @classmethod
     def parse(cls, r: Reader) -> ConsoleOpened:
         return cls(r.u32(), r.u32(), r.u32())
+
+    @classmethod
+    def parse_at(cls, r: Reader) -> ConsoleOpened:
+        """OPENED AT (op 8)."""
+        console_id, credit, length, stream_id, start, end = r.unpack(_OPENED_AT)
+        if stream_id == 0:
+            raise RemoteProtocolError("OPENED AT for stream 0")
+        if start > end:
+            raise RemoteProtocolError(f"OPENED AT: a history from offset {start} to {end}")
+        if length > end - start:
+            raise RemoteProtocolError(
+                f"OPENED AT: a replay of {length} bytes from a history of {end - start}"
+            )
+        return cls(console_id, credit, length, stream_id, start, end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +445,7 @@ SERVER_PARSERS: dict[int, Any] = {
     ConsoleServerOp.CLOSED: ConsoleClosed.parse,
     ConsoleServerOp.CREDIT: ConsoleCredit.parse,
     ConsoleServerOp.MARK: ConsoleMark.parse,
+    ConsoleServerOp.OPENED_AT: ConsoleOpened.parse_at,
 }
 
 # ---------------------------------------------------------------------------
@@ -362,24 +463,40 @@ class ConsoleOpen:
     history: bool = True
     #: The client understands MARK (console-extension.md, "MARK").
     marks: bool = False
+    #: The client speaks stream positions: a resume point follows on the wire,
+    #: and the answer is OPENED AT (console-extension.md, "Stream positions").
+    positions: bool = False
+    #: With `positions` and `history`: replay from just after this point if the
+    #: server still holds it (None: no point known, replay what it holds).
+    resume: StreamPosition | None = None
 
     def serialize(self) -> bytes:
         flags = (HISTORY_FLAG if self.history else 0) | (MARKS_FLAG if self.marks else 0)
-        return (
+        message = (
             _client_head(ConsoleClientOp.OPEN)
             + u32(self.console_id)
             + u32(self.credit)
             + u32(self.max_data)
-            + u8(flags)
         )
+        if not self.positions:
+            if self.resume is not None:
+                raise LocalProtocolError("a resume point needs the positions flag")
+            return message + u8(flags)
+        resume = self.resume
+        point = (0, 0) if resume is None else (resume.stream_id, resume.offset)
+        return message + u8(flags | POSITIONS_FLAG) + _RESUME_POINT.pack(*point)
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleOpen:
         console_id, credit, max_data, flags = r.u32(), r.u32(), r.u32(), r.u8()
         _check_max_data(max_data)
-        return cls(
-            console_id, credit, max_data, bool(flags & HISTORY_FLAG), bool(flags & MARKS_FLAG)
-        )
+        history, marks = bool(flags & HISTORY_FLAG), bool(flags & MARKS_FLAG)
+        if not flags & POSITIONS_FLAG:
+            return cls(console_id, credit, max_data, history, marks)
+        stream_id, offset = r.unpack(_RESUME_POINT)
+        # Stream 0 names no stream: no resume point (its offset means nothing).
+        resume = StreamPosition(stream_id, offset) if stream_id else None
+        return cls(console_id, credit, max_data, history, marks, True, resume)
 
 
 @dataclass(frozen=True, slots=True)
@@ -503,7 +620,9 @@ class _Console:
         "info",
         "marks",
         "max_data",
+        "positions",
         "receive_credit",
+        "resume",
         "send_credit",
         "state",
         "window",
@@ -518,6 +637,8 @@ class _Console:
         self.consumed = 0  # received since we last granted credit
         self.history_left = 0
         self.marks = False  # asked for MARK
+        self.positions = False  # set `positions` in OPEN: the answer is OPENED AT
+        self.resume: StreamPosition | None = None  # the resume point asked for
         self.auto_credit = True
         self.max_data = MAX_CONSOLE_DATA  # largest DATA we said we accept
 
@@ -526,10 +647,17 @@ class Consoles(Extension):
     """Client half of the console extension.
 
     Events are the server messages above, after checking: `ConsolesAnnounced`,
-    `ConsoleAdded`, `ConsoleRemoved`, `ConsoleOpened`, `ConsoleData` (with
-    `history` set for replayed output), `ConsoleClosed`, `ConsoleCredit`.
-    With `auto_credit` (per `open`), credit is granted back as soon as data is
-    handed out; otherwise call `grant()` once the data is really consumed.
+    `ConsoleAdded`, `ConsoleRemoved`, `ConsoleOpened` (with `resumed` set),
+    `ConsoleData` (with `history` set for replayed output), `ConsoleClosed`,
+    `ConsoleCredit`. With `auto_credit` (per `open`), credit is granted back as
+    soon as data is handed out; otherwise call `grant()` once the data is really
+    consumed.
+
+    Against a server that speaks stream positions (`positions`, from HELLO),
+    every OPEN asks for them, so each `ConsoleOpened` says where the console's
+    stream stands; the caller that keeps counting from there (the replay starts
+    at `ConsoleOpened.position`, each DATA byte is one offset further) can ask a
+    later connection to `resume` right after the last byte it had.
     """
 
     pseudo_encodings: ClassVar[tuple[int, ...]] = (Encoding.CONSOLES,)
@@ -539,6 +667,8 @@ class Consoles(Extension):
         self.announced = False
         self.version = 0
         self.server_max_data = 0
+        #: The server speaks stream positions (HELLO's flag).
+        self.positions = False
         self._consoles: dict[int, _Console] = {}
         # Ids are never reused on a connection: remember every one (bounded).
         self._announced_ids: set[int] = set()
@@ -582,7 +712,11 @@ class Consoles(Extension):
         history: bool = True,
         auto_credit: bool = True,
         marks: bool = False,
+        resume: StreamPosition | None = None,
     ) -> None:
+        """Open a console. `resume`, against a server that speaks positions, asks
+        for the output after that point (a replay, whatever `history` says);
+        otherwise only `history` decides whether the server replays what it holds."""
         console = self._get(console_id)
         if console.state is not _State.CLOSED:
             raise LocalProtocolError(f"console {console.info.name} is {console.state.value}")
@@ -595,7 +729,12 @@ class Consoles(Extension):
         console.auto_credit = auto_credit
         console.max_data = max_data
         console.marks = marks
-        self.connection.send(ConsoleOpen(console_id, window, max_data, history, marks))
+        console.positions = positions = self.positions
+        console.resume = resume = resume if positions else None
+        history = history or resume is not None
+        self.connection.send(
+            ConsoleOpen(console_id, window, max_data, history, marks, positions, resume)
+        )
 
     def close(self, console_id: int) -> None:
         console = self._get(console_id)
@@ -679,6 +818,7 @@ class Consoles(Extension):
         self.announced = True
         self.version = message.version
         self.server_max_data = message.max_data
+        self.positions = message.positions
         return [message]
 
     def _on_added(self, message: ConsoleAdded) -> list[Any]:
@@ -697,6 +837,10 @@ class Consoles(Extension):
 
     def _on_opened(self, message: ConsoleOpened) -> list[Any]:
         console = self._known(message.console_id, "OPENED")
+        if bool(message.stream_id) is not console.positions:
+            # OPENED AT answers exactly the OPENs that set `positions`.
+            asked, got = ("OPENED AT", "OPENED") if console.positions else ("OPENED", "OPENED AT")
+            raise RemoteProtocolError(f"{got} for console {console.info.name}, not {asked}")
         if console.state is _State.CLOSING:
             console.send_credit = message.credit  # opened just as we closed: ignore
             return []
@@ -705,6 +849,8 @@ class Consoles(Extension):
         console.state = _State.OPEN
         console.send_credit = message.credit
         console.history_left = message.history_length
+        if console.resume is not None:
+            message = replace(message, resumed=resumed(console.resume, message))
         return [message]
 
     def _on_data(self, message: ConsoleData) -> list[Any]:
@@ -768,6 +914,27 @@ class Consoles(Extension):
         return [message] if console.state is _State.OPEN else []
 
 
+def resumed(asked: StreamPosition, opened: ConsoleOpened) -> Resumed:
+    """How the replay announced by OPENED AT joins the resume point asked for;
+    `RemoteProtocolError` when the server broke the rules of "Stream positions"
+    (its stream went backwards, or it did not replay from a point it holds)."""
+    if opened.stream_id != asked.stream_id:
+        return Resumed.NEW_STREAM if opened.replay_from == 0 else Resumed.GAP
+    if asked.offset > opened.end:
+        raise RemoteProtocolError(
+            f"stream {opened.stream_id:#x} ends at offset {opened.end}, before "
+            f"offset {asked.offset} that the server gave out"
+        )
+    if asked.offset < opened.start:
+        return Resumed.GAP  # it fell out of the server's history
+    if opened.replay_from != asked.offset:
+        raise RemoteProtocolError(
+            f"stream {opened.stream_id:#x}: a replay from offset {opened.replay_from}, "
+            f"not from {asked.offset}, which the server holds ({opened.start}..{opened.end})"
+        )
+    return Resumed.EXACT
+
+
 #: What the client does with each server operation, once parsed (see SERVER_PARSERS).
 _HANDLERS: dict[int, Callable[[Consoles, Any], list[Any]]] = {
     ConsoleServerOp.HELLO: Consoles._on_hello,
@@ -778,6 +945,7 @@ _HANDLERS: dict[int, Callable[[Consoles, Any], list[Any]]] = {
     ConsoleServerOp.CLOSED: Consoles._on_closed,
     ConsoleServerOp.CREDIT: Consoles._on_credit,
     ConsoleServerOp.MARK: Consoles._on_mark,
+    ConsoleServerOp.OPENED_AT: Consoles._on_opened,
 }
 
 
@@ -801,6 +969,10 @@ class ServedConsole:
     batches of half the window, so that a keystroke costs no CREDIT message and
     the client always keeps at least half a window to write into.
 
+    Where the client's output starts in the console's stream (the replay it
+    asked for, or live output only), and the OPENED or OPENED AT that says so:
+    `begin()`.
+
     No I/O and no console: the server reads its console and writes to the host
     end, and asks this how much and when.
     """
@@ -808,11 +980,14 @@ class ServedConsole:
     __slots__ = (
         "console_id",
         "credit",
+        "history",
         "input_credit",
         "input_window",
         "marks",
         "max_data",
         "name",
+        "positions",
+        "resume",
         "returning",
         "sendable",
     )
@@ -827,6 +1002,10 @@ class ServedConsole:
         self.max_data = message.max_data
         #: The client asked for MARK.
         self.marks = message.marks
+        #: What the client asked to be replayed (see `begin()`).
+        self.history = message.history
+        self.positions = message.positions
+        self.resume = message.resume
         #: The most the next DATA may carry (0: wait for a GRANT).
         self.sendable = min(self.credit, self.max_data)
         self.input_window = input_window
@@ -838,6 +1017,34 @@ class ServedConsole:
     def opened(self, history_length: int) -> ConsoleOpened:
         """The answer to the OPEN: the client's input credit, and the replay to come."""
         return ConsoleOpened(self.console_id, self.input_credit, history_length)
+
+    def begin(self, stream_id: int, oldest: int, total: int) -> tuple[int, ConsoleOpened]:
+        """Where the client's output starts, and the answer to its OPEN.
+
+        The console's output stream is `stream_id` (nonzero; the server changes it
+        whenever its offsets do not continue those it gave out before), held from
+        offset `oldest` to `total` (just past the newest byte). The replay is
+        what comes after the client's resume point when it names this stream and
+        the point is held; otherwise, if the client asked for history, all that
+        is held; else nothing. Returns the offset the client's output starts at
+        and OPENED (OPENED AT if the client set `positions`).
+        """
+        if not 0 < stream_id <= MAX_OFFSET or not 0 <= oldest <= total <= MAX_OFFSET:
+            raise LocalProtocolError(f"stream {stream_id} held from {oldest} to {total}")
+        oldest = max(oldest, total - MAX_CREDIT)  # history_length is a u32
+        resume = self.resume
+        if not self.history:
+            start = total
+        elif resume is not None and resume.stream_id == stream_id and oldest <= resume.offset:
+            # Beyond `total` it cannot be ours (the client's mistake): all of it then.
+            start = resume.offset if resume.offset <= total else oldest
+        else:
+            start = oldest
+        length = total - start
+        if not self.positions:
+            return start, ConsoleOpened(self.console_id, self.input_credit, length)
+        opened = ConsoleOpened(self.console_id, self.input_credit, length, stream_id, oldest, total)
+        return start, opened
 
     # --- output ------------------------------------------------------------------
 

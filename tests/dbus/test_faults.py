@@ -1,14 +1,17 @@
 """Faults under open consoles, all real: the gateway (its own process,
-`resourced-gateway`) killed and started again at the same socket, and QEMU killed
-and started again behind a gateway that stays. An app's fd (Console.Open) and a
-PTY stay open through both; what the service shows meanwhile (State,
-Available, NotConnected) is checked as a subscribed client sees it. A strict
-xfail shows a gap left open: output a gateway got while the service was away is
-not replayed to it."""
+`resourced-gateway`) killed and started again at the same socket, QEMU killed
+and started again behind a gateway that stays, and the service's connection to
+a gateway that stays cut under it. An app's fd (Console.Open) and a PTY stay
+open through all of them; what the service shows meanwhile (State, Available,
+NotConnected) is checked as a subscribed client sees it. Output a gateway got
+while the service was away reaches the service once it is back (the console
+extension's stream positions): a new gateway's whole history, or what the same
+gateway got after the last byte the service had, neither lost nor repeated."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import select
 import shutil
@@ -24,6 +27,8 @@ import pytest
 from dbus_fast.aio import MessageBus
 
 from resourced.demo.qemu import GuestConfig, QemuGuest
+from resourced.rfb.aio import RfbClient, connect
+from resourced.rfb.consoles import ConsoleData, ConsoleOpened, Consoles
 from tests.dbus.conftest import BUS_NAME, ROOT, TIMEOUT, VENV_BIN, Session, call, ok
 from tests.dbus.signals import Signals, get_property
 from tests.dbus.test_service import BANNER
@@ -270,9 +275,9 @@ async def test_qemu_restarted_behind_the_gateway(
         await guest.stop()
         await signals.wait_property(DEMO, GUEST, "State", "reconnecting", since=mark)
         # The same machine again at the same sockets. It runs once the service is
-        # back and the gateway's chardev has found it again: output the gateway
-        # gets while the service is still reconnecting is not replayed to the
-        # service (see test_output_while_reconnecting_is_replayed below).
+        # back and the gateway's chardev has found it again (output the gateway
+        # got while the service was reconnecting would reach it too, by stream
+        # positions: see the tests below).
         restarted = QemuGuest(GuestConfig(workdir=guest.workdir, start_paused=True))
         await restarted.start(timeout=TIMEOUT)
         await signals.wait_property(DEMO, GUEST, "State", "connected", since=mark)
@@ -293,19 +298,12 @@ async def test_qemu_restarted_behind_the_gateway(
             await restarted.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known gap: on reconnecting, the service opens consoles without history "
-    "(its ring is not empty and the console extension gives no offsets to join the "
-    "two at), so output the gateway got while the service was away is not replayed",
-)
 async def test_output_while_reconnecting_is_replayed(
     session: Session, guest: QemuGuest, gateway: GatewayProcess
 ) -> None:
     """A new gateway attaches to QEMU's monitor before the service finds it, and
-    QEMU greets it at once: that greeting is in the new gateway's history, and
-    should reach the fd that stayed open."""
+    QEMU greets it at once: that greeting is in the new gateway's history (a new
+    stream), and reaches the fd that stayed open, once."""
     monitor = f"{DEMO}/consoles/monitor"
     greeting = b"monitor - type 'help'"
     bus = await session.client()
@@ -337,3 +335,198 @@ async def test_output_while_reconnecting_is_replayed(
         if app is not None:
             app.close()
         bus.disconnect()
+
+
+class CuttingRelay:
+    """A Unix-socket relay between the service and a gateway, to cut the
+    service's connection at will while the gateway stays: a fault no real peer
+    makes on demand. It passes bytes through untouched; `cut()` aborts every
+    connection through it at both ends; while `held`, new connections wait
+    unanswered (the service's handshake waits with them) until `release()`."""
+
+    def __init__(self, path: Path, upstream: Path) -> None:
+        self.path = path
+        self.upstream = upstream
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._open = asyncio.Event()
+        self._open.set()
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.path}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accepted, str(self.path))
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        await self._open.wait()
+        if self._closed:
+            writer.transport.abort()
+            return
+        up_reader, up_writer = await asyncio.open_unix_connection(str(self.upstream))
+        self._pairs.append((writer, up_writer))
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.get_running_loop().create_task(self._pipe(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := await source.read(65536):
+                sink.write(chunk)
+                await sink.drain()
+        sink.transport.abort()
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def cut(self) -> None:
+        pairs, self._pairs = self._pairs, []
+        assert pairs, "nothing to cut: the service is not connected through the relay"
+        for ours, theirs in pairs:
+            ours.transport.abort()
+            theirs.transport.abort()
+
+    async def close(self) -> None:
+        self._closed = True
+        self._open.set()
+        if self._server is not None:
+            self._server.close()
+        for ours, theirs in self._pairs:
+            ours.transport.abort()
+            theirs.transport.abort()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Typist:
+    """A viewer of our own on the gateway (not through the service) that types
+    numbered words into serial0 one at a time and reads the guest's echo: the
+    guest keeps printing, whoever else is connected."""
+
+    def __init__(self, client: RfbClient, consoles: Consoles) -> None:
+        self.client = client
+        self.consoles = consoles
+        self.echo = b""
+        self.typed: list[bytes] = []
+        #: Words typed whose echo came back.
+        self.echoed = 0
+        self.stop = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, gateway: GatewayProcess) -> Typist:
+        consoles = Consoles()
+        client = await connect(gateway.address, extensions=[consoles], timeout=TIMEOUT)
+        typist = cls(client, consoles)
+        async with asyncio.timeout(TIMEOUT):
+            while not consoles.announced:
+                await client.next_event()
+            consoles.open(typist.console_id, history=False)
+            client.flush()
+            while not isinstance(await client.next_event(), ConsoleOpened):
+                pass
+        return typist
+
+    @property
+    def console_id(self) -> int:
+        info = self.consoles.by_name("serial0")
+        assert info is not None, self.consoles.consoles
+        return info.console_id
+
+    async def run(self) -> None:
+        """Type the next word once the last one came back, until told to stop."""
+        while not self.stop.is_set():
+            word = b"<%04d>" % len(self.typed)
+            self.typed.append(word)
+            self.consoles.write(self.console_id, word)
+            self.client.flush()
+            async with asyncio.timeout(TIMEOUT):
+                while not self.echo.endswith(word):
+                    event = await self.client.next_event()
+                    if isinstance(event, ConsoleData):
+                        self.echo += event.data
+                    self.client.flush()
+            self.echoed += 1
+            await asyncio.sleep(0.01)
+
+    async def until_typed(self, count: int, typing: asyncio.Task[None]) -> None:
+        """Wait until `count` words came back (`typing` runs `run()`)."""
+        async with asyncio.timeout(TIMEOUT):
+            while self.echoed < count:
+                if typing.done():
+                    typing.result()  # its error, if it failed
+                    raise AssertionError("the typist stopped")
+                await asyncio.sleep(0.02)
+
+
+async def test_output_while_the_connection_was_cut_comes_once(
+    session: Session, workdir: Path, gateway: GatewayProcess
+) -> None:
+    """The same gateway stays; only the service's connection to it is cut, and
+    the guest keeps printing before, while the service is away and after: the
+    app's fd gets every byte the guest printed exactly once, in order."""
+    bus = await session.client()
+    signals = await Signals(bus).start()
+    relay = CuttingRelay(workdir / "relay.sock", gateway.socket_path)
+    await relay.start()
+    app = None
+    typist = await Typist.connect(gateway)
+    typing: asyncio.Task[None] | None = None
+    try:
+        ok(await call(bus, ROOT, MANAGER, "AddGuest", "ssa{sv}", ["demo", relay.address, {}]))
+        await signals.wait_property(SERIAL, CONSOLE, "Available", True)
+        app = await open_fd(bus, SERIAL)
+        reader = Reader(app.fileno())
+        await reader.until(BANNER)
+        typing = asyncio.get_running_loop().create_task(typist.run())
+        assert typing is not None
+        await typist.until_typed(20, typing)
+        await reader.until(typist.typed[19])
+
+        # Cut the service off; it cannot come back until the guest has printed more.
+        mark = signals.mark()
+        relay.hold()
+        relay.cut()
+        await signals.wait_property(DEMO, GUEST, "State", "reconnecting", since=mark)
+        away_from = len(typist.typed)
+        await typist.until_typed(away_from + 30, typing)
+        assert relay.accepted >= 1  # the service is trying: held, unanswered
+        relay.release()
+        await signals.wait_property(DEMO, GUEST, "State", "connected", since=mark)
+        back_at = len(typist.typed)
+        await typist.until_typed(back_at + 20, typing)
+        typist.stop.set()
+        await typing
+        typing = None
+
+        last = typist.typed[-1]
+        await reader.until(last)
+        printed = b"".join(typist.typed)
+        assert typist.echo.endswith(printed)  # the guest echoed every word, once
+        got = reader.seen[reader.seen.index(typist.typed[0]) :]
+        # Every word, the 30 or more printed while the service was away among
+        # them, once each and in order: nothing lost, nothing repeated.
+        assert got == printed, (away_from, back_at, got)
+        # The service's ring holds the same.
+        (history,) = ok(await call(bus, SERIAL, CONSOLE, "ReadHistory", "a{sv}", [{}]))
+        assert bytes(history).endswith(printed)
+    finally:
+        typist.stop.set()
+        if typing is not None:
+            typing.cancel()
+        await typist.client.close()
+        if app is not None:
+            app.close()
+        bus.disconnect()
+        await relay.close()

@@ -48,6 +48,8 @@ from resourced.rfb.consoles import (
     Consoles,
     ConsolesAnnounced,
     MarkKind,
+    Resumed,
+    StreamPosition,
 )
 from resourced.rfb.events import ServerClosed
 from resourced.rfb.qemu import AudioData, QemuAudio
@@ -372,6 +374,10 @@ async def test_host_end_gone_closes_the_console_with_a_reason(make_rig: MakeRig)
         assert closed.reason is CloseReason.BACKEND_ERROR
         assert "host end went away" in closed.message, closed
         assert v.consoles.by_name("serial0") is not None  # still listed
+        # Where v's output of serial0 stopped: the host end attaches again there.
+        left_at = StreamPosition(
+            v.opened[serial].stream_id, v.opened[serial].replay_from + len(v.seen(serial))
+        )
         del v.opened[serial]
         serial = await v.open("serial0", history=False)
         v.write(
@@ -403,6 +409,20 @@ async def test_host_end_gone_closes_the_console_with_a_reason(make_rig: MakeRig)
             assert b"back again" in data_after
         finally:
             await late.close()
+        # A viewer that resumes from where v stopped gets the mark first: the
+        # point is its resume point, and it has the output before it.
+        resumer = await viewer(rig)
+        try:
+            again = await resumer.open("serial0", marks=True, resume=left_at)
+            assert resumer.opened[again].resumed is Resumed.EXACT
+            await resumer.pump(lambda: b"back again" in resumer.seen(again))
+            (mark,) = [e for e in resumer.events if isinstance(e, ConsoleMark)]
+            assert mark.kind is MarkKind.REATTACHED
+            replayed = [e for e in resumer.events if isinstance(e, ConsoleMark | ConsoleData)]
+            assert replayed[0] == mark
+            assert DEFAULT_BANNER not in resumer.seen(again)
+        finally:
+            await resumer.close()
     finally:
         await v.close()
 
@@ -689,3 +709,67 @@ async def test_console_output_for_a_stalled_viewer_waits_in_the_hub(make_rig: Ma
         server.close()
         for writer in peer_writers:
             writer.close()
+
+
+async def test_a_viewer_resumes_where_it_left_off(make_rig: MakeRig) -> None:
+    """Stream positions against the real gateway and QEMU: a viewer that comes
+    back asks for what came after its last byte and gets exactly that; once the
+    ring no longer holds it, it is told how much it lost; an old client (no
+    positions) gets a plain OPENED with everything held."""
+    rig = await make_rig(history=256)
+    typist = await viewer(rig)
+    first = await viewer(rig)
+    try:
+        typed = await typist.open("serial0", history=False)
+        serial = await first.open("serial0")
+        opened = first.opened[serial]
+        assert opened.stream_id != 0
+        assert opened.position is not None
+        await first.pump(lambda: DEFAULT_BANNER in first.seen(serial))
+        typist.write(typed, b"one")
+        await first.pump(lambda: first.seen(serial).endswith(b"one"))
+        left_at = StreamPosition(opened.stream_id, opened.replay_from + len(first.seen(serial)))
+        await first.close()
+
+        # Printed while it is away; it comes back for exactly that.
+        typist.write(typed, b"two")
+        await typist.pump(lambda: typist.seen(typed).endswith(b"onetwo"))
+        back = await viewer(rig)
+        try:
+            serial = await back.open("serial0", resume=left_at)
+            await back.pump(lambda: back.seen(serial) == b"two")
+            assert back.opened[serial].resumed is Resumed.EXACT
+            assert back.opened[serial].stream_id == left_at.stream_id
+            assert back.opened[serial].replay_from == left_at.offset
+            left_at = StreamPosition(left_at.stream_id, left_at.offset + 3)
+        finally:
+            await back.close()
+
+        # More than the ring holds while it is away: told how much is lost.
+        for _ in range(4):
+            typist.write(typed, b"x" * 99 + b".")
+            await typist.pump(lambda: typist.seen(typed).endswith(b"."))
+            typist.output[typed].clear()
+        late = await viewer(rig)
+        try:
+            serial = await late.open("serial0", resume=left_at)
+            answer = late.opened[serial]
+            assert answer.resumed is Resumed.GAP
+            assert answer.replay_from - left_at.offset == 400 - answer.history_length
+            await late.pump(lambda: len(late.seen(serial)) == answer.history_length)
+            assert late.seen(serial).endswith(b"x" * 99 + b".")
+        finally:
+            await late.close()
+
+        # A client without positions (an older one) gets OPENED, with all held.
+        old = await viewer(rig)
+        try:
+            await old.pump(lambda: old.consoles.announced)
+            old.consoles.positions = False  # as if it never read HELLO's flag
+            serial = await old.open("serial0")
+            assert old.opened[serial].stream_id == 0
+            assert old.opened[serial].history_length == answer.end - answer.start
+        finally:
+            await old.close()
+    finally:
+        await typist.close()

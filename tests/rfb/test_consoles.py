@@ -255,12 +255,14 @@ def test_unknown_kind_and_reason_read_as_other() -> None:
     assert gone == ConsoleClosed(4, CloseReason.OTHER, "")
 
 
-def test_flags_beyond_history_and_marks_are_ignored() -> None:
-    raw = H("ff 02 00 01 ff 0001 00000001 00000001 00 fe 01") + b"s"
+def test_flags_beyond_history_marks_and_positions_are_ignored() -> None:
+    # HELLO: bit 0 is `positions`; CONSOLE: bit 0 is `history`.
+    raw = H("ff 02 00 01 fe 0001 00000001 00000001 00 fe 01") + b"s"
     assert parse_whole(parse_server_message, raw) == ConsolesAnnounced(
         1, 1, (ConsoleInfo(1, ConsoleKind.SERIAL, "s", False),)
     )
-    assert parse_whole(parse_client_message, H("ff 02 00 00000001 00000010 00000010 fc")) == (
+    # OPEN: bits 0, 1 and 2 are `history`, `marks` and `positions`.
+    assert parse_whole(parse_client_message, H("ff 02 00 00000001 00000010 00000010 f8")) == (
         ConsoleOpen(1, 16, 16, False)
     )
 
@@ -921,9 +923,9 @@ HOSTILE: list[tuple[str, Setup, bytes, str]] = [
     ("hello-max-data-65537", _fresh, hello(max_data=65537), "max_data 65537"),
     ("duplicate-added", _announced, added(2, 0, 0, b"other"), "announced twice"),
     ("duplicate-in-hello", _fresh, hello(SERIAL0, console(1, 0, 0, b"x")), "twice"),
-    ("unknown-op-8", _announced, server_message(8, b""), "unknown server operation 8"),
+    ("unknown-op-9", _announced, server_message(9, b""), "unknown server operation 9"),
     ("unknown-op-255", _open, server_message(255, wire.u32(1)), "operation 255"),
-    ("unknown-op-before-hello", _fresh, server_message(9, b""), "operation 9"),
+    ("unknown-op-before-hello", _fresh, server_message(10, b""), "operation 10"),
     ("closed-message-1025-header", _open, closed(1, 0, length=1025), "1025"),
 ]
 
