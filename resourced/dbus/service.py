@@ -39,7 +39,7 @@ from resourced.dbus.bus import ServiceBus
 from resourced.dbus.errors import BUS_NAME
 from resourced.dbus.objects import ROOT, Face, vnc_options
 from resourced.dbus.secrets import console_password
-from resourced.errors import ResourcedError
+from resourced.errors import AudioUnavailable, ResourcedError
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +159,14 @@ class SoundServer:
         self._pulse: Any = None
 
     async def start(self) -> None:
-        try:
-            from resourced.sinks.pulse import PulseServer  # type: ignore[import-not-found]
-        except (ImportError, ResourcedError) as err:
-            log.warning("no sound: cannot load the PulseAudio client library (%s)", err)
-            return
+        from resourced.sinks.pulse import PulseServer
+
         pulse = PulseServer(self.server or None)
-        await pulse.start()
+        try:
+            await pulse.start()
+        except AudioUnavailable as err:
+            log.warning("no sound: %s", err)
+            return
         self._pulse = pulse
 
     def playback(self, name: str, on_change: Callable[[], None]) -> Playback | None:
