@@ -12,6 +12,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import pytest
 from dbus_fast import MessageType
 from dbus_fast.aio import MessageBus
 
-from resourced.demo.bootsector import build_boot_sector
+from resourced.audio import AudioFormat, SampleFormat, analyse
+from resourced.demo.bootsector import build_boot_sector, tone_frequency
 from tests.dbus.conftest import (
     BUS_NAME,
     ROOT,
@@ -36,6 +38,7 @@ from tests.libvirtd import SYSTEM_URI, demo_domain_xml, other_console_refusal
 
 GUEST = f"{BUS_NAME}.Guest"
 CONSOLE = f"{BUS_NAME}.Console"
+AUDIO = f"{BUS_NAME}.Audio"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 
 
@@ -173,3 +176,72 @@ async def test_libvirt_guest_with_console_stream(session: Session, domain: Any) 
                 await asyncio.sleep(0.1)
     finally:
         bus.disconnect()
+
+
+def sound_domain_xml(name: str, image: Path) -> str:
+    """A transient TCG domain whose PC speaker plays into the audiodev that its
+    VNC display captures (libvirt 9 cannot say pcspk itself: a QEMU argument)."""
+    xml = demo_domain_xml(
+        name,
+        image,
+        """\
+    <graphics type='vnc'>
+      <listen type='socket'/>
+      <audio id='1'/>
+    </graphics>
+    <audio id='1' type='none'/>
+    <video>
+      <model type='vga'/>
+    </video>""",
+    )
+    xml = xml.replace(
+        "<domain type='qemu'>",
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>",
+    )
+    return xml.replace(
+        "</domain>",
+        "  <qemu:commandline>\n"
+        "    <qemu:arg value='-machine'/>\n"
+        "    <qemu:arg value='pcspk-audiodev=audio1'/>\n"
+        "  </qemu:commandline>\n</domain>",
+    )
+
+
+async def test_libvirt_guest_sound_through_open_graphics_fd(
+    session: Session, system_conn: Any
+) -> None:
+    """A libvirt guest's sound comes through its openGraphicsFD connection: the
+    service records its PC speaker's tone."""
+    directory = Path(tempfile.mkdtemp(prefix="rsd-lvs-", dir="/tmp"))
+    directory.chmod(0o755)
+    image = directory / "boot.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    name = f"rsd-snd-{uuid.uuid4().hex[:10]}"
+    domain = await asyncio.to_thread(system_conn.createXML, sound_domain_xml(name, image), 0)
+    session.write_config(f'[libvirt]\nuris = ["{SYSTEM_URI}"]\n[audio]\nautostart = false\n')
+    target = session.directory / "libvirt.wav"
+    bus = await session.client()
+    try:
+        path: str | None = None
+        async with asyncio.timeout(TIMEOUT):
+            while (path := await guest_path(bus, name)) is None:
+                await asyncio.sleep(0.1)
+        assert path is not None
+        ok(await call(bus, path, AUDIO, "Record", "sa{sv}", [str(target), {}]))
+        assert await prop(bus, path, AUDIO, "Available") is True
+        async with asyncio.timeout(TIMEOUT):
+            while not target.exists() or target.stat().st_size < 44 + 2 * 48000 * 4:
+                await asyncio.sleep(0.1)
+        (written,) = ok(await call(bus, path, AUDIO, "StopRecording", "a{sv}", [{}]))
+        assert written == str(target)
+    finally:
+        bus.disconnect()
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(domain.destroy)
+    with wave.open(str(target), "rb") as wav:
+        fmt = AudioFormat(SampleFormat.S16, wav.getnchannels(), wav.getframerate())
+        measured = analyse(wav.readframes(wav.getnframes()), fmt)
+    shutil.rmtree(directory, ignore_errors=True)
+    assert measured.seconds >= 2.0
+    assert abs(measured.frequency_hz - tone_frequency(440)) < 0.02 * tone_frequency(440), measured
