@@ -364,7 +364,13 @@ class RecordedChunk:
 
 
 class Recorder:
-    """`parec` on a source (a sink's `.monitor`), kept in memory with read times."""
+    """`parec` on a source (a sink's `.monitor`), kept in memory with read times.
+
+    The default 200 ms record latency is deliberate: PipeWire's monitor, read
+    with 10-50 ms fragments on a busy machine, sometimes hands out a stretch of
+    silence (one quantum, or 4096 frames when the graph changes its quantum)
+    that nothing played; a shorter one times reads more finely, at that risk.
+    """
 
     def __init__(
         self,
@@ -372,7 +378,7 @@ class Recorder:
         source: str | None = None,
         fmt: AudioFormat = RECORD_FORMAT,
         *,
-        latency_msec: int = 10,
+        latency_msec: int = 200,
     ) -> None:
         if fmt.sample_format not in _PAREC_FORMATS:
             raise ValueError(f"parec cannot record {fmt.sample_format.value} here")

@@ -140,12 +140,25 @@ def test_the_rate_update_is_rate_limited_and_clamped() -> None:
     drift = DriftController(config)
     drift.observe(1.0)  # a whole second too much
     assert drift.update(0.0)
-    assert drift.correction == config.max_correction
+    # The proportional part is held to the catch-up clamp; the integral starts.
+    assert drift.correction == pytest.approx(
+        config.max_catch_up + config.ki * 1.0 * config.rate_update_interval
+    )
     drift.observe(1.0)
     assert not drift.update(0.1)  # too soon
-    assert drift.update(0.3)
-    # Anti-windup: the integral did not run away while saturated.
+    now = 0.0
+    for _ in range(20):
+        now += config.rate_update_interval
+        drift.observe(1.0)
+        assert drift.update(now)
+    assert drift.correction == config.max_correction
+    # Anti-windup: the integral did not run away while saturated, so it comes
+    # back as soon as the error turns.
     assert abs(drift.integral) <= config.max_correction
+    now += config.rate_update_interval
+    drift.observe(-0.01)
+    drift.update(now)
+    assert drift.correction < config.max_correction
 
 
 def test_playout_reports_rate_changes_in_whole_hertz() -> None:
