@@ -283,6 +283,7 @@ class PulsePlayback:
         self._attrs: tuple[int, int] | None = None  # (tlength, prebuf) bytes applied
         self._attrs_time = -math.inf
         self._rate: int | None = None  # sample rate applied to the stream
+        self._restart = False  # end() came: the next begin() starts a new capture
         self._timing_stale = False  # a rate change is on its way: no level reading
         self.rate_changes = 0  # applied so far (tests, diagnostics)
 
@@ -333,7 +334,17 @@ class PulsePlayback:
         if self._closed:
             return
         self._ending = False
+        restart, self._restart = self._restart, False
         if fmt == self._format and self._playout is not None:
+            if restart:
+                # A new capture (after an END or a reconnection): its arrivals and
+                # the gap before them say nothing of the guest's clock, so the
+                # play-out starts afresh, at the nominal rate, on the same stream.
+                self._playout = Playout(fmt.rate, self._config)
+                if self._stream is not None and self._rate not in (None, fmt.rate):
+                    self._rate = fmt.rate
+                    self._timing_stale = True
+                    self._server.spawn(self._update_rate(self._stream, fmt.rate))
             return
         self._format = fmt
         _pa_format, self._converter = _convert(fmt)
@@ -384,9 +395,11 @@ class PulsePlayback:
     def end(self) -> None:
         """Capture ended: play out what is buffered, then stop."""
         if self._closed or not self._ready:
+            self._restart = True
             self._set_playing(False)
             return
         self._ending = True
+        self._restart = True
         self._pending_underflow = False
         if self._timer is not None:
             self._timer.cancel()
