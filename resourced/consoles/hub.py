@@ -91,7 +91,7 @@ class ConsoleHub:
         #: extension's stream identity): random and nonzero, so a new hub (another
         #: process's, a console made again) counts from 0 under another name. It
         #: stays when the host end attaches again: the offsets go on.
-        # (os.urandom, not secrets: that module alone costs a start ~5 ms.)
+        # os.urandom, as secrets.randbits would: importing secrets costs every start ~5 ms.
         self.stream_id = int.from_bytes(os.urandom(8), "big") or 1
         self.connected = False
         self.last_error: str | None = None

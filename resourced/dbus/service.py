@@ -123,8 +123,7 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         background.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await background
+        await asyncio.wait([background])  # a failure there is a bug, which asyncio logs
         await broker.close()
         await sound.close()
         bus.disconnect()
@@ -201,8 +200,7 @@ class SoundServer:
     def playback(self, name: str, on_change: Callable[[], None]) -> Playback | None:
         if self._unavailable:
             return None
-        playback: Playback = self._server().playback(name, on_change=on_change)
-        return playback
+        return self._server().playback(name, on_change=on_change)
 
     async def close(self) -> None:
         pulse, self._pulse = self._pulse, None
