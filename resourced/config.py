@@ -39,9 +39,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import tomli_w
+from typing import Any, BinaryIO
 
 from resourced.audio import AudioFormat, SampleFormat
 from resourced.broker.audio import DEFAULT_FORMAT, AudioSettings
@@ -223,9 +221,15 @@ def remember_guest(directory: Path, entry: GuestEntry) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".toml.tmp")
     with temporary.open("wb") as file:
-        tomli_w.dump({"guest": kept}, file)
+        _dump_guests(kept, file)
     os.chmod(temporary, 0o600)
     temporary.replace(path)
+
+
+def _dump_guests(guests: list[dict[str, Any]], file: BinaryIO) -> None:
+    import tomli_w  # here, not at the top: only a persisted AddGuest writes, not every start
+
+    tomli_w.dump({"guest": guests}, file)
 
 
 def forget_guest(directory: Path, name: str) -> None:
@@ -238,5 +242,5 @@ def forget_guest(directory: Path, name: str) -> None:
         return
     temporary = path.with_suffix(".toml.tmp")
     with temporary.open("wb") as file:
-        tomli_w.dump({"guest": kept}, file)
+        _dump_guests(kept, file)
     temporary.replace(path)

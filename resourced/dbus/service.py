@@ -2,7 +2,9 @@
 
 `serve()` connects to the session bus (or the one that activated us), exports
 the objects (`resourced.dbus.objects`), installs the caller guard, takes the
-name `org.resourced.Resourced1` and adds the guests the config file lists.
+name `org.resourced.Resourced1` and adds the guests the config file lists; a
+moment later (`BACKGROUND_START_DELAY`) it starts on what the call that
+activated it does not need: the sound server, and following libvirt.
 It exits as systemd's own on-demand services do: once no guest is connected,
 no console is open and no call has come for `idle_exit` seconds, it releases
 the name (new calls then queue for the next activation), answers what was
@@ -19,14 +21,13 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dbus_fast import BusType, Message, MessageType, RequestNameReply
 from dbus_fast.constants import NameFlag
@@ -41,12 +42,21 @@ from resourced.dbus.objects import ROOT, Face, vnc_options
 from resourced.dbus.secrets import console_password
 from resourced.errors import AudioUnavailable, ResourcedError
 
+if TYPE_CHECKING:
+    from resourced.sinks.pulse import PulseServer
+
 log = logging.getLogger(__name__)
 
 #: How often idle exit is considered (seconds).
 IDLE_CHECK_INTERVAL = 0.5
 #: After releasing the name, how long without a call before we go (seconds).
 DRAIN_QUIET = 0.3
+#: Seconds after taking the name before the sound server and libvirt are started.
+#: Loading libpulse and libvirt holds the loop for tens of ms (imports; a sound
+#: server not there makes libpulse collect garbage), which would come between
+#: the call that activated us and its answer, or its first console (issue #7:
+#: activation to the first console byte in 300 ms). This leaves that time free.
+BACKGROUND_START_DELAY = 0.5
 
 DBUS_SERVICE_FILE = "org.resourced.Resourced1.service"
 SYSTEMD_UNIT_FILE = "resourced.service"
@@ -92,7 +102,6 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         bus.disconnect()
         raise ResourcedError(f"{BUS_NAME} is already taken on this bus: is resourced running?")
     log.info("resourced %s: serving %s on %s", _version(), BUS_NAME, address or "the session bus")
-    await sound.start()
     for entry in config.guests:
         try:
             values: dict[str, Any] = {"password": None, "password-file": None, "tls": "auto"}
@@ -103,13 +112,9 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         except ResourcedError as err:
             log.warning("config: guest %s not added: %s", entry.name, err)
 
-    configured = config.libvirt_uris is not None
-    uris = config.libvirt_uris if configured else config_module.DEFAULT_LIBVIRT_URIS
-    for uri in uris or ():
-        asyncio.get_running_loop().create_task(_follow_libvirt(broker, uri, keep=configured))
-
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    background = loop.create_task(_start_background(config, broker, sound))
+    stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
@@ -117,6 +122,8 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        background.cancel()
+        await asyncio.wait([background])  # a failure there is a bug, which asyncio logs
         await broker.close()
         await sound.close()
         bus.disconnect()
@@ -146,34 +153,54 @@ async def _run_until_idle(
         return
 
 
+async def _start_background(
+    config: config_module.Config, broker: Broker, sound: SoundServer
+) -> None:
+    """The sound server and libvirt, `BACKGROUND_START_DELAY` after taking the name."""
+    await asyncio.sleep(BACKGROUND_START_DELAY)
+    await sound.start()
+    configured = config.libvirt_uris is not None
+    uris = config.libvirt_uris if configured else config_module.DEFAULT_LIBVIRT_URIS
+    for uri in uris or ():
+        asyncio.get_running_loop().create_task(_follow_libvirt(broker, uri, keep=configured))
+
+
 class SoundServer:
     """The desktop's sound server as the guests' playback streams reach it.
 
-    libpulse is loaded by `start()`, called once the service has its bus name:
-    loading it takes longer than activation should. Until then, or when it
-    cannot be loaded at all, `playback()` has no stream to give (None).
+    libpulse is loaded, and the server reached, by `start()`, which the service
+    calls a little after it has its bus name: loading it takes longer than
+    activation should. A playback made before then waits for the server as it
+    would for one that is not running yet. When libpulse cannot be loaded at
+    all, those playbacks stay silent and `playback()` has none to give (None).
     """
 
     def __init__(self, server: str) -> None:
         self.server = server
-        self._pulse: Any = None
+        self._pulse: PulseServer | None = None
+        self._unavailable = False
+
+    def _server(self) -> PulseServer:
+        if self._pulse is None:
+            from resourced.sinks.pulse import PulseServer  # with ctypes: not for every start
+
+            self._pulse = PulseServer(self.server or None)
+        return self._pulse
 
     async def start(self) -> None:
-        from resourced.sinks.pulse import PulseServer
-
-        pulse = PulseServer(self.server or None)
+        pulse = self._server()
         try:
             await pulse.start()
         except AudioUnavailable as err:
             log.warning("no sound: %s", err)
-            return
-        self._pulse = pulse
+            self._unavailable = True
+            self._pulse = None
+            await pulse.close()
 
     def playback(self, name: str, on_change: Callable[[], None]) -> Playback | None:
-        if self._pulse is None:
+        if self._unavailable:
             return None
-        playback: Playback = self._pulse.playback(name, on_change=on_change)
-        return playback
+        return self._server().playback(name, on_change=on_change)
 
     async def close(self) -> None:
         pulse, self._pulse = self._pulse, None
@@ -206,6 +233,8 @@ def _version() -> str:
 
 def _command_path() -> Path:
     """This installation's `resourced` command (beside the running interpreter)."""
+    import shutil  # here and in _reload: installing is rare, and shutil slows every start
+
     beside = Path(sys.executable).parent / "resourced"
     if beside.exists():
         return beside.absolute()
@@ -261,6 +290,8 @@ def install_user_service(prefix: Path | None = None) -> list[Path]:
 
 def _reload() -> None:
     """`systemctl --user daemon-reload` where systemd runs; the bus's ReloadConfig."""
+    import shutil
+
     if shutil.which("systemctl") and os.environ.get("XDG_RUNTIME_DIR"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(

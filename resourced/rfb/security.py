@@ -11,9 +11,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
-from cryptography.hazmat.primitives.ciphers import Cipher, modes
-
 from resourced.errors import AuthenticationFailed, SecurityNegotiationFailed
 from resourced.rfb.constants import SecurityType, VeNCryptSubtype
 from resourced.rfb.text import credential_bytes
@@ -158,6 +155,11 @@ def vnc_auth_response(password: str, challenge: bytes) -> bytes:
     """
     if len(challenge) != VNC_AUTH_CHALLENGE_SIZE:
         raise ValueError("the VNC challenge is 16 bytes")
+    # Imported here: loading cryptography costs every start of a client (the
+    # service's activation) time that only a VNC-password server needs.
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
     raw = credential_bytes(password)[:8].ljust(8, b"\0")
     key = bytes(int(f"{b:08b}"[::-1], 2) for b in raw)
     encryptor = Cipher(TripleDES(key * 3), modes.ECB()).encryptor()
