@@ -13,11 +13,14 @@ What it does differently from `libvirtaio` (libvirt-python's own, which may be
 called only on its loop's thread), for the console stream's sake:
 
 - A change to a socket watch is applied once per loop iteration, and only if
-  the watched events differ from what the loop watches: libvirt turns a
-  socket's watch off and on around every call it makes (every `virStreamSend`),
-  which then costs no `epoll_ctl`.
-- A timer is a `call_soon`/`call_later` handle, not a task: libvirt signals a
-  stream event with a zero timeout, so that is the receive path's latency.
+  the watched events differ from what the loop watches; fewer events are taken
+  off only when an unwanted one comes. libvirt turns a socket's watch off and on
+  around every call it makes (every `virStreamSend`), which then costs nothing
+  but the two calls.
+- A timer is a `call_soon`/`call_later` handle, not a task; and a zero timeout
+  set while a socket's callback runs fires as soon as that callback returns:
+  libvirt signals a stream event that way, so that is the receive path's
+  latency.
 
 It is not a general event loop: it does no I/O of its own and never blocks.
 """
@@ -54,6 +57,18 @@ class _Watch:
         self.opaque = opaque
 
 
+class _Soon:
+    """A zero timeout made due while a socket's callback runs: fired when it returns."""
+
+    __slots__ = ("cancelled",)
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class _Timer:
     __slots__ = ("callback", "handle", "id", "opaque", "removed", "timeout")
 
@@ -62,7 +77,7 @@ class _Timer:
         self.timeout = timeout  # ms: -1 off, 0 every loop iteration, else a period
         self.callback = callback
         self.opaque = opaque
-        self.handle: asyncio.Handle | None = None  # the loop's thread only
+        self.handle: asyncio.Handle | _Soon | None = None  # the loop's thread only
         self.removed = False
 
 
@@ -83,6 +98,8 @@ class LibvirtEvents:
         self._timers: dict[int, _Timer] = {}
         # The loop's thread only:
         self._watched: dict[int, int] = {}  # fd -> READABLE|WRITABLE the loop watches
+        #: Zero timeouts made due during `_dispatch`, and their marks.
+        self._soon: list[tuple[_Timer, _Soon]] | None = None
         with contextlib.suppress(RuntimeError):
             if asyncio.get_running_loop() is loop:
                 self._thread = threading.get_ident()
@@ -131,6 +148,14 @@ class LibvirtEvents:
         if watch is None or watch.events == events:
             return
         watch.events = events
+        if (
+            threading.get_ident() == self._thread
+            and events & ~self._watched.get(watch.fd, 0) & (READABLE | WRITABLE) == 0
+        ):
+            # Fewer events than the loop watches: taken off only if one comes
+            # unwanted (`_dispatch`), since libvirt turns them back on at the end of
+            # the very call that turned them off.
+            return
         self._changed(watch.fd)
 
     def remove_handle(self, watch_id: int) -> int:
@@ -195,9 +220,23 @@ class LibvirtEvents:
     def _dispatch(self, fd: int, event: int) -> None:
         with self._lock:
             watches = tuple(self._by_fd.get(fd, {}).values())
-        for watch in watches:
-            if watch.events & event:  # still wanted (a change may not be applied yet)
-                watch.callback(watch.id, fd, event, watch.opaque)
+        soon: list[tuple[_Timer, _Soon]] = []
+        self._soon = soon
+        try:
+            wanted = False
+            for watch in watches:
+                if watch.events & event:  # still wanted (a change may not be applied yet)
+                    wanted = True
+                    watch.callback(watch.id, fd, event, watch.opaque)
+            if not wanted:
+                self._changed(fd)  # stop watching what nobody wants
+        finally:
+            self._soon = None
+        # What the callbacks made due (libvirt signals a stream event with a zero
+        # timeout): now, not after another turn of the loop.
+        for timer, mark in soon:
+            if timer.handle is mark and not mark.cancelled:
+                self._fire(timer)
 
     # --- timers -------------------------------------------------------------------------
 
@@ -227,7 +266,8 @@ class LibvirtEvents:
 
     def _arm_from_anywhere(self, timer: _Timer) -> None:
         if threading.get_ident() == self._thread:
-            self._arm(timer)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+                self._arm(timer)
         else:
             self._post(self._arm, timer)
 
@@ -238,7 +278,12 @@ class LibvirtEvents:
         if timer.removed or timer.timeout < 0:
             return
         if timer.timeout == 0:
-            timer.handle = self.loop.call_soon(self._fire, timer)
+            if self._soon is not None:  # in `_dispatch`: right after the callback
+                mark = _Soon()
+                timer.handle = mark
+                self._soon.append((timer, mark))
+            else:
+                timer.handle = self.loop.call_soon(self._fire, timer)
         else:
             timer.handle = self.loop.call_later(timer.timeout / 1000, self._fire, timer)
 

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Most bytes one `recv` takes from the stream.
 READ_SIZE = 64 * 1024
+#: What `recv` asks for after a read that came short (a keystroke's echo).
+SMALL_READ_SIZE = 1024
 #: Seconds between attempts to get a console someone else holds.
 RETRY_DELAY = 2.0
 
@@ -89,6 +91,7 @@ class LibvirtConsoleSource:
         self._pending = bytearray()
         self._reading = True
         self._watching = 0  # the stream events asked for
+        self._read_size = SMALL_READ_SIZE
 
     # --- demand ------------------------------------------------------------------
 
@@ -191,7 +194,11 @@ class LibvirtConsoleSource:
             self._watch(stream, generation)
         self._attached = True
         self._backlog = 0
-        log.info("%s: attached", self.description)
+        log.info(
+            "%s: attached (%s)",
+            self.description,
+            "on this loop" if self._direct else "through the libvirt thread",
+        )
         if self._handler is not None:
             self._handler.source_connected()
 
@@ -341,13 +348,16 @@ class LibvirtConsoleSource:
         self._to_hub(self._lost, generation, reason)
 
     def _read(self, generation: int) -> None:
+        """What the stream has for us: until a read comes short (libvirt calls again
+        while the stream holds more), or the hub pauses reading."""
         libvirt = self._libvirt
         stream = self._stream
         chunks: list[bytes] = []
         failure = None
+        size = self._read_size
         while self._reading and stream is self._stream and stream is not None:
             try:
-                data = stream.recv(READ_SIZE)
+                data = stream.recv(size)
             except libvirt.libvirtError as error:
                 failure = f"{_ENDED}: {error.get_error_message()}"
                 break
@@ -360,14 +370,33 @@ class LibvirtConsoleSource:
                 self._data(generation, (data,))
             else:
                 chunks.append(data)
+            if len(data) < size:
+                # libvirt-python zero-fills a buffer of `size` per call: small
+                # while the console is typed on, large while it pours out.
+                self._read_size = SMALL_READ_SIZE
+                break
+            size = self._read_size = READ_SIZE
         if chunks:
             self._loop.call_soon_threadsafe(self._data, generation, chunks)
         if failure is not None and stream is self._stream:
             self._fail(generation, failure)
 
     def _send(self, generation: int, data: bytes) -> None:
-        if self._stream is None:
+        stream = self._stream
+        if stream is None:
             return
+        if not self._pending:  # the usual case: all of it at once, no copy
+            try:
+                sent = stream.send(data)
+            except self._libvirt.libvirtError as error:
+                self._fail(generation, f"{_ENDED}: {error.get_error_message()}")
+                return
+            if sent == len(data):
+                self._to_hub(self._sent, generation, sent)
+                return
+            data = data[max(sent, 0) :]
+            if sent > 0:
+                self._to_hub(self._sent, generation, sent)
         self._pending += data
         self._flush(generation)
 
