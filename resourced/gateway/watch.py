@@ -9,8 +9,8 @@ away it reconnects, and then calls `on_change` too, since anything may have
 changed meanwhile.
 
 libvirt's calls block (opening a remote URI can take seconds), so the watcher
-runs them, and libvirt's event loop (`libvirtaio`), on an asyncio loop in a
-thread of its own; only `on_change` runs on the gateway's loop. It knows nothing
+runs them, and libvirt's event loop (`resourced.libvirt.events`), on an asyncio
+loop in a thread of its own; only `on_change` runs on the gateway's loop. It knows nothing
 of consoles or RFB.
 """
 

@@ -11,9 +11,10 @@ password or TCP) or the address and password in the domain XML for a remote
 one. A domain that is undefined (or a transient one that stops) goes away. If
 libvirtd goes away, the follower reconnects and looks at every domain again.
 
-Every libvirt call, and libvirt's events, happen on the libvirt thread
-(`resourced.libvirt.thread`); the follower itself, and the guests, live on the
-service's loop, so no libvirt call ever blocks it.
+Every blocking libvirt call happens on the libvirt thread
+(`resourced.libvirt.thread`); the follower itself, the guests, and libvirt's
+events (`run_events_on`, so that a console stream needs no thread hop) live on
+the service's loop, which no libvirt call ever blocks.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class LibvirtFollower:
         self._callbacks: list[int] = []
         self._updates: dict[str, asyncio.Task[None]] = {}
         self._loop = asyncio.get_running_loop()
+        thread.run_events_on(self._loop)  # before the first connection: the service's loop
         self.first_sync = self._loop.create_future()
         self.last_error = ""
 
@@ -162,7 +164,8 @@ class LibvirtFollower:
         with contextlib.suppress(libvirt.libvirtError):
             await self._run(conn.close)
 
-    # libvirt's callbacks come on the libvirt thread: hand them to the service's loop.
+    # libvirt's callbacks come on the loop its events run on (this one, unless something
+    # in the process chose the libvirt thread's first): hand them to the service's loop.
 
     def _on_close(self, _conn: Any, _reason: int, _opaque: Any) -> None:
         self._loop.call_soon_threadsafe(self._closed_by_libvirt)

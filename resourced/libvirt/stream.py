@@ -10,11 +10,15 @@ we try again every `RETRY_DELAY` seconds while held), and when another client
 forces it from us (`virsh console --force`) the hub is told why and we try
 again, without forcing, until that session ends.
 
-Threads: the stream lives on the libvirt thread (`resourced.libvirt.thread`),
-where its callbacks fire and its `recv`/`send` run; the hub lives on the
-service's loop. Output crosses with `call_soon_threadsafe`, input with
-`post()`. The fields marked "libvirt thread" are touched only there; the rest
-only on the service's loop.
+Threads: libvirt's blocking calls (opening the console, aborting the stream)
+run on the libvirt thread (`resourced.libvirt.thread`); the stream's
+non-blocking `send`/`recv`, its event callbacks and the fields marked "events
+loop" belong to the loop libvirt's events run on; the hub and the rest live on
+the service's loop. In the service those two loops are the same
+(`run_events_on`), and a keystroke goes to libvirt and its echo to the hub with
+no thread hop: that is most of what a console costs over libvirt's bare stream.
+Where libvirt's events run on the libvirt thread (the gateway), output crosses
+with `call_soon_threadsafe` and input the other way.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from resourced.consoles.sources import SourceHandler
@@ -33,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: Most bytes one `recv` takes from the stream.
 READ_SIZE = 64 * 1024
+#: What `recv` asks for after a read that came short (a keystroke's echo).
+SMALL_READ_SIZE = 1024
 #: Seconds between attempts to get a console someone else holds.
 RETRY_DELAY = 2.0
 
@@ -77,10 +83,15 @@ class LibvirtConsoleSource:
         self._backlog = 0  # input handed to the libvirt thread, not yet sent
         self._closed = False
         self._stopped = False  # the domain is not running
-        # libvirt thread
+        self._events_loop = thread.events_loop()
+        #: libvirt's events run on this loop: no thread between the stream and the hub.
+        self._direct = self._events_loop is self._loop
+        # events loop
         self._stream: Any = None
         self._pending = bytearray()
         self._reading = True
+        self._watching = 0  # the stream events asked for
+        self._read_size = SMALL_READ_SIZE
 
     # --- demand ------------------------------------------------------------------
 
@@ -119,17 +130,17 @@ class LibvirtConsoleSource:
         if not self._attached:
             return  # the hub holds input while we are not attached
         self._backlog += len(data)
-        thread.post(self._send, self._generation, bytes(data))
+        self._to_stream(self._send, self._generation, bytes(data))
 
     @property
     def input_backlog(self) -> int:
         return self._backlog
 
     def pause_reading(self) -> None:
-        thread.post(self._set_reading, self._generation, False)
+        self._to_stream(self._set_reading, self._generation, False)
 
     def resume_reading(self) -> None:
-        thread.post(self._set_reading, self._generation, True)
+        self._to_stream(self._set_reading, self._generation, True)
 
     def send_break(self) -> bool:
         return False  # a libvirt console stream carries bytes only
@@ -170,10 +181,24 @@ class LibvirtConsoleSource:
     async def _attach(self) -> None:
         domain = await self._domain()
         self._generation += 1
-        await thread.call(self._open, domain, self._generation)
+        generation = self._generation
+        if not self._direct:
+            await thread.call(self._open_and_watch, domain, generation)
+        else:
+            opening = asyncio.ensure_future(thread.call(self._open, domain))
+            try:
+                stream = await asyncio.shield(opening)
+            except asyncio.CancelledError:
+                opening.add_done_callback(self._abandon)
+                raise
+            self._watch(stream, generation)
         self._attached = True
         self._backlog = 0
-        log.info("%s: attached", self.description)
+        log.info(
+            "%s: attached (%s)",
+            self.description,
+            "on this loop" if self._direct else "through the libvirt thread",
+        )
         if self._handler is not None:
             self._handler.source_connected()
 
@@ -183,13 +208,29 @@ class LibvirtConsoleSource:
         self._attached = False
         self._generation += 1
         self._backlog = 0
-        thread.post(self._close_stream)
+        self._to_stream(self._close_stream)
         if self._handler is not None:
             self._handler.source_lost(reason)
 
-    # --- from the libvirt thread (service loop) --------------------------------------------
+    # --- between the loops ------------------------------------------------------------------
 
-    def _data(self, generation: int, chunks: list[bytes]) -> None:
+    def _to_stream(self, function: Callable[..., None], *args: Any) -> None:
+        """`function(*args)` on the events loop: now if that is this loop."""
+        if self._direct:
+            function(*args)
+        else:
+            self._events_loop.call_soon_threadsafe(function, *args)
+
+    def _to_hub(self, function: Callable[..., None], *args: Any) -> None:
+        """`function(*args)` on the service's loop: now if that is the events loop."""
+        if self._direct:
+            function(*args)
+        else:
+            self._loop.call_soon_threadsafe(function, *args)
+
+    # --- from the events loop (service loop) --------------------------------------------
+
+    def _data(self, generation: int, chunks: Iterable[bytes]) -> None:
         if generation != self._generation or self._handler is None:
             return
         for chunk in chunks:
@@ -210,14 +251,14 @@ class LibvirtConsoleSource:
         if self._holds and not self._closed and not self._stopped:
             self._ensure_attaching()
 
-    # --- the stream (libvirt thread) ----------------------------------------------------------
+    # --- opening (libvirt thread) and closing --------------------------------------------------
 
-    def _open(self, domain: Any, generation: int) -> None:
+    def _open(self, domain: Any) -> Any:
+        """A non-blocking stream on the console (`Busy` if another client has it)."""
         libvirt = self._libvirt
         conn = self._conn()
         if conn is None:
             raise NotConnected("libvirt is not connected")
-        self._close_stream()
         stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
         try:
             domain.openConsole(self.device, stream, 0)
@@ -231,21 +272,41 @@ class LibvirtConsoleSource:
                     "(virsh console?); it is never forced away from it"
                 ) from None
             raise NotConnected(f"cannot open console {self.device}: {message}") from None
+        return stream
+
+    def _open_and_watch(self, domain: Any, generation: int) -> None:
+        """`_open` and `_watch`, where the libvirt thread is the events loop."""
+        self._close_stream()
+        self._watch(self._open(domain), generation)
+
+    def _abandon(self, opening: asyncio.Future[Any]) -> None:
+        """A stream opened for an attempt that was cancelled meanwhile: let it go."""
+        if not opening.cancelled() and opening.exception() is None:
+            thread.post(self._abort, opening.result())
+
+    def _abort(self, stream: Any) -> None:
+        """libvirt thread: `virStreamAbort` waits for libvirtd's answer."""
+        with contextlib.suppress(self._libvirt.libvirtError):
+            stream.abort()
+
+    # --- the stream (events loop) ----------------------------------------------------------------
+
+    def _watch(self, stream: Any, generation: int) -> None:
+        self._close_stream()
         self._stream = stream
         self._pending.clear()
         self._reading = True
-        stream.eventAddCallback(self._events(), self._on_event, generation)
+        self._watching = self._events()
+        stream.eventAddCallback(self._watching, self._on_event, generation)
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
         self._pending.clear()
         if stream is None:
             return
-        libvirt = self._libvirt
-        with contextlib.suppress(libvirt.libvirtError):
+        with contextlib.suppress(self._libvirt.libvirtError):
             stream.eventRemoveCallback()
-        with contextlib.suppress(libvirt.libvirtError):
-            stream.abort()
+        thread.post(self._abort, stream)
 
     def _events(self) -> int:
         libvirt = self._libvirt
@@ -257,15 +318,17 @@ class LibvirtConsoleSource:
         return int(events)
 
     def _update_events(self) -> None:
-        if self._stream is not None:
+        events = self._events()
+        if self._stream is not None and events != self._watching:
+            self._watching = events
             with contextlib.suppress(self._libvirt.libvirtError):
-                self._stream.eventUpdateCallback(self._events())
+                self._stream.eventUpdateCallback(events)
 
     def _set_reading(self, generation: int, reading: bool) -> None:
         self._reading = reading
         self._update_events()
-        if reading:
-            self._read(generation)
+        if reading:  # what came while paused (later: the hub may be mid-call here)
+            self._events_loop.call_soon(self._read, generation)
 
     def _on_event(self, stream: Any, events: int, generation: int) -> None:
         if stream is not self._stream:
@@ -275,38 +338,65 @@ class LibvirtConsoleSource:
             self._read(generation)
         if events & libvirt.VIR_STREAM_EVENT_WRITABLE:
             self._flush(generation)
-        if self._stream is not None and events & (
+        if self._stream is stream and events & (
             libvirt.VIR_STREAM_EVENT_ERROR | libvirt.VIR_STREAM_EVENT_HANGUP
         ):
             self._fail(generation, _ENDED)
 
     def _fail(self, generation: int, reason: str) -> None:
         self._close_stream()
-        self._loop.call_soon_threadsafe(self._lost, generation, reason)
+        self._to_hub(self._lost, generation, reason)
 
     def _read(self, generation: int) -> None:
+        """What the stream has for us: until a read comes short (libvirt calls again
+        while the stream holds more), or the hub pauses reading."""
         libvirt = self._libvirt
+        stream = self._stream
         chunks: list[bytes] = []
-        try:
-            while self._stream is not None and self._reading:
-                try:
-                    data = self._stream.recv(READ_SIZE)
-                except libvirt.libvirtError as error:
-                    self._fail(generation, f"{_ENDED}: {error.get_error_message()}")
-                    return
-                if data == -2:  # nothing more now
-                    return
-                if not isinstance(data, bytes) or not data:
-                    self._fail(generation, "libvirt ended the console stream")
-                    return
+        failure = None
+        size = self._read_size
+        while self._reading and stream is self._stream and stream is not None:
+            try:
+                data = stream.recv(size)
+            except libvirt.libvirtError as error:
+                failure = f"{_ENDED}: {error.get_error_message()}"
+                break
+            if data == -2:  # nothing more now
+                break
+            if not isinstance(data, bytes) or not data:
+                failure = "libvirt ended the console stream"
+                break
+            if self._direct:  # to the hub now: it may pause reading
+                self._data(generation, (data,))
+            else:
                 chunks.append(data)
-        finally:
-            if chunks:
-                self._loop.call_soon_threadsafe(self._data, generation, chunks)
+            if len(data) < size:
+                # libvirt-python zero-fills a buffer of `size` per call: small
+                # while the console is typed on, large while it pours out.
+                self._read_size = SMALL_READ_SIZE
+                break
+            size = self._read_size = READ_SIZE
+        if chunks:
+            self._loop.call_soon_threadsafe(self._data, generation, chunks)
+        if failure is not None and stream is self._stream:
+            self._fail(generation, failure)
 
     def _send(self, generation: int, data: bytes) -> None:
-        if self._stream is None:
+        stream = self._stream
+        if stream is None:
             return
+        if not self._pending:  # the usual case: all of it at once, no copy
+            try:
+                sent = stream.send(data)
+            except self._libvirt.libvirtError as error:
+                self._fail(generation, f"{_ENDED}: {error.get_error_message()}")
+                return
+            if sent == len(data):
+                self._to_hub(self._sent, generation, sent)
+                return
+            data = data[max(sent, 0) :]
+            if sent > 0:
+                self._to_hub(self._sent, generation, sent)
         self._pending += data
         self._flush(generation)
 
@@ -328,4 +418,4 @@ class LibvirtConsoleSource:
             sent_now += sent
         self._update_events()
         if sent_now:
-            self._loop.call_soon_threadsafe(self._sent, generation, sent_now)
+            self._to_hub(self._sent, generation, sent_now)
