@@ -361,6 +361,7 @@ class PulsePlayback:
             # The buffer ran dry and data kept coming: a real underrun.
             self._pending_underflow = False
             self._underruns += 1
+            playout.underrun(now)
             log.debug("%s: underrun %d", self.name, self._underruns)
             self._notify()
         self._ending = False
@@ -450,6 +451,8 @@ class PulsePlayback:
             return
         self._stream = stream
         self._ready = False
+        self._corked = True
+        self._refill = 0
         self._attrs = self._buffer_attrs()
         self._rate = fmt.rate
         state_cb = lib.callback_func_ptr("pa_stream_notify_cb_t", self._on_state)
@@ -467,6 +470,9 @@ class PulsePlayback:
             | lib.PA_STREAM_VARIABLE_RATE
             | lib.PA_STREAM_AUTO_TIMING_UPDATE
             | lib.PA_STREAM_INTERPOLATE_TIMING
+            # Held until a prebuffer is in: PipeWire ignores prebuf and would
+            # start on the first chunk (see _hold_for_prebuffer).
+            | lib.PA_STREAM_START_CORKED
             | (lib.PA_STREAM_START_MUTED if self._muted else lib.PA_STREAM_START_UNMUTED)
         )
         if (
@@ -688,9 +694,9 @@ class PulsePlayback:
     def _hold_for_prebuffer(self) -> None:
         """Stop the stream until a whole prebuffer has been written again.
 
-        PulseAudio waits for `prebuf` by itself after an underflow; PipeWire's
-        pulse server (0.3.65) starts again on the first chunk, which then runs
-        dry at once. Corking the stream and uncorking it once the prebuffer is
+        PulseAudio waits for `prebuf` by itself at the start and after an
+        underflow; PipeWire's pulse server (0.3.65) starts on the first chunk,
+        which then runs dry at once. Corking the stream and uncorking it once the prebuffer is
         in makes both start afresh the same way.
         """
         pulse, stream = self._server._pulse, self._stream
