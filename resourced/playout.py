@@ -315,7 +315,9 @@ class Playout:
         on_time = level + spread
         target = self.target
         if self.setpoint is None:
-            self.setpoint = on_time
+            # Where play (re)started, which is about the prebuffer; never more
+            # than the target (a burst just written is not a level to keep).
+            self.setpoint = min(on_time, target)
         elif self.setpoint < target:
             self.setpoint = min(target, self.setpoint + self.config.setpoint_rise * since)
         else:
