@@ -55,6 +55,8 @@ class PlayoutConfig:
     skew_prior: float = 0.3  # s^2: weight of "no skew" in the rate regression (~2 s)
     max_correction: float = 0.03  # rate correction clamp (+-3 %)
     max_catch_up: float = 0.01  # clamp of the level error's own part (+-1 %: ~17 cents)
+    underrun_boost: float = 0.010  # added to the target's floor by each underrun...
+    boost_decay: float = 120.0  # ...and forgotten with this time constant
     setpoint_rise: float = 0.010  # s/s: how fast the level aimed at may climb to the target
     setpoint_fall: float = 0.003  # s/s: ...and come down to it (0.3 %: inaudible)
     rate_update_interval: float = 0.25  # seconds between two rate changes at most
@@ -268,12 +270,17 @@ class Playout:
         # toward the target at a bounded pace, so that neither a prebuffer
         # the server rounded nor a target that moved bends the pitch much.
         self.setpoint: float | None = None
+        # Underruns the jitter did not foretell (the server pulls in bigger
+        # blocks than assumed, e.g. PipeWire's graph quantum; or it is starved
+        # of CPU) raise the floor for a while.
+        self._boost = 0.0
+        self._boost_time = 0.0
 
     @property
     def target(self) -> float:
         """Buffer level wanted just before an on-time chunk is queued, seconds."""
         config = self.config
-        wanted = max(config.prebuffer, self.jitter.jitter + config.jitter_margin)
+        wanted = max(config.prebuffer, self.jitter.jitter + config.jitter_margin) + self._boost
         return min(wanted, config.max_target)
 
     @property
@@ -294,6 +301,9 @@ class Playout:
             self.drift.hold()
         since = 0.0 if self._last_arrival is None else now - self._last_arrival
         self._last_arrival = now
+        if self._boost:
+            self._boost *= math.exp(-(now - self._boost_time) / self.config.boost_decay)
+            self._boost_time = now
         spread = self.jitter.arrival(now, frames)
         self.drift.feedforward = self.jitter.skew
         if level is None:
@@ -305,7 +315,9 @@ class Playout:
         on_time = level + spread
         target = self.target
         if self.setpoint is None:
-            self.setpoint = on_time
+            # Where play (re)started, which is about the prebuffer; never more
+            # than the target (a burst just written is not a level to keep).
+            self.setpoint = min(on_time, target)
         elif self.setpoint < target:
             self.setpoint = min(target, self.setpoint + self.config.setpoint_rise * since)
         else:
@@ -321,6 +333,14 @@ class Playout:
             return None
         self._applied_rate = rate
         return rate
+
+    def underrun(self, now: float) -> None:
+        """The card ran dry while data kept coming: buffer more for a while."""
+        if self._boost:
+            self._boost *= math.exp(-(now - self._boost_time) / self.config.boost_decay)
+        self._boost = min(self._boost + self.config.underrun_boost, self.config.max_target)
+        self._boost_time = now
+        self.stopped()
 
     def stopped(self) -> None:
         """Playback stopped (underrun or end): the controller holds its estimate."""

@@ -50,7 +50,8 @@ _BACKOFF_MAX: Final = 2.0  # ... doubling up to this
 _MAX_BUFFER: Final = 2.0  # seconds: the stream's maxlength (beyond the largest target)
 _ATTR_INTERVAL: Final = 1.0  # seconds between two buffer-attribute changes at most
 _ATTR_CHANGE: Final = 0.005  # seconds: target moves smaller than this are not applied
-_MINREQ: float | None = None
+_MINREQ: float | None = None  # None: the server's choice
+_RECREATE_DELAY: Final = 0.5  # seconds before a failed stream is made again
 _VOLUME_EPSILON: Final = 1e-3  # linear volume differences below this are rounding
 
 # Bytes that flip the top bit: turns an unsigned sample's most significant byte
@@ -161,9 +162,15 @@ class PulseServer:
         *,
         properties: Mapping[str, str] | None = None,
         on_change: Callable[[], None] | None = None,
+        config: PlayoutConfig | None = None,
     ) -> PulsePlayback:
-        """A new playback stream named `name` (media.name) for one guest."""
-        playback = PulsePlayback(self, name, properties=properties, on_change=on_change)
+        """A new playback stream named `name` (media.name) for one guest.
+
+        `config` tunes the jitter buffer and drift control (default: PlayoutConfig()).
+        """
+        playback = PulsePlayback(
+            self, name, properties=properties, on_change=on_change, config=config
+        )
         self._playbacks.append(playback)
         return playback
 
@@ -372,6 +379,7 @@ class PulsePlayback:
             # The buffer ran dry and data kept coming: a real underrun.
             self._pending_underflow = False
             self._underruns += 1
+            playout.underrun(now)
             log.debug("%s: underrun %d", self.name, self._underruns)
             self._notify()
         self._ending = False
@@ -404,6 +412,10 @@ class PulsePlayback:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._corked and self._server._pulse is not None:
+            # Less than a prebuffer came: play it anyway (a drain waits for it).
+            self._corked = False
+            self._server.spawn(self._server._pulse.pa_stream_cork(self._stream, 0))
         if self._playing:
             self._server.spawn(self._drain())
 
@@ -463,6 +475,8 @@ class PulsePlayback:
             return
         self._stream = stream
         self._ready = False
+        self._corked = True
+        self._refill = 0
         self._attrs = self._buffer_attrs()
         self._rate = fmt.rate
         state_cb = lib.callback_func_ptr("pa_stream_notify_cb_t", self._on_state)
@@ -480,6 +494,9 @@ class PulsePlayback:
             | lib.PA_STREAM_VARIABLE_RATE
             | lib.PA_STREAM_AUTO_TIMING_UPDATE
             | lib.PA_STREAM_INTERPOLATE_TIMING
+            # Held until a prebuffer is in: PipeWire ignores prebuf and would
+            # start on the first chunk (see _hold_for_prebuffer).
+            | lib.PA_STREAM_START_CORKED
             | (lib.PA_STREAM_START_MUTED if self._muted else lib.PA_STREAM_START_UNMUTED)
         )
         if (
@@ -551,9 +568,10 @@ class PulsePlayback:
                 # server gave the new one (its default, or a restored volume).
                 self._server.spawn(self._push_volume())
             elif state in (lib.PA_STREAM_FAILED, lib.PA_STREAM_TERMINATED):
-                # The sink went away or the stream was killed: make a new one.
+                # The sink went away or the stream was killed: make a new one,
+                # a little later (a server without a sink refuses at once).
                 self._detach()
-                self._loop.call_soon(self._attach)
+                self._loop.call_later(_RECREATE_DELAY, self._attach)
         except Exception:
             log.exception("%s: stream state callback", self.name)
 
@@ -701,9 +719,9 @@ class PulsePlayback:
     def _hold_for_prebuffer(self) -> None:
         """Stop the stream until a whole prebuffer has been written again.
 
-        PulseAudio waits for `prebuf` by itself after an underflow; PipeWire's
-        pulse server (0.3.65) starts again on the first chunk, which then runs
-        dry at once. Corking the stream and uncorking it once the prebuffer is
+        PulseAudio waits for `prebuf` by itself at the start and after an
+        underflow; PipeWire's pulse server (0.3.65) starts on the first chunk,
+        which then runs dry at once. Corking the stream and uncorking it once the prebuffer is
         in makes both start afresh the same way.
         """
         pulse, stream = self._server._pulse, self._stream

@@ -176,6 +176,27 @@ def test_playout_reports_rate_changes_in_whole_hertz() -> None:
     assert len(rates) <= 30 / 0.25
 
 
+def test_an_underrun_raises_the_target_for_a_while() -> None:
+    playout = Playout(48000)
+    now = 0.0
+    for _ in range(3000):  # 30 s steady: the target is at its floor
+        now += 0.01
+        playout.arrival(now, 480, 0.020)
+    assert playout.target == pytest.approx(0.020, abs=0.001)
+    playout.underrun(now)
+    assert playout.target == pytest.approx(0.030, abs=0.001)
+    for _ in range(30000):  # five minutes later it is forgotten
+        now += 0.01
+        playout.arrival(now, 480, 0.030)
+    assert playout.target == pytest.approx(0.020, abs=0.001)
+
+
+def test_starved_card_buffers_more() -> None:
+    # Underruns the arrivals did not foretell make the target grow.
+    _, result = simulate(30, skew=-0.10)
+    assert max(result.targets) >= 0.050
+
+
 def test_estimator_rejects_nonsense() -> None:
     with pytest.raises(ValueError, match="rate"):
         JitterEstimator(0)

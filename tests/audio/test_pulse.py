@@ -268,8 +268,10 @@ async def test_starved_data_counts_underruns(sound_server: ServerType, pulse: Pu
     counts: list[int] = []
     playback = pulse.playback("guest", on_change=lambda: counts.append(playback.underruns))
     playback.begin(S16_STEREO)
-    # 75 % of real time, in chunks close enough together never to look like a pause.
-    await feed(playback, S16_STEREO, 3.0, pace=0.75)
+    # 60 % of real time, in chunks close enough together never to look like a
+    # pause: each underrun holds the stream for a (growing) prebuffer, which the
+    # slow feed fills, plays out and runs dry again.
+    await feed(playback, S16_STEREO, 5.0, pace=0.6)
     assert playback.underruns >= 3
     assert counts[-1] == playback.underruns
     playback.close()
@@ -309,6 +311,23 @@ async def test_end_plays_out_what_is_buffered(sound_server: ServerType, pulse: P
     assert playback.underruns == 0
     _assert_continuous_tone(recorder.data, seconds=1.0)
     playback.close()
+
+
+async def test_end_plays_even_less_than_a_prebuffer(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    playback = pulse.playback("guest")
+    playback.begin(S16_STEREO)
+    async with Recorder(sound_server) as recorder:
+        await wait_for(lambda: pulse.connected and playback._ready, 5, "the stream")
+        await feed(playback, S16_STEREO, 0.03)  # 30 ms: less than the first prebuffer
+        playback.end()
+        await wait_for(lambda: not playback.playing, 5, "the end to be played out")
+        await asyncio.sleep(0.3)
+    samples = left(recorder.data)
+    span = tone_span(samples)
+    assert span is not None, "the short sound was never played"
+    assert (span[1] - span[0]) / RATE > 0.02
 
 
 async def test_a_new_format_makes_a_new_stream(
