@@ -341,6 +341,9 @@ class AudioServer:
         self.format: AudioFormat | None = None
         self.error: str | None = None
         self.chunks = 0
+        #: How late each write was (s) against when it was due: its chunk's
+        #: time, or under jitter its release time. The server's own pacing error.
+        self.late: list[float] = []
         self._server: asyncio.Server | None = None
         self._enabled: asyncio.Future[tuple[_AudioClient, AudioFormat]] | None = None
         self._client: _AudioClient | None = None
@@ -400,8 +403,9 @@ class AudioServer:
                     (first, AudioData(signal_.frames(first, per_chunk), fmt).serialize())
                 )
                 index += 1
-            if not jitter or now >= release or index >= chunks:
+            if pending and (not jitter or now >= release or index >= chunks):
                 written = time.monotonic()
+                self.late.append(written - (min(due, release) if jitter else due))
                 client.write(b"".join(message for _, message in pending))
                 for first, _ in pending:
                     onset = -(-first // signal_.interval) * signal_.interval
@@ -410,8 +414,8 @@ class AudioServer:
                         self.sent[number] = written
                 self.chunks += len(pending)
                 pending.clear()
-                if jitter:
-                    release = now + self.random.uniform(0, jitter)
+            if jitter and now >= release:
+                release = now + self.random.uniform(0, jitter)
         client.write(audio_server_message(QemuAudioServerOp.END))
         self.ended = time.monotonic()
 
@@ -593,6 +597,7 @@ class PlayerRun:
     player_latency_usec: float | None = None
     cpu_percent: float | None = None
     format: str = ""
+    server_late_ms: list[float] = field(default_factory=list)
 
     def p(self, fraction: float) -> float | None:
         return percentile(self.latency_ms, fraction) if self.latency_ms else None
@@ -640,6 +645,9 @@ class PlayerRun:
             "underruns": self.underruns,
             "player_latency_usec": r(self.player_latency_usec, 0),
             "cpu_percent": r(self.cpu_percent, 2),
+            "server_late_p99_ms": r(percentile(self.server_late_ms, 0.99), 2)
+            if self.server_late_ms
+            else None,
         }
 
 
@@ -955,6 +963,7 @@ async def run_player(
     assert server.format is not None
     result.format = str(server.format)
     result.clicks_sent = len(server.sent)
+    result.server_late_ms = [late * 1000 for late in server.late]
     result.undecoded = heard.undecoded
     result.dropouts_ms = heard.dropouts
     result.dropouts_at = [t - server.began for t in heard.dropout_times]
