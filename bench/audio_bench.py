@@ -969,7 +969,9 @@ async def run_player(
     result.dropouts_at = [t - server.began for t in heard.dropout_times]
     for number, sent in sorted(server.sent.items()):
         at = heard.clicks.get(number)
-        if at is not None:
+        if at is not None and at <= sent:
+            result.undecoded += 1  # heard before it was sent: a click misread
+        elif at is not None:
             result.latency_ms.append((at - sent) * 1000)
             result.latency_at.append(sent - server.began)
     result.clicks_heard = len(result.latency_ms)
