@@ -65,7 +65,6 @@ import bisect
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -82,6 +81,7 @@ from typing import Any
 
 from bench.bus import cpu_seconds
 from resourced.audio import AudioFormat
+from resourced.demo.soundserver import PrivatePipeWire, PrivatePulseAudio, SoundServerError
 from resourced.rfb.constants import Encoding, QemuAudioServerOp
 from resourced.rfb.encodings import RectangleHeader
 from resourced.rfb.messages import FramebufferUpdate, Rectangle, SetEncodings
@@ -436,7 +436,12 @@ class AudioServer:
 
 
 class Recorder(asyncio.SubprocessProtocol):
-    """`parec` of one sink's monitor: the raw PCM, and when each read came."""
+    """`parec` of one sink's monitor: the raw PCM, and when each read came.
+
+    Not `resourced.demo.soundserver.Recorder`: here each read is time-stamped in
+    the pipe's callback itself, with no task wake-up between, and watched as it
+    comes for the end of the sound (the run's tail).
+    """
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -656,161 +661,45 @@ class PlayerRun:
 # ---------------------------------------------------------------------------
 
 
-class LocalSoundServer:
-    """A private sound server's processes, stopped by their PIDs (see ENVIRONMENT.md)."""
+class SoundServer:
+    """A private PulseAudio or PipeWire for one run (`resourced.demo.soundserver`).
 
-    kind = ""
+    Its own null sink is left alone: each player gets one of its own
+    (`add_null_sink`), in the recording's format.
+    """
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.server = ""
-        self.version = ""
-        self.env = dict(os.environ)
-
-    def _spawn(self, *argv: str, name: str) -> None:
-        log_file = (self.directory / f"{name}.log").open("wb")
-        self.processes.append(
-            subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,
-            )
+    def __init__(self, kind: str, directory: Path) -> None:
+        self.kind = kind
+        self.private = (
+            PrivatePulseAudio(directory) if kind == PULSEAUDIO else PrivatePipeWire(directory)
         )
-        log_file.close()
+        self.version = ""
 
-    async def _wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            for process in self.processes:
-                if process.poll() is not None:
-                    raise BenchError(
-                        f"{self.kind}: {process.args[0]} exited ({process.returncode}); "
-                        f"see {self.directory}"
-                    )
-            result = await pactl(self.server, "info", check=False)
-            if result.returncode == 0:
-                info = dict(
-                    line.partition(":")[::2] for line in result.stdout.splitlines() if ":" in line
-                )
-                name = info.get("Server Name", "").strip()
-                version = info.get("Server Version", "").strip()
-                # pipewire-pulse names itself "PulseAudio (on PipeWire 0.3.65)".
-                self.version = name if "PipeWire" in name else f"{name} {version}"
-                return
-            last = result.stderr.strip()
-            await asyncio.sleep(0.2)
-        raise BenchError(f"{self.kind} did not answer pactl within {timeout:g} s: {last}")
+    @property
+    def server(self) -> str:
+        return self.private.server
+
+    @property
+    def env(self) -> dict[str, str]:
+        """An environment whose clients reach this server only."""
+        return self.private.client_env()
+
+    async def pactl(self, *args: str) -> str:
+        return await self.private.pactl(*args)
 
     async def start(self) -> None:
-        raise NotImplementedError
+        await self.private.start()
+        info = dict(line.partition(":")[::2] for line in (await self.pactl("info")).splitlines())
+        name = info.get("Server Name", "").strip()
+        version = info.get("Server Version", "").strip()
+        # pipewire-pulse names itself "PulseAudio (on PipeWire 0.3.65)".
+        self.version = name if "PipeWire" in name else f"{name} {version}"
 
     async def stop(self) -> None:
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.terminate()
-        for process in reversed(self.processes):
-            try:
-                await asyncio.to_thread(process.wait, 5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                await asyncio.to_thread(process.wait)
+        await self.private.stop()
 
 
-class LocalPulseAudio(LocalSoundServer):
-    kind = PULSEAUDIO
-
-    async def start(self) -> None:
-        for sub in ("home", "xdg"):
-            (self.directory / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.env.update(
-            HOME=str(self.directory / "home"), XDG_RUNTIME_DIR=str(self.directory / "xdg")
-        )
-        socket_path = self.directory / "pulse.sock"
-        self.server = f"unix:{socket_path}"
-        self._spawn(
-            "pulseaudio",
-            "-n",
-            "--daemonize=no",
-            "--exit-idle-time=-1",
-            "--disallow-exit",
-            "--use-pid-file=no",
-            f"--load=module-native-protocol-unix socket={socket_path} auth-anonymous=1",
-            name="pulseaudio",
-        )
-        await self._wait_ready()
-
-
-class LocalPipeWire(LocalSoundServer):
-    kind = PIPEWIRE
-
-    async def start(self) -> None:
-        xdg = self.directory / "xdg"
-        xdg.mkdir(mode=0o700, parents=True, exist_ok=True)
-        bus = self.directory / "bus"
-        self.env.update(
-            HOME=str(self.directory),
-            XDG_RUNTIME_DIR=str(xdg),
-            DBUS_SESSION_BUS_ADDRESS=f"unix:path={bus}",
-        )
-        self.env.pop("PULSE_SERVER", None)
-        self.server = f"unix:{xdg}/pulse/native"
-        # WirePlumber wants a session bus.
-        self._spawn(
-            "dbus-daemon",
-            "--session",
-            f"--address=unix:path={bus}",
-            "--nofork",
-            "--nopidfile",
-            name="dbus-daemon",
-        )
-        await wait_for_path(bus, 10)
-        self._spawn("pipewire", name="pipewire")
-        await wait_for_path(xdg / "pipewire-0", 10)
-        self._spawn("wireplumber", name="wireplumber")
-        self._spawn("pipewire-pulse", name="pipewire-pulse")
-        await self._wait_ready()
-
-
-async def wait_for_path(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not await asyncio.to_thread(path.exists):
-        if time.monotonic() > deadline:
-            raise BenchError(f"{path} did not appear within {timeout:g} s")
-        await asyncio.sleep(0.05)
-
-
-@dataclass
-class CommandResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def pactl(server: str, *args: str, check: bool = True) -> CommandResult:
-    process = await asyncio.create_subprocess_exec(
-        "pactl",
-        f"--server={server}",
-        *args,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    out, err = await process.communicate()
-    assert process.returncode is not None
-    result = CommandResult(
-        process.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-    )
-    if check and result.returncode != 0:
-        raise BenchError(f"pactl {' '.join(args)} failed: {result.stderr.strip()}")
-    return result
-
-
-async def add_null_sink(sound: LocalSoundServer, name: str) -> None:
+async def add_null_sink(sound: SoundServer, name: str) -> None:
     args = [
         "load-module",
         "module-null-sink",
@@ -822,7 +711,7 @@ async def add_null_sink(sound: LocalSoundServer, name: str) -> None:
     if sound.kind == PULSEAUDIO:
         # Without it the null sink runs at about 2 s latency with rewinds (ENVIRONMENT.md).
         args.append("norewinds=1")
-    await pactl(sound.server, *args)
+    await sound.pactl(*args)
 
 
 # ---------------------------------------------------------------------------
@@ -863,7 +752,7 @@ async def run_player(
     player: str,
     condition: Condition,
     seconds: float,
-    sound: LocalSoundServer,
+    sound: SoundServer,
     sink: str,
     workdir: Path,
     seed: int,
@@ -876,10 +765,8 @@ async def run_player(
     server = AudioServer(socket_path, condition, seed)
     await server.start()
     env = dict(sound.env, PULSE_SERVER=sound.server, PULSE_SINK=sink)
-    env["HOME"] = str(workdir / "player-home")
-    (workdir / "player-home").mkdir(exist_ok=True)
     # A default sink too: a client may ask for a device of its own choosing.
-    await pactl(sound.server, "set-default-sink", sink)
+    await sound.pactl("set-default-sink", sink)
     transport, recorder = await start_recorder(sound.server, sink, env)
     process: asyncio.subprocess.Process | None = None
     cpu: list[float] = []
@@ -1048,9 +935,7 @@ async def run_server(kind: str, options: Options, workdir: Path, results: Result
     results.servers.append(entry)
     directory = workdir / kind
     directory.mkdir()
-    sound: LocalSoundServer = (
-        LocalPulseAudio(directory) if kind == PULSEAUDIO else LocalPipeWire(directory)
-    )
+    sound = SoundServer(kind, directory)
     players = [p for p in options.players if p not in results.unavailable]
     try:
         log(f"{kind}: starting")
@@ -1077,7 +962,7 @@ async def run_server(kind: str, options: Options, workdir: Path, results: Result
                 if run.error:
                     log(f"{kind}: {player}: {run.error}")
                 entry.runs.append(run)
-    except BenchError as error:
+    except (BenchError, SoundServerError) as error:
         entry.error = str(error)
         log(f"{kind}: {error}")
     finally:
