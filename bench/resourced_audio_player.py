@@ -15,15 +15,14 @@ as the service will: `begin` on AudioBegin, `write` on AudioData, `end` on
 AudioEnd.
 
 It runs until the server closes the connection, then prints one JSON line on
-stdout: the playback's underruns, and its reported latency sampled every
-100 ms while playing.
+stdout: the playback's underruns, and its reported latency (`latency_usec`:
+what its stream holds plus the sink's part) sampled every 100 ms while playing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import sys
@@ -35,14 +34,18 @@ from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, QemuAudio
 from resourced.sinks.pulse import PulseServer
 
 
-async def _maybe(result: Any) -> None:
-    if inspect.isawaitable(result):
-        await result
-
-
 async def play(path: str) -> dict[str, Any]:
     pulse = PulseServer(os.environ.get("PULSE_SERVER"))
     await pulse.start()
+    # The service's connection to the sound server is up long before a guest
+    # plays: so is this one before the player asks for audio.
+    # (PulseServer offers no event for it: polled, for up to 20 s.)
+    for _ in range(1000):
+        if pulse.connected:
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise SystemExit(f"no connection to the sound server {os.environ.get('PULSE_SERVER')}")
     playback = pulse.playback("resourced audio bench")
     latencies: list[float] = []
     playing = False
@@ -63,10 +66,9 @@ async def play(path: str) -> dict[str, Any]:
         while True:
             await asyncio.sleep(0.1)
             if playing:
-                with contextlib.suppress(Exception):
-                    value = playback.latency_usec
-                    if value is not None:
-                        latencies.append(float(value))
+                value = playback.latency_usec
+                if value:  # 0 while the stream is not ready
+                    latencies.append(float(value))
 
     sampler = asyncio.ensure_future(sample_latency())
     client = await connect(f"unix:{path}", extensions=[QemuAudio()])
@@ -82,7 +84,7 @@ async def play(path: str) -> dict[str, Any]:
             await sampler
         await client.close()
     underruns = playback.underruns
-    await _maybe(playback.close())
+    playback.close()
     await pulse.close()
     return {"underruns": underruns, "latency_usec": latencies, "errors": errors}
 
