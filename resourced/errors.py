@@ -84,3 +84,10 @@ class AccessDenied(BrokerError, PermissionError):
 
 class Unsupported(BrokerError):
     """The guest or the caller cannot do what was asked."""
+
+
+# --- sound -----------------------------------------------------------------------------
+
+
+class AudioUnavailable(ResourcedError):
+    """Sound cannot be played here: the PulseAudio client library is missing."""
