@@ -124,6 +124,9 @@ SLOT_MS = 2.0
 BIT_PULSE_MS = 1.0
 CLICK_BITS = 12  # then one parity bit
 CLICK_SLOTS = CLICK_BITS + 1
+CLICK_SPAN_MS = FIRST_SLOT_MS + CLICK_SLOTS * SLOT_MS  # marker to the end of the last slot
+#: How far from the sender's speed a player may play and its clicks still decode.
+MAX_SPEED_ERROR = 0.06
 #: A gap in the tone that counts as a drop-out is longer than this.
 DROPOUT_MS = 1.0
 
@@ -501,9 +504,11 @@ class Heard:
     """What the recording holds: clicks (number -> monotonic time) and gaps."""
 
     clicks: dict[int, float] = field(default_factory=dict)
+    click_frames: dict[int, int] = field(default_factory=dict)  # where each marker starts
     undecoded: int = 0
     dropouts: list[float] = field(default_factory=list)  # ms each
     dropout_times: list[float] = field(default_factory=list)  # monotonic, where each began
+    dropout_frames: list[int] = field(default_factory=list)  # where each began
     first_sound: float | None = None
     last_sound: float | None = None
 
@@ -549,33 +554,64 @@ def analyse(data: bytes, reads: list[tuple[float, int]]) -> Heard:
         if first < match.start() and match.end() <= last:
             heard.dropouts.append((match.end() - match.start()) / ms)
             heard.dropout_times.append(at(match.start()))
+            heard.dropout_frames.append(match.start())
 
     # Pulses: runs of loud samples, joined across dips shorter than 0.3 ms
     # (a resampler rings at a pulse's edges).
-    runs: list[list[int]] = []
+    runs: list[tuple[int, int]] = []
     join = round(0.3 * ms)
     for match in re.finditer(rb"L+", loud):
         if runs and match.start() - runs[-1][1] <= join:
-            runs[-1][1] = match.end()
+            runs[-1] = (runs[-1][0], match.end())
         else:
-            runs.append([match.start(), match.end()])
-    for start, end in runs:
-        length = (end - start) / ms
-        if not 2.0 <= length <= 4.5:
-            continue
-
-        def slot_on(slot: int, start: int = start) -> bool:
-            centre = start + round((FIRST_SLOT_MS + slot * SLOT_MS + BIT_PULSE_MS / 2) * ms)
-            window = loud[centre - round(0.2 * ms) : centre + round(0.2 * ms) + 1]
-            return window.count(b"L") > len(window) // 2
-
-        slots = [slot_on(slot) for slot in range(CLICK_SLOTS)]
-        number = sum(1 << i for i, on in enumerate(slots[:CLICK_BITS]) if on)
-        if slots != click_slots(number) or number == 0:
+            runs.append((match.start(), match.end()))
+    span = round(CLICK_SPAN_MS * (1 + MAX_SPEED_ERROR) * ms)
+    for index, (start, end) in enumerate(runs):
+        if not 2.0 <= (end - start) / ms <= 4.5:
+            continue  # not a marker
+        pulses = []
+        for a, b in runs[index + 1 :]:
+            if a >= start + span:
+                break
+            pulses.append(((a - start) / ms, (b - a) / ms))
+        number = decode_click(pulses)
+        if number is None:
             heard.undecoded += 1
             continue
-        heard.clicks.setdefault(number, at(start))
+        if number not in heard.clicks:
+            heard.clicks[number] = at(start)
+            heard.click_frames[number] = start
     return heard
+
+
+def decode_click(pulses: list[tuple[float, float]]) -> int | None:
+    """The number a click's pulses spell, from (offset after the marker, length) in ms.
+
+    A player that corrects clock skew by resampling (resourced's does, by up to
+    a few %) stretches or squeezes the click: the slots are matched at the
+    speed, within +-6 %, that puts every pulse nearest to a slot's start.
+    """
+    if not pulses or any(not 0.5 <= length <= 2.0 for _, length in pulses):
+        return None
+    best: tuple[float, list[int]] | None = None
+    steps = round(MAX_SPEED_ERROR / 0.0025)
+    for step in range(-steps, steps + 1):
+        speed = 1 + step * 0.0025
+        positions = [(offset / speed - FIRST_SLOT_MS) / SLOT_MS for offset, _ in pulses]
+        error = max(abs(p - round(p)) for p in positions)
+        if best is None or error < best[0]:
+            best = (error, [round(p) for p in positions])
+    assert best is not None
+    error, slots = best
+    if (
+        error > 0.25
+        or len(set(slots)) != len(slots)
+        or not all(0 <= i < CLICK_SLOTS for i in slots)
+    ):
+        return None
+    on = [i in slots for i in range(CLICK_SLOTS)]
+    number = sum(1 << i for i, bit in enumerate(on[:CLICK_BITS]) if bit)
+    return number if number and on == click_slots(number) else None
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -603,6 +639,9 @@ class PlayerRun:
     cpu_percent: float | None = None
     format: str = ""
     server_late_ms: list[float] = field(default_factory=list)
+    #: Playback speed against the sender's, in % off, between two clicks in a row
+    #: with no drop-out between them: what resampling does to the pitch.
+    speed_pct: list[float] = field(default_factory=list)
 
     def p(self, fraction: float) -> float | None:
         return percentile(self.latency_ms, fraction) if self.latency_ms else None
@@ -647,6 +686,8 @@ class PlayerRun:
                 [round(t, 3), round(v, 1)]
                 for t, v in zip(self.latency_at, self.latency_ms, strict=True)
             ],
+            "speed_min_pct": r(min(self.speed_pct), 2) if self.speed_pct else None,
+            "speed_max_pct": r(max(self.speed_pct), 2) if self.speed_pct else None,
             "underruns": self.underruns,
             "player_latency_usec": r(self.player_latency_usec, 0),
             "cpu_percent": r(self.cpu_percent, 2),
@@ -862,6 +903,15 @@ async def run_player(
             result.latency_ms.append((at - sent) * 1000)
             result.latency_at.append(sent - server.began)
     result.clicks_heard = len(result.latency_ms)
+    frames = heard.click_frames
+    for number in sorted(frames):
+        after = frames.get(number + 1)
+        if after is None:
+            continue
+        if any(frames[number] < f < after for f in heard.dropout_frames):
+            continue  # the silence of a drop-out is not a speed
+        heard_seconds = (after - frames[number]) / RECORD_RATE
+        result.speed_pct.append((CLICK_INTERVAL / heard_seconds - 1) * 100)
     if len(cpu) == 2 and server.ended > server.began:
         result.cpu_percent = (cpu[1] - cpu[0]) / (server.ended - server.began) * 100
     result.underruns = report.get("underruns")
@@ -1010,7 +1060,7 @@ def format_table(results: Results) -> str:
         header = (
             f"  {'condition':<22} {'player':<10} {'clicks':>9} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'first ms':>8} {'last ms':>8} {'ms/min':>8} {'drop-outs':>9} {'total ms':>9} "
-            f"{'longest':>8} {'underruns':>9} {'CPU %':>6}"
+            f"{'longest':>8} {'speed %':>12} {'underruns':>9} {'CPU %':>6}"
         )
         lines.append(header)
         for condition in options.conditions:
@@ -1035,12 +1085,17 @@ def format_table(results: Results) -> str:
                     lines.append(f"  {label:<22} {player:<10} failed: {run.error}")
                     continue
                 clicks = f"{run.clicks_heard}/{run.clicks_sent}"
+                speed = (
+                    f"{min(run.speed_pct):+.1f}..{max(run.speed_pct):+.1f}"
+                    if run.speed_pct
+                    else "-"
+                )
                 lines.append(
                     f"  {label:<22} {player:<10} {clicks:>9} {_f(run.p(0.5), '.1f'):>7} "
                     f"{_f(run.p(0.99), '.1f'):>7} {_f(run.first_ms, '.1f'):>8} "
                     f"{_f(run.last_ms, '.1f'):>8} {_f(run.drift_ms_per_min, '+.1f'):>8} "
                     f"{len(run.dropouts_ms):>9} {sum(run.dropouts_ms):>9.1f} "
-                    f"{max(run.dropouts_ms, default=0.0):>8.1f} "
+                    f"{max(run.dropouts_ms, default=0.0):>8.1f} {speed:>12} "
                     f"{'-' if run.underruns is None else run.underruns:>9} "
                     f"{_f(run.cpu_percent, '.2f'):>6}"
                 )

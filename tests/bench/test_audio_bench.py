@@ -11,6 +11,7 @@ sound server.
 
 from __future__ import annotations
 
+import array
 import json
 import math
 
@@ -56,6 +57,27 @@ def test_the_signal_is_found_again_click_by_click() -> None:
     assert heard.undecoded == 0
     assert len(heard.dropouts) == 1
     assert 5.0 <= heard.dropouts[0] < 5.5
+
+
+@pytest.mark.parametrize("speed", [0.97, 1.03])
+def test_clicks_are_found_when_played_faster_or_slower(speed: float) -> None:
+    # A player that corrects skew by resampling plays a few % off the sender's
+    # speed: here, every frame taken from the nearest one at that speed.
+    pcm = array.array("h", Signal(AudioFormat()).frames(0, RECORD_RATE * 4))
+    stretched = array.array("h")
+    for i in range(int(len(pcm) // 2 / speed) - 1):
+        source = round(i * speed) * 2
+        stretched.extend(pcm[source : source + 2])
+    step = RECORD_RATE // 100 * RECORD_FRAME
+    data = stretched.tobytes()
+    reads = [(1.0 + (k + 1) / 100, (k + 1) * step) for k in range(len(data) // step)]
+
+    heard = analyse(data, reads)
+
+    assert sorted(heard.clicks) == list(range(1, 8))
+    assert heard.undecoded == 0
+    spacing = heard.click_frames[7] - heard.click_frames[1]
+    assert spacing == pytest.approx(6 * 0.5 * RECORD_RATE / speed, abs=2)
 
 
 @pytest.mark.integration
