@@ -21,7 +21,8 @@ latency, every read time-stamped with the monotonic clock).
   at 0.9 of full scale (the marker), then 13 slots 2 ms apart, each holding a
   1 ms pulse or not: the click's number in 12 bits and a parity bit. The
   recording is searched for markers, and each click found is identified by
-  its number, so a lost click cannot shift the others.
+  its number, so a lost click cannot shift the others; the slots are matched
+  at whatever speed within 6 % the click was played at.
 - **Conditions**: steady; network jitter (chunks held back 0-30 ms, the hold
   drawn at random, then released together); sender clock skew of +1 % and
   -1 % (the server produces its samples 1 % faster or slower than real time,
@@ -48,6 +49,10 @@ Per player and condition it reports:
   5.5 % of full scale, against a 30 % tone whose zero crossings stay under it
   for 0.13 ms), between the first and the last sound of the run; their count,
   total and longest;
+- **speed**: how fast the player played against the sender, from the spacing
+  of two clicks in a row in the recording (500 ms of the sender's audio) with
+  no drop-out between them, as % off; the range over the run. A player that
+  follows skew by resampling shows it here (it is a change of pitch too);
 - **underruns**, when the player reports them (gtk-vnc does not);
 - **CPU**: the player process's user plus system time (`/proc/PID/stat`, all
   its threads) from BEGIN to END, as a percentage of one core.
@@ -636,12 +641,14 @@ class PlayerRun:
     dropouts_at: list[float] = field(default_factory=list)  # s after BEGIN, per drop-out
     underruns: int | None = None
     player_latency_usec: float | None = None
+    player_latency_series: list[float] = field(default_factory=list)  # us, every 100 ms
     cpu_percent: float | None = None
     format: str = ""
     server_late_ms: list[float] = field(default_factory=list)
     #: Playback speed against the sender's, in % off, between two clicks in a row
     #: with no drop-out between them: what resampling does to the pitch.
     speed_pct: list[float] = field(default_factory=list)
+    speed_at: list[float] = field(default_factory=list)  # s after BEGIN, per speed
 
     def p(self, fraction: float) -> float | None:
         return percentile(self.latency_ms, fraction) if self.latency_ms else None
@@ -682,6 +689,11 @@ class PlayerRun:
             "dropouts_total_ms": r(sum(self.dropouts_ms)),
             "dropout_longest_ms": r(max(self.dropouts_ms, default=0.0)),
             "dropouts_at_s": [round(t, 3) for t in self.dropouts_at],
+            "speed_series_pct": [
+                [round(t, 3), round(v, 2)]
+                for t, v in zip(self.speed_at, self.speed_pct, strict=True)
+            ],
+            "player_latency_series_ms": [round(v / 1000, 1) for v in self.player_latency_series],
             "latency_series_ms": [
                 [round(t, 3), round(v, 1)]
                 for t, v in zip(self.latency_at, self.latency_ms, strict=True)
@@ -912,12 +924,14 @@ async def run_player(
             continue  # the silence of a drop-out is not a speed
         heard_seconds = (after - frames[number]) / RECORD_RATE
         result.speed_pct.append((CLICK_INTERVAL / heard_seconds - 1) * 100)
+        result.speed_at.append(server.sent[number] - server.began if number in server.sent else 0)
     if len(cpu) == 2 and server.ended > server.began:
         result.cpu_percent = (cpu[1] - cpu[0]) / (server.ended - server.began) * 100
     result.underruns = report.get("underruns")
     latencies = report.get("latency_usec")
     if latencies:
         result.player_latency_usec = statistics.median(latencies)
+        result.player_latency_series = [float(v) for v in latencies]
     return result
 
 
