@@ -51,9 +51,14 @@ class PlayoutConfig:
     rate_window: float = 20.0  # time constant of the arrival-rate regression
     baseline_rise: float = 0.002  # s/s: how fast the earliest-arrival baseline may rise
     kp: float = 0.5  # 1/s: rate correction per second of level error
-    ki: float = 0.0625  # 1/s^2: integral gain (critically damped with kp: w = 0.25/s)
-    skew_prior: float = 1.0  # s^2: weight of "no skew" in the rate regression (~3.5 s)
+    ki: float = 0.02  # 1/s^2: integral gain; the skew is fed forward, this holds the rest
+    skew_prior: float = 0.3  # s^2: weight of "no skew" in the rate regression (~2 s)
     max_correction: float = 0.03  # rate correction clamp (+-3 %)
+    max_catch_up: float = 0.01  # clamp of the level error's own part (+-1 %: ~17 cents)
+    underrun_boost: float = 0.010  # added to the target's floor by each underrun...
+    boost_decay: float = 120.0  # ...and forgotten with this time constant
+    setpoint_rise: float = 0.010  # s/s: how fast the level aimed at may climb to the target
+    setpoint_fall: float = 0.003  # s/s: ...and come down to it (0.3 %: inaudible)
     rate_update_interval: float = 0.25  # seconds between two rate changes at most
     pause_margin: float = 0.200  # a gap this much longer than the buffer is a pause
 
@@ -181,7 +186,9 @@ class DriftController:
     `correction` c means: play at nominal x (1 + c). A positive error (more
     buffered than wanted) speeds play-out up. The loop is an integrator (the
     level integrates the rate difference), so with `kp` = 2w and `ki` = w^2 it
-    is critically damped at w = kp / 2. `feedforward` (the skew the arrival
+    is critically damped at w = kp / 2. The proportional part is clamped to
+    `max_catch_up`, so that refilling or draining the buffer after the target
+    moved never bends the pitch by more than that. `feedforward` (the skew the arrival
     times show, set by the owner) is added so the loop need not wait for the
     buffer to drift before following a skew; the integral term then holds only
     what the arrival clock does not show (the sound card's own clock error).
@@ -219,8 +226,10 @@ class DriftController:
         self._error_sum = 0.0
         self._error_count = 0
         limit = self.config.max_correction
+        catch_up = self.config.max_catch_up
+        proportional = min(max(self.config.kp * error, -catch_up), catch_up)
         integral = self.integral + self.config.ki * error * dt
-        output = self.feedforward + self.config.kp * error + integral
+        output = self.feedforward + proportional + integral
         if -limit <= output <= limit:
             self.integral = integral
         else:
@@ -257,12 +266,21 @@ class Playout:
         self.paused = False
         self._last_arrival: float | None = None
         self._applied_rate = rate
+        # The level the controller aims at: where play (re)started, moving
+        # toward the target at a bounded pace, so that neither a prebuffer
+        # the server rounded nor a target that moved bends the pitch much.
+        self.setpoint: float | None = None
+        # Underruns the jitter did not foretell (the server pulls in bigger
+        # blocks than assumed, e.g. PipeWire's graph quantum; or it is starved
+        # of CPU) raise the floor for a while.
+        self._boost = 0.0
+        self._boost_time = 0.0
 
     @property
     def target(self) -> float:
         """Buffer level wanted just before an on-time chunk is queued, seconds."""
         config = self.config
-        wanted = max(config.prebuffer, self.jitter.jitter + config.jitter_margin)
+        wanted = max(config.prebuffer, self.jitter.jitter + config.jitter_margin) + self._boost
         return min(wanted, config.max_target)
 
     @property
@@ -281,14 +299,30 @@ class Playout:
             self.paused = False
             self.jitter.resume(now)
             self.drift.hold()
+        since = 0.0 if self._last_arrival is None else now - self._last_arrival
         self._last_arrival = now
+        if self._boost:
+            self._boost *= math.exp(-(now - self._boost_time) / self.config.boost_decay)
+            self._boost_time = now
         spread = self.jitter.arrival(now, frames)
         self.drift.feedforward = self.jitter.skew
-        if level is not None:
-            # A late chunk finds the buffer low by exactly its lateness; adding
-            # the spread back gives the level an on-time chunk would have found,
-            # so jitter does not shake the rate.
-            self.drift.observe(level + spread - self.target)
+        if level is None:
+            self.setpoint = None
+            return
+        # A late chunk finds the buffer low by exactly its lateness; adding the
+        # spread back gives the level an on-time chunk would have found, so
+        # jitter does not shake the rate.
+        on_time = level + spread
+        target = self.target
+        if self.setpoint is None:
+            # Where play (re)started, which is about the prebuffer; never more
+            # than the target (a burst just written is not a level to keep).
+            self.setpoint = min(on_time, target)
+        elif self.setpoint < target:
+            self.setpoint = min(target, self.setpoint + self.config.setpoint_rise * since)
+        else:
+            self.setpoint = max(target, self.setpoint - self.config.setpoint_fall * since)
+        self.drift.observe(on_time - self.setpoint)
 
     def rate_changed(self, now: float) -> int | None:
         """The new sample rate to apply now, or None (unchanged or too soon)."""
@@ -300,9 +334,18 @@ class Playout:
         self._applied_rate = rate
         return rate
 
+    def underrun(self, now: float) -> None:
+        """The card ran dry while data kept coming: buffer more for a while."""
+        if self._boost:
+            self._boost *= math.exp(-(now - self._boost_time) / self.config.boost_decay)
+        self._boost = min(self._boost + self.config.underrun_boost, self.config.max_target)
+        self._boost_time = now
+        self.stopped()
+
     def stopped(self) -> None:
         """Playback stopped (underrun or end): the controller holds its estimate."""
         self.drift.hold()
+        self.setpoint = None
 
     def deadline(self) -> float | None:
         """When, without another chunk, the stream counts as paused."""
@@ -317,4 +360,5 @@ class Playout:
             return False
         self.paused = True
         self.drift.hold()
+        self.setpoint = None
         return True

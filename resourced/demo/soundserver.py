@@ -364,7 +364,15 @@ class RecordedChunk:
 
 
 class Recorder:
-    """`parec` on a source (a sink's `.monitor`), kept in memory with read times."""
+    """`parec` on a source (a sink's `.monitor`), kept in memory with read times.
+
+    The record latency sets PipeWire's graph quantum (rounded up to a power of
+    two) while nothing else asks for less: the default 20 ms (1024 frames)
+    stays below a player's 50 ms first prebuffer, and above the 5 ms quantum
+    that 10 ms would give, which a busy 2-core machine does not always meet.
+    With 50 ms or more, the 4096-frame quantum a new stream first sees is more
+    than its prebuffer and it underruns at once.
+    """
 
     def __init__(
         self,
@@ -372,7 +380,7 @@ class Recorder:
         source: str | None = None,
         fmt: AudioFormat = RECORD_FORMAT,
         *,
-        latency_msec: int = 10,
+        latency_msec: int = 20,
     ) -> None:
         if fmt.sample_format not in _PAREC_FORMATS:
             raise ValueError(f"parec cannot record {fmt.sample_format.value} here")
@@ -410,6 +418,9 @@ class Recorder:
             env=self.server.client_env(),
         )
         self._reader = asyncio.create_task(self._read())
+        # Once the monitor delivers, the server has settled its graph around
+        # the recording (PipeWire re-chooses its quantum when a stream joins).
+        await self.wait_for_bytes(1, timeout=10.0)
 
     async def _read(self) -> None:
         assert self._proc is not None

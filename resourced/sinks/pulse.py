@@ -50,6 +50,8 @@ _BACKOFF_MAX: Final = 2.0  # ... doubling up to this
 _MAX_BUFFER: Final = 2.0  # seconds: the stream's maxlength (beyond the largest target)
 _ATTR_INTERVAL: Final = 1.0  # seconds between two buffer-attribute changes at most
 _ATTR_CHANGE: Final = 0.005  # seconds: target moves smaller than this are not applied
+_MINREQ: float | None = None  # None: the server's choice
+_RECREATE_DELAY: Final = 0.5  # seconds before a failed stream is made again
 _VOLUME_EPSILON: Final = 1e-3  # linear volume differences below this are rounding
 
 # Bytes that flip the top bit: turns an unsigned sample's most significant byte
@@ -77,10 +79,12 @@ def _lib() -> Any:
 def _convert(fmt: AudioFormat) -> tuple[str, Callable[[bytes], bytes] | None]:
     """The PA sample format for `fmt`, and how to convert PCM to it (None: as is)."""
     match fmt.sample_format:
+        # 8-bit PCM is widened to S16: PipeWire's pulse server (0.3.65) plays
+        # PA_SAMPLE_U8 as if it were signed (a full-scale square, off pitch).
         case SampleFormat.U8:
-            return "PA_SAMPLE_U8", None
+            return "PA_SAMPLE_S16LE", lambda pcm: _widen_8bit(pcm.translate(_FLIP_SIGN))
         case SampleFormat.S8:
-            return "PA_SAMPLE_U8", lambda pcm: pcm.translate(_FLIP_SIGN)
+            return "PA_SAMPLE_S16LE", _widen_8bit
         case SampleFormat.S16:
             return "PA_SAMPLE_S16LE", None
         case SampleFormat.U16:
@@ -89,6 +93,13 @@ def _convert(fmt: AudioFormat) -> tuple[str, Callable[[bytes], bytes] | None]:
             return "PA_SAMPLE_S32LE", None
         case SampleFormat.U32:
             return "PA_SAMPLE_S32LE", lambda pcm: _flip_top_byte(pcm, 4)
+
+
+def _widen_8bit(pcm: bytes) -> bytes:
+    """Signed 8-bit samples to S16LE: each becomes the high byte, the low byte 0."""
+    wide = bytearray(2 * len(pcm))
+    wide[1::2] = pcm
+    return bytes(wide)
 
 
 def _flip_top_byte(pcm: bytes, size: int) -> bytes:
@@ -151,9 +162,15 @@ class PulseServer:
         *,
         properties: Mapping[str, str] | None = None,
         on_change: Callable[[], None] | None = None,
+        config: PlayoutConfig | None = None,
     ) -> PulsePlayback:
-        """A new playback stream named `name` (media.name) for one guest."""
-        playback = PulsePlayback(self, name, properties=properties, on_change=on_change)
+        """A new playback stream named `name` (media.name) for one guest.
+
+        `config` tunes the jitter buffer and drift control (default: PlayoutConfig()).
+        """
+        playback = PulsePlayback(
+            self, name, properties=properties, on_change=on_change, config=config
+        )
         self._playbacks.append(playback)
         return playback
 
@@ -264,6 +281,9 @@ class PulsePlayback:
         self._playing = False
         self._underruns = 0
         self._pending_underflow = False
+        self._started = False  # the server plays the stream (prebuffer done, no underflow since)
+        self._corked = False  # held (corked) until a prebuffer is written again
+        self._refill = 0  # bytes written since
         self._ending = False
         self._closed = False
         self._timer: asyncio.TimerHandle | None = None
@@ -348,6 +368,8 @@ class PulsePlayback:
             # The buffer ran dry and data kept coming: a real underrun.
             self._pending_underflow = False
             self._underruns += 1
+            playout.underrun(now)
+            log.debug("%s: underrun %d", self.name, self._underruns)
             self._notify()
         self._ending = False
         if not self._ready:
@@ -360,6 +382,8 @@ class PulsePlayback:
         if lib.pa_stream_write(self._stream, data, len(data), None, 0, lib.PA_SEEK_RELATIVE) < 0:
             log.debug("%s: pa_stream_write failed", self.name)
             return
+        if self._corked:
+            self._refilled(len(data))
         self._set_playing(True)
         self._apply_rate(now)
         self._apply_attrs(now)
@@ -375,6 +399,10 @@ class PulsePlayback:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._corked and self._server._pulse is not None:
+            # Less than a prebuffer came: play it anyway (a drain waits for it).
+            self._corked = False
+            self._server.spawn(self._server._pulse.pa_stream_cork(self._stream, 0))
         if self._playing:
             self._server.spawn(self._drain())
 
@@ -434,21 +462,28 @@ class PulsePlayback:
             return
         self._stream = stream
         self._ready = False
+        self._corked = True
+        self._refill = 0
         self._attrs = self._buffer_attrs()
         self._rate = fmt.rate
         state_cb = lib.callback_func_ptr("pa_stream_notify_cb_t", self._on_state)
         underflow_cb = lib.callback_func_ptr("pa_stream_notify_cb_t", self._on_underflow)
-        self._callbacks = [state_cb, underflow_cb]
+        started_cb = lib.callback_func_ptr("pa_stream_notify_cb_t", self._on_started)
+        self._callbacks = [state_cb, underflow_cb, started_cb]
         lib.pa_stream_set_state_callback(stream, state_cb, None)
         lib.pa_stream_set_underflow_callback(stream, underflow_cb, None)
+        lib.pa_stream_set_started_callback(stream, started_cb, None)
         tlength, prebuf = self._attrs
         maxlength = round(_MAX_BUFFER * fmt.byte_rate) // fmt.frame_size * fmt.frame_size
-        attr = lib.Pa_buffer_attr(maxlength, tlength, prebuf, 0xFFFFFFFF, 0xFFFFFFFF)
+        attr = lib.Pa_buffer_attr(maxlength, tlength, prebuf, self._minreq(), 0xFFFFFFFF)
         flags = (
             lib.PA_STREAM_ADJUST_LATENCY
             | lib.PA_STREAM_VARIABLE_RATE
             | lib.PA_STREAM_AUTO_TIMING_UPDATE
             | lib.PA_STREAM_INTERPOLATE_TIMING
+            # Held until a prebuffer is in: PipeWire ignores prebuf and would
+            # start on the first chunk (see _hold_for_prebuffer).
+            | lib.PA_STREAM_START_CORKED
             | (lib.PA_STREAM_START_MUTED if self._muted else lib.PA_STREAM_START_UNMUTED)
         )
         if (
@@ -469,11 +504,14 @@ class PulsePlayback:
         self._ready = False
         self._index = None
         self._pending_underflow = False
+        self._started = False
+        self._corked = False
         self._timing_stale = False
         if stream is not None:
             lib = self._server._lib
             lib.pa_stream_set_state_callback(stream, None, None)
             lib.pa_stream_set_underflow_callback(stream, None, None)
+            lib.pa_stream_set_started_callback(stream, None, None)
             if lib.pa_stream_get_state(stream) == lib.PA_STREAM_READY:
                 lib.pa_stream_disconnect(stream)
             lib.pa_stream_unref(stream)
@@ -487,6 +525,12 @@ class PulsePlayback:
         volume = lib.pa_sw_volume_from_linear(self._volume)
         return lib.Pa_cvolume(channels, [volume] * channels)
 
+    def _minreq(self) -> int:
+        fmt = self._format
+        if _MINREQ is None or fmt is None:
+            return 0xFFFFFFFF
+        return max(1, round(_MINREQ * fmt.rate)) * fmt.frame_size
+
     def _buffer_attrs(self) -> tuple[int, int]:
         fmt, playout = self._format, self._playout
         assert fmt is not None
@@ -495,7 +539,7 @@ class PulsePlayback:
         def frames(seconds: float) -> int:
             return max(1, round(seconds * fmt.rate)) * fmt.frame_size
 
-        return frames(playout.target), frames(playout.prebuffer)
+        return frames(2 * playout.target), frames(playout.prebuffer)
 
     def _on_state(self, stream: Any, _userdata: Any) -> None:
         try:
@@ -506,19 +550,32 @@ class PulsePlayback:
             if state == lib.PA_STREAM_READY:
                 self._ready = True
                 self._index = lib.pa_stream_get_index(self._stream)
-                self._server.spawn(self._refresh())
+                log.debug("%s: stream ready, sink input %s", self.name, self._index)
+                # What was set while there was no stream wins over what the
+                # server gave the new one (its default, or a restored volume).
+                self._server.spawn(self._push_volume())
             elif state in (lib.PA_STREAM_FAILED, lib.PA_STREAM_TERMINATED):
-                # The sink went away or the stream was killed: make a new one.
+                # The sink went away or the stream was killed: make a new one,
+                # a little later (a server without a sink refuses at once).
                 self._detach()
-                self._loop.call_soon(self._attach)
+                self._loop.call_later(_RECREATE_DELAY, self._attach)
         except Exception:
             log.exception("%s: stream state callback", self.name)
+
+    def _on_started(self, _stream: Any, _userdata: Any) -> None:
+        self._started = True
 
     def _on_underflow(self, _stream: Any, _userdata: Any) -> None:
         try:
             if self._playout is not None:
                 self._playout.stopped()
-            if self._playing and not self._ending:
+            started, self._started = self._started, False
+            log.debug("%s: underflow (playing %s, started %s)", self.name, self._playing, started)
+            # PipeWire reports an underflow again when a stream that ran dry gets
+            # data: only one that was playing is an underrun.
+            if started:
+                self._hold_for_prebuffer()
+            if self._playing and started and not self._ending:
                 # Counted only when more data comes before the pause deadline:
                 # a paused guest's buffer runs dry too, and that is no underrun.
                 self._pending_underflow = True
@@ -534,7 +591,12 @@ class PulsePlayback:
         return -usec.value if negative.value else usec.value
 
     def _level(self) -> float | None:
-        """Seconds buffered in the stream (not yet handed to the sink), or None."""
+        """Seconds of audio written and not yet played (the whole latency), or None.
+
+        The whole latency, sink's part included, is what the prebuffer fills
+        before play starts, and what must not reach zero; its interpolation by
+        libpulse makes it smooth where the sink's part alone moves in blocks.
+        """
         lib = self._server._lib
         if self._timing_stale:
             return None
@@ -542,10 +604,7 @@ class PulsePlayback:
         if not info or not info.contents.playing:
             return None
         latency = self._latency()
-        if latency is None:
-            return None
-        sink_usec: int = info.contents.sink_usec
-        return max(0, latency - sink_usec) / 1e6
+        return None if latency is None else max(0, latency) / 1e6
 
     def _apply_rate(self, now: float) -> None:
         playout, pulse = self._playout, self._server._pulse
@@ -585,7 +644,7 @@ class PulsePlayback:
         self._attrs = (tlength, prebuf)
         self._attrs_time = now
         maxlength = round(_MAX_BUFFER * fmt.byte_rate) // fmt.frame_size * fmt.frame_size
-        attr = lib.Pa_buffer_attr(maxlength, tlength, prebuf, 0xFFFFFFFF, 0xFFFFFFFF)
+        attr = lib.Pa_buffer_attr(maxlength, tlength, prebuf, self._minreq(), 0xFFFFFFFF)
         self._server.spawn(pulse.pa_stream_set_buffer_attr(self._stream, attr.byref()))
 
     async def _drain(self) -> None:
@@ -595,6 +654,14 @@ class PulsePlayback:
         if self._ending:
             self._ending = False
             self._set_playing(False)
+
+    async def _push_volume(self) -> None:
+        pulse, index = self._server._pulse, self._index
+        if pulse is None or index is None:
+            return
+        await pulse.pa_context_set_sink_input_volume(index, self._cvolume().byref())
+        await pulse.pa_context_set_sink_input_mute(index, int(self._muted))
+        await self._refresh()
 
     async def _refresh(self) -> None:
         """Read volume and mute back from the server (set here or in a mixer)."""
@@ -631,12 +698,43 @@ class PulsePlayback:
         now = self._loop.time()
         if playout.expire(now):
             self._pending_underflow = False
+            self._hold_for_prebuffer()
             self._set_playing(False)
         else:
             self._arm_timer()
 
+    def _hold_for_prebuffer(self) -> None:
+        """Stop the stream until a whole prebuffer has been written again.
+
+        PulseAudio waits for `prebuf` by itself at the start and after an
+        underflow; PipeWire's pulse server (0.3.65) starts on the first chunk,
+        which then runs dry at once. Corking the stream and uncorking it once the prebuffer is
+        in makes both start afresh the same way.
+        """
+        pulse, stream = self._server._pulse, self._stream
+        if pulse is None or stream is None or not self._ready or self._corked:
+            return
+        self._corked = True
+        self._refill = 0
+        self._server.spawn(pulse.pa_stream_cork(stream, 1))
+
+    def _refilled(self, written: int) -> None:
+        pulse, stream, fmt, playout = (
+            self._server._pulse,
+            self._stream,
+            self._format,
+            self._playout,
+        )
+        if pulse is None or stream is None or fmt is None or playout is None:
+            return
+        self._refill += written
+        if self._refill >= playout.prebuffer * fmt.byte_rate:
+            self._corked = False
+            self._server.spawn(pulse.pa_stream_cork(stream, 0))
+
     def _set_playing(self, playing: bool) -> None:
         if playing != self._playing:
+            log.debug("%s: playing %s", self.name, playing)
             self._playing = playing
             self._notify()
 

@@ -92,7 +92,9 @@ def simulate(
                 result.pauses.append(deadline)
                 pending.clear()
         advance(arrival)
-        result.underruns.extend(pending)
+        for when in pending:
+            playout.underrun(arrival)
+            result.underruns.append(when)
         pending.clear()
         playout.arrival(arrival, chunk_frames, buffered if playing else None)
         result.times.append(arrival)

@@ -140,12 +140,25 @@ def test_the_rate_update_is_rate_limited_and_clamped() -> None:
     drift = DriftController(config)
     drift.observe(1.0)  # a whole second too much
     assert drift.update(0.0)
-    assert drift.correction == config.max_correction
+    # The proportional part is held to the catch-up clamp; the integral starts.
+    assert drift.correction == pytest.approx(
+        config.max_catch_up + config.ki * 1.0 * config.rate_update_interval
+    )
     drift.observe(1.0)
     assert not drift.update(0.1)  # too soon
-    assert drift.update(0.3)
-    # Anti-windup: the integral did not run away while saturated.
+    now = 0.0
+    for _ in range(20):
+        now += config.rate_update_interval
+        drift.observe(1.0)
+        assert drift.update(now)
+    assert drift.correction == config.max_correction
+    # Anti-windup: the integral did not run away while saturated, so it comes
+    # back as soon as the error turns.
     assert abs(drift.integral) <= config.max_correction
+    now += config.rate_update_interval
+    drift.observe(-0.01)
+    drift.update(now)
+    assert drift.correction < config.max_correction
 
 
 def test_playout_reports_rate_changes_in_whole_hertz() -> None:
@@ -161,6 +174,27 @@ def test_playout_reports_rate_changes_in_whole_hertz() -> None:
     assert rates
     assert all(44100 < r <= 44100 * 1.03 + 1 for r in rates)
     assert len(rates) <= 30 / 0.25
+
+
+def test_an_underrun_raises_the_target_for_a_while() -> None:
+    playout = Playout(48000)
+    now = 0.0
+    for _ in range(3000):  # 30 s steady: the target is at its floor
+        now += 0.01
+        playout.arrival(now, 480, 0.020)
+    assert playout.target == pytest.approx(0.020, abs=0.001)
+    playout.underrun(now)
+    assert playout.target == pytest.approx(0.030, abs=0.001)
+    for _ in range(30000):  # five minutes later it is forgotten
+        now += 0.01
+        playout.arrival(now, 480, 0.030)
+    assert playout.target == pytest.approx(0.020, abs=0.001)
+
+
+def test_starved_card_buffers_more() -> None:
+    # Underruns the arrivals did not foretell make the target grow.
+    _, result = simulate(30, skew=-0.10)
+    assert max(result.targets) >= 0.050
 
 
 def test_estimator_rejects_nonsense() -> None:
