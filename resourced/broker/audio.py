@@ -107,6 +107,7 @@ class GuestAudio:
         #: Made on first use: the sound server is loaded after the service has
         #: its bus name (loading libpulse takes longer than activation should).
         self._playback: Playback | None = None
+        self._last_latency = 0
         self.recorder: WavFileSink | None = None
         self._recording_format: AudioFormat | None = None
         for event_type, handler in (
@@ -175,7 +176,14 @@ class GuestAudio:
     @property
     def latency_usec(self) -> int:
         playback = self._playback
-        return 0 if playback is None or not playback.playing else playback.latency_usec
+        if playback is None or not playback.playing:
+            self._last_latency = 0
+            return 0
+        # The stream's timing is unknown for a moment after each rate change
+        # (it reads 0 then): the last reading stands for it meanwhile.
+        latency = playback.latency_usec or self._last_latency
+        self._last_latency = latency
+        return latency
 
     @property
     def underruns(self) -> int:
@@ -229,7 +237,10 @@ class GuestAudio:
             raise ConfigurationError(f"already recording to {self.recorder.path}")
         fmt = self.format
         try:
-            self.recorder = WavFileSink(path, fmt)
+            # A new file only: never overwrite (nor, on failure, remove) one someone has.
+            self.recorder = WavFileSink(path, fmt, exclusive=True)
+        except FileExistsError:
+            raise ConfigurationError(f"{path} exists: give a new file name") from None
         except OSError as err:
             raise ConfigurationError(f"cannot write {path}: {err.strerror or err}") from None
         self._recording_format = fmt
@@ -296,10 +307,7 @@ class GuestAudio:
             async with asyncio.timeout(SUPPORT_TIMEOUT):
                 await self._answered.wait()
         if self._ext is None or not self._ext.supported:
-            raise Unsupported(
-                f"guest {self.name}: its VNC server offers no audio "
-                "(QEMU needs an audiodev on its VNC display: -vnc ...,audiodev=ID)"
-            )
+            raise Unsupported(f"guest {self.name}: its VNC server offers no audio")
         if not self._ext.enabled:
             self._ext.enable()
             client.flush()

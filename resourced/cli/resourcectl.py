@@ -421,6 +421,8 @@ async def cmd_audio(client: Client, args: argparse.Namespace) -> int:
     elif action in ("mute", "unmute"):
         await set_property("Muted", Variant("b", action == "mute"))
     elif action == "record":
+        if not args.file:
+            raise CliError("give the WAV file to record to", EXIT_CODES["InvalidArgument"])
         target = _absolute(args.file)
         await client.call(path, AUDIO, "Record", "sa{sv}", [target, {}])
         print(target)
@@ -493,7 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("guest")
     p.add_argument("console")
     p = commands.add_parser("audio", help="the guest's sound: on, off, volume, mute, record...")
-    p.add_argument("guest")
+    p.add_argument("guest", metavar="GUEST")
     actions = p.add_subparsers(dest="action", required=True)
     actions.add_parser("on", help="play the guest's sound (connects if need be)")
     actions.add_parser("off", help="stop playing it")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -50,13 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     config = config_module.load(args.config_dir)
     if args.idle_exit is not None:
-        config = config_module.Config(
-            idle_exit=args.idle_exit,
-            guest_settings=config.guest_settings,
-            libvirt_uris=config.libvirt_uris,
-            guests=config.guests,
-            directory=config.directory,
-        )
+        config = dataclasses.replace(config, idle_exit=args.idle_exit)
     return asyncio.run(serve(config, bus_address=args.bus))
 
 

@@ -355,6 +355,8 @@ async def _sound_tour(
     else:
         print("sound:     the session bus's service plays into your sound server, and none")
         print("           answers here (pactl info): playback skipped, recording shown")
+    # The service makes only new files: the last tour's recording goes first.
+    await asyncio.to_thread(wav.unlink, True)
     await asyncio.to_thread(_show, ["resourcectl", "audio", "demo", "record", str(wav)], env)
     await asyncio.sleep(duration)
     await asyncio.to_thread(_show, ["resourcectl", "audio", "demo", "stop-recording"], env)

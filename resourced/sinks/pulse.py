@@ -33,6 +33,7 @@ import contextlib
 import ctypes as ct
 import logging
 import math
+import os
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final
 
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 APPLICATION_ID: Final = "org.resourced.Resourced1"
 _BACKOFF_MIN: Final = 0.1  # seconds before the first reconnection attempt
 _BACKOFF_MAX: Final = 2.0  # ... doubling up to this
+_SOCKET_POLL: Final = 0.25  # seconds between looks for a server socket not there yet
 _MAX_BUFFER: Final = 2.0  # seconds: the stream's maxlength (beyond the largest target)
 _ATTR_INTERVAL: Final = 1.0  # seconds between two buffer-attribute changes at most
 _ATTR_CHANGE: Final = 0.005  # seconds: target moves smaller than this are not applied
@@ -176,9 +178,29 @@ class PulseServer:
 
     # -- the connection task ---------------------------------------------------------
 
+    def _socket_path(self) -> str | None:
+        """The Unix socket the server listens on, where that can be told (the
+        server string, $PULSE_SERVER, else libpulse's per-user default)."""
+        server = self.server or os.environ.get("PULSE_SERVER")
+        if server is not None:
+            return server[5:] if server.startswith("unix:") else None
+        runtime = os.environ.get("XDG_RUNTIME_DIR")
+        return os.path.join(runtime, "pulse", "native") if runtime else None
+
+    def _socket_missing(self) -> bool:
+        path = self._socket_path()
+        return path is not None and not os.path.exists(path)
+
     async def _run(self) -> None:
         backoff = _BACKOFF_MIN
         while not self._closing:
+            if self._socket_missing():
+                # No server there: don't build a libpulse context to find out.
+                # Each failed one holds the loop for tens of ms (the libpulse
+                # package collects garbage when its main loop closes); a stat
+                # costs nothing, so look again soon.
+                await asyncio.sleep(_SOCKET_POLL)
+                continue
             # libpulse cancels the task that entered `async with LibPulse()` when
             # the context fails: that is this child task, never _run itself.
             session = asyncio.create_task(self._session())

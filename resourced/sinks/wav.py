@@ -20,14 +20,16 @@ class WavFileSink:
 
     kind = "wav"
 
-    def __init__(self, path: Path | str, fmt: AudioFormat) -> None:
+    def __init__(self, path: Path | str, fmt: AudioFormat, *, exclusive: bool = False) -> None:
+        """Raises OSError if the file cannot be made; FileExistsError if it
+        exists and `exclusive`."""
         self.path = Path(path)
         self.format = fmt
         self.bytes_written = 0
         self._partial = b""
         # Opened here, not by wave.open: when wave opens a path that fails, its
         # half-made writer prints a traceback from __del__ (CPython 3.11).
-        self._file = open(self.path, "wb")  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "xb" if exclusive else "wb")  # noqa: SIM115 - closed in close()
         self._wav = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
         self._wav.setnchannels(fmt.channels)
         self._wav.setsampwidth(fmt.sample_format.size)

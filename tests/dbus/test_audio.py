@@ -104,6 +104,13 @@ async def test_bad_recordings_are_named_errors(
         assert missing.error_name == ERROR + "InvalidArgument", missing.body
         assert str(nowhere) in str(missing.body[0])
         assert await get_property(bus, DEMO, AUDIO, "Recording") == ""
+        # An existing file is neither overwritten nor removed.
+        kept = session.directory / "kept.wav"
+        kept.write_bytes(b"precious")
+        existing = await call(bus, DEMO, AUDIO, "Record", "sa{sv}", [str(kept), {}])
+        assert existing.error_name == ERROR + "InvalidArgument", existing.body
+        assert "exists" in str(existing.body[0])
+        assert kept.read_bytes() == b"precious"
         unknown = await call(bus, DEMO, AUDIO, "Start", "a{sv}", [{"loud": Variant("b", True)}])
         assert unknown.error_name == ERROR + "InvalidArgument", unknown.body
         result = session.busctl("set-property", BUS_NAME, DEMO, AUDIO, "Volume", "d", "1.5")
@@ -191,6 +198,9 @@ async def test_resourcectl_audio_record_and_status(
     assert result.stdout.strip() == str(target)
     fmt, pcm = read_wav(target)
     assert abs(analyse(pcm, fmt).frequency_hz - TONE_HZ) < TONE_HZ * 0.02
+    empty = session.resourcectl("audio", "demo", "record", "")
+    assert empty.returncode == 2, empty.stderr
+    assert "Traceback" not in empty.stderr
     bad = session.resourcectl("audio", "demo", "volume", "2")
     assert bad.returncode == 2  # argparse: a usage error, before any call
     assert "outside 0.0-1.0" in bad.stderr
