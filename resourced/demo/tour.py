@@ -84,6 +84,7 @@ class PrivateBus:
         self.directory = directory
         self.process: subprocess.Popen[bytes] | None = None
         self.address = ""
+        self.log_path = directory / "service.log"
 
     def start(self, env: dict[str, str] | None = None) -> str:
         """Start the bus; services it activates get `env` (default: ours)."""
@@ -97,12 +98,15 @@ class PrivateBus:
         config = self.directory / "bus.conf"
         socket_path = self.directory / "bus"
         config.write_text(bus_config(socket_path, services / "dbus-1" / "services"))
-        self.process = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
+        # What the services it activates print (the service's log) goes here.
+        self.log_path = self.directory / "service.log"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile"],
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
         deadline = time.monotonic() + TIMEOUT
         while not socket_path.exists():
             if time.monotonic() > deadline or self.process.poll() is not None:
@@ -175,6 +179,7 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
             print(f"sound:     no sound server here; a private PulseAudio at {sound.server}")
         env["DBUS_SESSION_BUS_ADDRESS"] = await asyncio.to_thread(private.start, env)
         print(f"bus:       no session bus here; a private one at {private.address}")
+        print(f"           (the service's log: {private.log_path})")
         print(f"           (export DBUS_SESSION_BUS_ADDRESS={private.address} to use it)")
     else:
         await asyncio.to_thread(

@@ -49,7 +49,8 @@ async def test_tour_once_without_a_session_bus(tmp_path: Path) -> None:
     assert "a private PulseAudio at unix:" in text, text
     played = re.search(r"played: .* recorded back from \S+: ([\d.]+) s, (\d+) Hz", text)
     assert played is not None, text
-    assert float(played.group(2)) == pytest.approx(tone_frequency(440), abs=8)
+    # Played: the player may steer its rate by up to 3 % while it settles.
+    assert float(played.group(2)) == pytest.approx(tone_frequency(440), rel=0.03)
     assert "$ resourcectl audio demo status" in text
     recorded = re.search(r"recorded: .*beep.wav: ([\d.]+) s of .*, (\d+) Hz", text)
     assert recorded is not None, text
