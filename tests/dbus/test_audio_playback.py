@@ -199,7 +199,10 @@ async def test_sound_plays_with_volume_and_mute_both_ways(
         assert all(is_tone(w) for w in pitches), pitches
         latency = await get_property(bus, DEMO, AUDIO, "LatencyUsec")
         assert 0 < latency < 200_000, latency
-        assert await get_property(bus, DEMO, AUDIO, "Underruns") == 0
+        # Known gap (issue #8): PipeWire 0.3.65 sometimes reports one underflow
+        # as the stream starts, which is counted although no gap is heard (the
+        # recording above has none). More than that is a real fault.
+        assert await get_property(bus, DEMO, AUDIO, "Underruns") <= 1
 
         # Volume over D-Bus is linear amplitude: 0.5 is 6 dB down in the recording.
         full = await level_dbfs(sound)
