@@ -19,6 +19,7 @@ contents and its processes, nothing else; the caller owns the directory.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import os
@@ -101,7 +102,7 @@ async def _spawn(name: str, argv: list[str], env: Mapping[str, str], log: Path) 
     return _Process(name, proc, log)
 
 
-class _SoundServer:
+class _SoundServer(abc.ABC):
     """What both servers share: the environment, pactl, readiness, the null sink."""
 
     kind: str = ""
@@ -113,13 +114,13 @@ class _SoundServer:
 
     # Subclasses say where the socket is and how to start their processes.
     @property
-    def socket_path(self) -> Path:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def socket_path(self) -> Path: ...
 
-    async def _launch(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _launch(self) -> None: ...
 
-    async def _after_ready(self) -> None:
+    async def _after_ready(self) -> None:  # noqa: B027 - an optional hook, not abstract
         """Anything to do once pactl answers (load the sink)."""
 
     @property
@@ -351,7 +352,7 @@ class PrivatePipeWire(_SoundServer):
                 raise SoundServerError(f"{name} did not create {path} within {_START_TIMEOUT} s")
             await asyncio.sleep(_POLL_INTERVAL)
 
-    async def _after_ready(self) -> None:
+    async def _after_ready(self) -> None:  # noqa: B027 - an optional hook, not abstract
         await self.pactl("load-module", "module-null-sink", f"sink_name={self.sink}")
 
 
