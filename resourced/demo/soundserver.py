@@ -352,7 +352,7 @@ class PrivatePipeWire(_SoundServer):
                 raise SoundServerError(f"{name} did not create {path} within {_START_TIMEOUT} s")
             await asyncio.sleep(_POLL_INTERVAL)
 
-    async def _after_ready(self) -> None:  # noqa: B027 - an optional hook, not abstract
+    async def _after_ready(self) -> None:
         await self.pactl("load-module", "module-null-sink", f"sink_name={self.sink}")
 
 
