@@ -169,6 +169,23 @@ def ensure_libvirtd(timeout: float = START_TIMEOUT) -> None:
     )
 
 
+#: Devices for `demo_domain_xml`: a PTY serial console (and `<console>`), VNC on a
+#: socket of libvirt's choosing, and VGA.
+PTY_CONSOLE_AND_VNC = """\
+    <serial type='pty'>
+      <target port='0'/>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <graphics type='vnc'>
+      <listen type='socket'/>
+    </graphics>
+    <video>
+      <model type='vga'/>
+    </video>"""
+
+
 def demo_domain_xml(name: str, image: Path, devices: str) -> str:
     """A transient TCG domain booting the demo boot sector from `image` (a floppy),
     with `devices` (XML elements) added to its `<devices>`."""

@@ -34,7 +34,12 @@ from tests.dbus.conftest import (
     read_fd_until,
     type_until_echoed,
 )
-from tests.libvirtd import SYSTEM_URI, demo_domain_xml, other_console_refusal
+from tests.libvirtd import (
+    PTY_CONSOLE_AND_VNC,
+    SYSTEM_URI,
+    demo_domain_xml,
+    other_console_refusal,
+)
 
 GUEST = f"{BUS_NAME}.Guest"
 CONSOLE = f"{BUS_NAME}.Console"
@@ -51,23 +56,7 @@ def domain(system_conn: Any) -> Iterator[Any]:
     image.write_bytes(build_boot_sector())
     image.chmod(0o644)
     name = f"rsd-svc-{uuid.uuid4().hex[:10]}"
-    xml = demo_domain_xml(
-        name,
-        image,
-        """\
-    <serial type='pty'>
-      <target port='0'/>
-    </serial>
-    <console type='pty'>
-      <target type='serial' port='0'/>
-    </console>
-    <graphics type='vnc'>
-      <listen type='socket'/>
-    </graphics>
-    <video>
-      <model type='vga'/>
-    </video>""",
-    )
+    xml = demo_domain_xml(name, image, PTY_CONSOLE_AND_VNC)
     dom = system_conn.defineXML(xml)
     dom.create()
     try:

@@ -38,6 +38,7 @@ from resourced.rfb.consoles import (
 )
 from tests.integration.test_libvirt_gateway_discovery import IO_TIMEOUT, GatewayProcess
 from tests.libvirtd import (
+    PTY_CONSOLE_AND_VNC,
     SYSTEM_URI,
     OtherConsoleSession,
     demo_domain_xml,
@@ -46,19 +47,6 @@ from tests.libvirtd import (
 
 pytestmark = pytest.mark.integration
 
-PTY_CONSOLE = """\
-    <serial type='pty'>
-      <target port='0'/>
-    </serial>
-    <console type='pty'>
-      <target type='serial' port='0'/>
-    </console>
-    <graphics type='vnc'>
-      <listen type='socket'/>
-    </graphics>
-    <video>
-      <model type='vga'/>
-    </video>"""
 
 #: 240 bytes for the guest to echo (no byte may go missing).
 TYPED = b"".join(b"line-%02d-abcdefghijklmnopq " % n for n in range(10))[:240]
@@ -73,7 +61,7 @@ def pty_domain(system_conn: Any) -> Iterator[tuple[str, Path]]:
     image.write_bytes(build_boot_sector())
     image.chmod(0o644)
     name = f"rsd-con-{uuid.uuid4().hex[:10]}"
-    domain = system_conn.createXML(demo_domain_xml(name, image, PTY_CONSOLE), 0)
+    domain = system_conn.createXML(demo_domain_xml(name, image, PTY_CONSOLE_AND_VNC), 0)
     try:
         yield name, directory
     finally:
