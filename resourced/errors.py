@@ -86,6 +86,11 @@ class Unsupported(BrokerError):
     """The guest or the caller cannot do what was asked."""
 
 
+class RecordingFailed(BrokerError):
+    """A recording could not be written (disk full, file system gone...); what was
+    written before the failure stays in the file."""
+
+
 # --- sound -----------------------------------------------------------------------------
 
 

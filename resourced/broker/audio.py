@@ -27,7 +27,7 @@ from typing import Protocol
 
 from resourced.audio import AudioFormat
 from resourced.broker.link import GuestLink
-from resourced.errors import ConfigurationError, Unsupported
+from resourced.errors import ConfigurationError, RecordingFailed, Unsupported
 from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, AudioSupported, QemuAudio
 from resourced.sinks.wav import WavFileSink
 
@@ -110,6 +110,9 @@ class GuestAudio:
         self._last_latency = 0
         self.recorder: WavFileSink | None = None
         self._recording_format: AudioFormat | None = None
+        #: Why the last recording ended by itself (a write failed), told to the
+        #: next stop_recording() so that nobody takes a broken file for a good one.
+        self._recording_failure: str | None = None
         for event_type, handler in (
             (AudioSupported, self._on_supported),
             (AudioBegin, self._on_begin),
@@ -235,6 +238,7 @@ class GuestAudio:
         """
         if self.recorder is not None:
             raise ConfigurationError(f"already recording to {self.recorder.path}")
+        self._recording_failure = None  # told in the log; a new recording starts afresh
         fmt = self.format
         try:
             # A new file only: never overwrite (nor, on failure, remove) one someone has.
@@ -251,29 +255,51 @@ class GuestAudio:
         try:
             await self._ensure_capture()
         except Exception:
-            self.stop_recording()
+            self._end_recording()
             with contextlib.suppress(OSError):
                 os.unlink(path)  # a header and nothing else: no recording at all
             raise
 
     def stop_recording(self) -> str:
-        """End the recording; the path it was written to ("" if none ran)."""
+        """End the recording; the path it was written to ("" if none ran).
+
+        Raises `RecordingFailed` if the file could not be written in full (now,
+        or earlier, when the recording ended by itself): the caller learns that
+        the file holds less than asked for.
+        """
+        path, failure = self._end_recording()
+        failure = failure or self._recording_failure
+        self._recording_failure = None
+        if failure is not None:
+            raise RecordingFailed(failure)
+        return path
+
+    def _end_recording(self) -> tuple[str, str | None]:
+        """Close the recorder: its path ("" if none ran) and why it failed, if it did."""
         recorder, self.recorder = self.recorder, None
         if self._held_for_recording:
             self._held_for_recording = False
             self.link.release()
         if recorder is None:
-            return ""
-        with contextlib.suppress(OSError):
+            return "", None
+        failure = None
+        try:
             recorder.close()
-        log.info(
-            "guest %s: recorded %d bytes to %s", self.name, recorder.bytes_written, recorder.path
-        )
+        except OSError as err:
+            failure = _recording_failure(recorder, err)
+            log.warning("guest %s: %s", self.name, failure)
+        else:
+            log.info(
+                "guest %s: recorded %d bytes to %s",
+                self.name,
+                recorder.bytes_written,
+                recorder.path,
+            )
         if self._ext is not None and self._ext.enabled and not self._capturing:
             self._ext.disable()
             self._flush()
         self._changed()
-        return str(recorder.path)
+        return str(recorder.path), failure
 
     def set_volume(self, volume: float) -> None:
         """Volume as linear amplitude, 0.0-1.0 (`ConfigurationError` outside that)."""
@@ -289,7 +315,7 @@ class GuestAudio:
         self.playback.set_muted(muted)
 
     async def close(self) -> None:
-        self.stop_recording()
+        self._end_recording()
         if self._held_for_playing:
             self._held_for_playing = False
             self.link.release()
@@ -339,10 +365,10 @@ class GuestAudio:
             try:
                 self.recorder.write(event.data)
             except OSError as err:
-                log.warning(
-                    "guest %s: recording to %s failed: %s", self.name, self.recorder.path, err
-                )
-                self.stop_recording()
+                failure = _recording_failure(self.recorder, err)
+                log.warning("guest %s: %s", self.name, failure)
+                self._end_recording()
+                self._recording_failure = failure
 
     def _on_end(self, _event: AudioEnd) -> None:
         self._finish_capture()
@@ -363,3 +389,10 @@ class GuestAudio:
             self._on_change()
         except Exception:
             log.exception("guest %s: audio observer failed", self.name)
+
+
+def _recording_failure(recorder: WavFileSink, err: OSError) -> str:
+    return (
+        f"recording to {recorder.path} failed after {recorder.bytes_written} bytes:"
+        f" {err.strerror or err}"
+    )

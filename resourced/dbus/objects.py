@@ -317,7 +317,9 @@ class AudioInterface(_Interface):
     @dbus_method()
     @translated
     def StopRecording(self, options: Options) -> Str:
-        """End the recording; the file it was written to ("" if none ran)."""
+        """End the recording; the file it was written to ("" if none ran).
+        `Failed` if the file could not be written in full (then, or earlier when
+        the recording ended by itself), naming the file and the cause."""
         parse_options(options, {}, "StopRecording")
         return self._audio.stop_recording()
 

@@ -29,13 +29,18 @@ class WavFileSink:
         self._partial = b""
         # Opened here, not by wave.open: when wave opens a path that fails, its
         # half-made writer prints a traceback from __del__ (CPython 3.11).
-        self._file = open(self.path, "xb" if exclusive else "wb")  # noqa: SIM115 - closed in close()
+        # Unbuffered, so that a failing write (a full disk) raises in write(),
+        # when it happens, not in close() long after: one write() per chunk.
+        self._file = open(self.path, "xb" if exclusive else "wb", buffering=0)  # noqa: SIM115 - closed in close()
         self._wav = wave.open(self._file, "wb")  # noqa: SIM115 - closed in close()
         self._wav.setnchannels(fmt.channels)
         self._wav.setsampwidth(fmt.sample_format.size)
         self._wav.setframerate(fmt.rate)
 
     def write(self, data: bytes) -> None:
+        """Append PCM (any length: a partial frame waits for the rest).
+
+        Raises OSError as the file system reports it (ENOSPC...)."""
         data = self._partial + data
         usable = len(data) - len(data) % self.format.frame_size
         data, self._partial = data[:usable], data[usable:]
@@ -43,6 +48,7 @@ class WavFileSink:
         self.bytes_written += len(data)
 
     def close(self) -> None:
+        """Finish the header (its lengths) and close; raises OSError if that fails."""
         try:
             self._wav.close()
         finally:

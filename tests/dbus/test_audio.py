@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import shutil
 import tempfile
 import wave
@@ -83,6 +84,57 @@ async def test_record_the_guests_tone(session: Session, gateway_guest: GatewayGu
     assert measured.seconds >= 2.0
     assert abs(measured.frequency_hz - TONE_HZ) < TONE_HZ * 0.02, measured
     assert measured.rms_dbfs > -30, measured  # a tone, not silence
+
+
+async def test_a_recording_that_cannot_be_written_is_a_named_error(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    """The file stops growing mid-recording (the service's file-size limit, as a
+    full disk would): the recording ends by itself (Recording ""), and the
+    StopRecording that follows is Failed naming the file and the cause, not a path
+    that looks like a good recording. The next recording works."""
+    session.write_config("[guests]\nidle-timeout = 600\n[audio]\nautostart = false\n")
+    target = session.directory / "cut.wav"
+    bus = await session.client()
+    signals = await Signals(bus).start()
+    pid = None
+    try:
+        ok(
+            await call(
+                bus, ROOT, MANAGER, "AddGuest", "ssa{sv}", ["demo", gateway_guest.address, {}]
+            )
+        )
+        ok(await call(bus, DEMO, AUDIO, "Record", "sa{sv}", [str(target), {}]))
+        await signals.wait_property(DEMO, AUDIO, "Recording", str(target))
+        await wait_for_file(target, 44 + 4800)
+        pid = session.service_pid()
+        assert pid is not None
+        # Only the soft limit: the hard one stays, so it can be raised back.
+        _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (os.path.getsize(target) + 4096, hard))
+        await signals.wait_property(DEMO, AUDIO, "Recording", "")
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+        pid = None
+        failed = await call(bus, DEMO, AUDIO, "StopRecording", "a{sv}", [{}])
+        assert failed.error_name == ERROR + "Failed", failed.body
+        message = str(failed.body[0])
+        assert str(target) in message, message
+        assert "File too large" in message, message
+        # Told once: the next StopRecording has nothing to stop.
+        (stopped,) = ok(await call(bus, DEMO, AUDIO, "StopRecording", "a{sv}", [{}]))
+        assert stopped == ""
+        again = session.directory / "again.wav"
+        ok(await call(bus, DEMO, AUDIO, "Record", "sa{sv}", [str(again), {}]))
+        await wait_for_file(again, 44 + 48000)
+        (written,) = ok(await call(bus, DEMO, AUDIO, "StopRecording", "a{sv}", [{}]))
+        assert written == str(again)
+    finally:
+        if pid is not None:
+            _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+        bus.disconnect()
+    fmt, pcm = read_wav(again)
+    assert abs(analyse(pcm, fmt).frequency_hz - TONE_HZ) < TONE_HZ * 0.02
 
 
 async def test_bad_recordings_are_named_errors(
