@@ -117,9 +117,16 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # A session service lives as long as its bus: when the bus goes (the session
+    # ended, the daemon was killed) nobody can reach us, and open guest
+    # connections and consoles would otherwise keep us running for ever.
+    disconnected = asyncio.ensure_future(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
+    on_bus_lost = functools.partial(_on_bus_lost, stop)
+    disconnected.add_done_callback(on_bus_lost)
     try:
         await _run_until_idle(bus, broker, guard, config.idle_exit, stop)
     finally:
+        disconnected.remove_done_callback(on_bus_lost)  # our own disconnect() below
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         background.cancel()
@@ -132,6 +139,15 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
     return 0
 
 
+def _on_bus_lost(stop: asyncio.Event, disconnected: asyncio.Future[None]) -> None:
+    if not disconnected.cancelled():
+        error = disconnected.exception()
+        log.warning(
+            "resourced: the bus connection is gone (%s); stopping", error or "closed by the bus"
+        )
+    stop.set()
+
+
 async def _run_until_idle(
     bus: ServiceBus, broker: Broker, guard: CallerGuard, idle_exit: float, stop: asyncio.Event
 ) -> None:
@@ -139,7 +155,7 @@ async def _run_until_idle(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), IDLE_CHECK_INTERVAL)
         if stop.is_set():
-            log.info("resourced: stopping (signal)")
+            log.info("resourced: stopping")
             return
         if idle_exit <= 0 or broker.in_use():
             continue

@@ -585,3 +585,28 @@ async def test_console_whose_host_end_left_the_gateway_comes_back(
             serial.close()
     finally:
         bus.disconnect()
+
+
+async def test_the_service_stops_when_its_bus_goes(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    """The bus's daemon dies (the session ended) while an open console holds the
+    guest's connection: the service stops too, instead of running for ever with
+    nobody able to reach it."""
+    session.write_config("[service]\nidle-exit = 0\n")
+    await add_demo(session, gateway_guest)
+    pty = session.busctl("call", BUS_NAME, SERIAL, CONSOLE, "OpenPty", "a{sv}", "0")
+    assert pty.returncode == 0, pty.stderr
+    pid = session.service_pid()
+    assert pid is not None
+    session.daemon.kill()
+    session.daemon.wait()
+
+    def stopped() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/status").read_text().count("zombie") > 0
+
+    await until(stopped, "the service to stop once its bus is gone")
