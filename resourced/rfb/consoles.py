@@ -349,6 +349,22 @@ class ConsoleData:
         return cls(console_id, r.take(length))
 
 
+def _serialize_coded_text(op: ConsoleServerOp, console_id: int, code: int, message: str) -> bytes:
+    """CLOSED and MARK's body: u32 console id, u8 code, u16 length, UTF-8 text."""
+    # Cut at a character boundary, not in the middle of one.
+    text = message.encode()[:MAX_CLOSE_MESSAGE].decode(errors="ignore").encode()
+    return _server_head(op) + u32(console_id) + u8(code) + u16(len(text)) + text
+
+
+def _parse_coded_text(r: Reader, what: str) -> tuple[int, int, str]:
+    """(console id, code, text) of a CLOSED or MARK body; RemoteProtocolError if
+    its text is longer than MAX_CLOSE_MESSAGE."""
+    console_id, code, length = r.u32(), r.u8(), r.u16()
+    if length > MAX_CLOSE_MESSAGE:
+        raise RemoteProtocolError(f"{what} message of {length} bytes")
+    return console_id, code, r.take(length).decode("utf-8", errors="replace")
+
+
 @dataclass(frozen=True, slots=True)
 class ConsoleClosed:
     """A console is closed for this connection, with a reason."""
@@ -358,22 +374,13 @@ class ConsoleClosed:
     message: str = ""
 
     def serialize(self) -> bytes:
-        # Cut at a character boundary, not in the middle of one.
-        text = self.message.encode()[:MAX_CLOSE_MESSAGE].decode(errors="ignore").encode()
-        return (
-            _server_head(ConsoleServerOp.CLOSED)
-            + u32(self.console_id)
-            + u8(self.reason)
-            + u16(len(text))
-            + text
+        return _serialize_coded_text(
+            ConsoleServerOp.CLOSED, self.console_id, self.reason, self.message
         )
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleClosed:
-        console_id, reason, length = r.u32(), r.u8(), r.u16()
-        if length > MAX_CLOSE_MESSAGE:
-            raise RemoteProtocolError(f"CLOSED message of {length} bytes")
-        text = r.take(length).decode("utf-8", errors="replace")
+        console_id, reason, text = _parse_coded_text(r, "CLOSED")
         try:
             why = CloseReason(reason)
         except ValueError:
@@ -414,21 +421,11 @@ class ConsoleMark:
     message: str = ""
 
     def serialize(self) -> bytes:
-        text = self.message.encode()[:MAX_CLOSE_MESSAGE].decode(errors="ignore").encode()
-        return (
-            _server_head(ConsoleServerOp.MARK)
-            + u32(self.console_id)
-            + u8(self.kind)
-            + u16(len(text))
-            + text
-        )
+        return _serialize_coded_text(ConsoleServerOp.MARK, self.console_id, self.kind, self.message)
 
     @classmethod
     def parse(cls, r: Reader) -> ConsoleMark:
-        console_id, kind, length = r.u32(), r.u8(), r.u16()
-        if length > MAX_CLOSE_MESSAGE:
-            raise RemoteProtocolError(f"MARK message of {length} bytes")
-        text = r.take(length).decode("utf-8", errors="replace")
+        console_id, kind, text = _parse_coded_text(r, "MARK")
         try:
             what = MarkKind(kind)
         except ValueError:
