@@ -99,6 +99,17 @@ def source_with_hub() -> tuple[RfbConsoleSource, Hub]:
     return source, hub
 
 
+def reconnected(source: RfbConsoleSource, first: bytes) -> tuple[Link, ConsoleOpen]:
+    """A gateway with positions sent `first` on the guest's first connection, which
+    then dropped; the next connection's link and the OPEN it sent (no history)."""
+    link = Link(source, positions=True)
+    link.attach(history=True)
+    link.feed(first)
+    source.detach("gone")
+    link = Link(source, positions=True)
+    return link, link.attach(history=False)
+
+
 def test_a_reconnect_resumes_right_after_the_last_byte() -> None:
     source, hub = source_with_hub()
     link = Link(source, positions=True)
@@ -122,12 +133,8 @@ def test_a_reconnect_resumes_right_after_the_last_byte() -> None:
 
 def test_a_new_stream_is_taken_whole_and_said_once(caplog: pytest.LogCaptureFixture) -> None:
     source, hub = source_with_hub()
-    link = Link(source, positions=True)
-    link.attach(history=True)
-    link.feed(opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"old"))
-    source.detach("gone")
-    link = Link(source, positions=True)
-    assert link.attach(history=False).resume == StreamPosition(STREAM, 3)
+    link, request = reconnected(source, opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"old"))
+    assert request.resume == StreamPosition(STREAM, 3)
     with caplog.at_level(logging.INFO, logger="resourced.broker.rfbsource"):
         link.feed(opened_at(1, 100, 4, OTHER, 0, 4) + data(1, b"new!"))
     assert bytes(hub.output) == b"oldnew!"
@@ -140,12 +147,7 @@ def test_a_new_stream_is_taken_whole_and_said_once(caplog: pytest.LogCaptureFixt
 
 def test_a_gap_is_logged_once_and_nothing_is_made_up(caplog: pytest.LogCaptureFixture) -> None:
     source, hub = source_with_hub()
-    link = Link(source, positions=True)
-    link.attach(history=True)
-    link.feed(opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"12"))
-    source.detach("gone")
-    link = Link(source, positions=True)
-    link.attach(history=False)
+    link, _ = reconnected(source, opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"12"))
     with caplog.at_level(logging.INFO, logger="resourced.broker.rfbsource"):
         # The server's ring now starts at 10: bytes 2..9 are gone.
         link.feed(opened_at(1, 100, 3, STREAM, 10, 13) + data(1, b"abc") + data(1, b"d"))
@@ -158,12 +160,7 @@ def test_a_gap_is_logged_once_and_nothing_is_made_up(caplog: pytest.LogCaptureFi
 
 def test_an_exact_resume_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
     source, _hub = source_with_hub()
-    link = Link(source, positions=True)
-    link.attach(history=True)
-    link.feed(opened_at(1, 100, 2, STREAM, 0, 2) + data(1, b"hi"))
-    source.detach("gone")
-    link = Link(source, positions=True)
-    link.attach(history=False)
+    link, _ = reconnected(source, opened_at(1, 100, 2, STREAM, 0, 2) + data(1, b"hi"))
     with caplog.at_level(logging.INFO, logger="resourced.broker.rfbsource"):
         link.feed(opened_at(1, 100, 0, STREAM, 0, 2))
     assert caplog.records == []
