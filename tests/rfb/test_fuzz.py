@@ -49,7 +49,7 @@ from resourced.rfb.security import TlsMode
 from resourced.rfb.tls import TlsCredentials
 
 from . import wire
-from .wire import traced_peak
+from .wire import mutated, traced_peak
 
 WIDTH, HEIGHT = 64, 48
 MIB = 1024 * 1024
@@ -190,22 +190,6 @@ def expected_events(message: Any) -> list[Any]:
 # (a) a connected client: bytes that look like server messages often enough to
 # get past the type byte
 # ---------------------------------------------------------------------------
-
-
-@st.composite
-def mutated(draw: st.DrawFn, messages: st.SearchStrategy[bytes]) -> bytes:
-    """A valid byte string, kept, cut short, or with bytes overwritten or inserted."""
-    data = draw(messages)
-    how = draw(st.sampled_from(["keep", "keep", "truncate", "overwrite", "insert"]))
-    if how == "keep" or not data:
-        return data
-    at = draw(st.integers(0, len(data) - 1))
-    if how == "truncate":
-        return data[:at]
-    junk = draw(st.binary(min_size=1, max_size=4))
-    if how == "overwrite":
-        return data[:at] + junk + data[at + len(junk) :]
-    return data[:at] + junk + data[at:]
 
 
 #: What a connected client advertised or otherwise takes, and a few it does not.

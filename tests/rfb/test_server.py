@@ -81,7 +81,7 @@ from tests.certs import Pki, make_pki
 
 from . import wire
 from .test_handshake import VNC_VECTORS, password_for_des_key
-from .wire import traced_peak
+from .wire import mutated, traced_peak
 
 WIDTH, HEIGHT = 64, 48
 NAME = "gateway test"
@@ -1120,22 +1120,6 @@ CONNECTED_EVENTS = (
     ClientCutTextRefused,
     ClientClosed,
 )
-
-
-@st.composite
-def mutated(draw: st.DrawFn, messages: st.SearchStrategy[bytes]) -> bytes:
-    """A valid byte string, kept, cut short, or with bytes overwritten or inserted."""
-    data = draw(messages)
-    how = draw(st.sampled_from(["keep", "keep", "truncate", "overwrite", "insert"]))
-    if how == "keep" or not data:
-        return data
-    at = draw(st.integers(0, len(data) - 1))
-    if how == "truncate":
-        return data[:at]
-    junk = draw(st.binary(min_size=1, max_size=4))
-    if how == "overwrite":
-        return data[:at] + junk + data[at + len(junk) :]
-    return data[:at] + junk + data[at:]
 
 
 fragments = st.one_of(

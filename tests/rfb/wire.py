@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from hypothesis import strategies as st
+
 from resourced.rfb.connection import ClientConnection, State
 from resourced.rfb.events import Connected
 
@@ -277,3 +279,19 @@ def traced_peak() -> Iterator[list[int]]:
     finally:
         if started:
             tracemalloc.stop()
+
+
+@st.composite
+def mutated(draw: st.DrawFn, messages: st.SearchStrategy[bytes]) -> bytes:
+    """A valid byte string, kept, cut short, or with bytes overwritten or inserted."""
+    data = draw(messages)
+    how = draw(st.sampled_from(["keep", "keep", "truncate", "overwrite", "insert"]))
+    if how == "keep" or not data:
+        return data
+    at = draw(st.integers(0, len(data) - 1))
+    if how == "truncate":
+        return data[:at]
+    junk = draw(st.binary(min_size=1, max_size=4))
+    if how == "overwrite":
+        return data[:at] + junk + data[at + len(junk) :]
+    return data[:at] + junk + data[at:]
