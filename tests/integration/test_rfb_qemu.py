@@ -403,40 +403,26 @@ async def test_probe_finds_virt_viewer_certificates_in_home(
     (home / ".pki/libvirt/clientcert.pem").write_bytes(pki.client_cert.read_bytes())
     (home / ".pki/libvirt/private/clientkey.pem").write_bytes(pki.client_key.read_bytes())
     guest = await make_guest(tls_dir=pki.server_dir, tls_verify_client=True, audio=False)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "resourced.rfb",
-        "probe",
-        vnc_address(guest),
-        "--tls",
-        "require",
-        "--json",
-        env={**os.environ, "HOME": str(home)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(EVENT_TIMEOUT + 30):
-        out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()
+
+    async def probe() -> tuple[int | None, bytes, bytes]:
+        process = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "resourced.rfb", "probe", vnc_address(guest)),
+            *("--tls", "require", "--json"),
+            env={**os.environ, "HOME": str(home)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(EVENT_TIMEOUT + 30):
+            out, err = await process.communicate()
+        return process.returncode, out, err
+
+    returncode, out, err = await probe()
+    assert returncode == 0, err.decode()
     assert json.loads(out)["security"] == "VENCRYPT/X509_NONE"
     # Without the client certificate QEMU refuses: it was the one from HOME.
     (home / ".pki/libvirt/clientcert.pem").unlink()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "resourced.rfb",
-        "probe",
-        vnc_address(guest),
-        "--tls",
-        "require",
-        env={**os.environ, "HOME": str(home)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(EVENT_TIMEOUT + 30):
-        _, err = await process.communicate()
-    assert process.returncode == 1, err.decode()
+    returncode, _, err = await probe()
+    assert returncode == 1, err.decode()
     assert b"Traceback" not in err
 
 
