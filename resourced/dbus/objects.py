@@ -653,7 +653,12 @@ class Face(BrokerObserver, GuestObserver):
             return
         iface = entry[1]
         iface.emit_properties_changed(
-            {"State": iface.State, "LastError": iface.LastError, "Consoles": iface.Consoles}
+            {
+                "State": iface.State,
+                "LastError": iface.LastError,
+                "Consoles": iface.Consoles,
+                "Address": iface.Address,
+            }
         )
 
     #: Audio properties signalled when they change (LatencyUsec is read, not signalled).

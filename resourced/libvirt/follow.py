@@ -260,6 +260,8 @@ class LibvirtFollower:
                         wanted.append((name, console.kind, console.source))
                 self._loop.call_later(RECHECK_DELAY, self._schedule, uuid, domain, False, True)
             guest.set_consoles(wanted)
+            # A VNC port libvirt allocates can differ at each start.
+            guest.set_address(_describe(self.uri, resources))
         guest.set_running(running)
 
     def _xml(self, domain: Any) -> str:
