@@ -70,6 +70,9 @@ class LibvirtFollower:
         thread.run_events_on(self._loop)  # before the first connection: the service's loop
         self.first_sync = self._loop.create_future()
         self.last_error = ""
+        #: Followed at run time (`AddLibvirt`), not from the config: keeps the
+        #: service from idle exit.
+        self.ephemeral = False
 
     @property
     def guests(self) -> list[Guest]:
