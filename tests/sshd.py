@@ -18,7 +18,9 @@ transports only, and `no_verify=1` makes ssh add the key to ~/.ssh/known_hosts.
 So the URI names a wrapper as its `command`: `ssh -F` with a config of our own
 whose known_hosts file already holds the server's host key, checked strictly.
 On the far side the command finds `virt-ssh-helper` (Debian libvirt-daemon)
-on sshd's default PATH, which speaks to libvirtd's socket.
+on sshd's default PATH, which speaks to libvirtd's socket. The server allows
+stdio forwarding (`ssh -W`, how the service reaches a guest's VNC server that
+listens on the host's loopback) to 127.0.0.1 only, and logs each one.
 
 Teardown terminates the server and the session processes it forked (each
 session is its own process group, so they are found by parent pid before the
@@ -69,6 +71,10 @@ class PrivateSshd:
         """How many logins sshd accepted (its log says so once per session)."""
         return self.log.read_text(errors="replace").count("Accepted publickey for")
 
+    def forwardings_to(self, host: str, port: int) -> int:
+        """How many `ssh -W` (direct-tcpip) channels were asked for to host:port."""
+        return self.log.read_text(errors="replace").count(f"target {host} port {port}\n")
+
 
 def _free_port() -> int:
     with socket.socket() as probe:
@@ -105,7 +111,11 @@ UsePAM no
 # The key files live under /tmp (world-writable), which strict modes refuse.
 StrictModes no
 X11Forwarding no
-AllowTcpForwarding no
+# The VNC connection to a guest that listens on loopback goes through `ssh -W`,
+# to 127.0.0.1 only; DEBUG1 logs each forwarding's target.
+AllowTcpForwarding local
+PermitOpen 127.0.0.1:*
+LogLevel DEBUG1
 AllowAgentForwarding no
 PermitTTY no
 PrintMotd no

@@ -2,13 +2,15 @@
 sshd on localhost (tests/sshd.py) to the machine's own libvirtd, as a user
 reaches a virtualisation host. The domain's VNC server listens on TCP with a
 password, as a remote guest's must (openGraphicsFD cannot cross ssh: "Receiving
-file descriptors is not supported on this socket").
+file descriptors is not supported on this socket"), on 127.0.0.1 as libvirt's
+default `vnc_listen` has it: only the host itself reaches that, so the service
+goes through ssh (`ssh -W`), as virt-viewer does.
 
 What it proves, through the real service on a private bus: `AddLibvirt` with
 the URI publishes the domain as a guest (named after it, or NAME@HOST when a
 guest has that name already; `Source` the URI, `Address` HOST::PORT from the
 XML); its console comes through libvirt's stream over ssh (an fd echo, while
-another session is refused); its VNC connection opens over TCP with the
+another session is refused); its VNC connection opens through ssh with the
 password libvirt gives in the secure XML (the server refuses a client without
 it); destroying the domain ends the console (EOF) and marks the guest stopped;
 starting it brings it back, at the VNC port it has then. The config file's
@@ -55,8 +57,10 @@ CONSOLE = f"{BUS_NAME}.Console"
 MANAGER = f"{BUS_NAME}.Manager"
 PASSWORD = "rsd-vnc1"  # VNC Authentication uses at most 8 characters
 
-#: A PTY serial console, and VNC on TCP 127.0.0.1 (a port libvirt picks) with a password.
-TCP_VNC_WITH_PASSWORD = f"""\
+
+def devices(listen: str) -> str:
+    """A PTY serial console, and VNC on TCP `listen` (a port libvirt picks) with a password."""
+    return f"""\
     <serial type='pty'>
       <target port='0'/>
     </serial>
@@ -64,7 +68,7 @@ TCP_VNC_WITH_PASSWORD = f"""\
       <target type='serial' port='0'/>
     </console>
     <graphics type='vnc' port='-1' autoport='yes' passwd='{PASSWORD}'>
-      <listen type='address' address='127.0.0.1'/>
+      <listen type='address' address='{listen}'/>
     </graphics>
     <video>
       <model type='vga'/>
@@ -81,18 +85,18 @@ def sshd() -> Iterator[PrivateSshd]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture
-def domain(system_conn: Any) -> Iterator[Any]:
-    """A persistent TCG domain (defined, started): a PTY serial console, VNC on TCP."""
+@contextlib.contextmanager
+def defined_domain(system_conn: Any, listen: str) -> Iterator[Any]:
+    """A persistent TCG domain (defined, started) whose VNC server listens on `listen`."""
     directory = Path(tempfile.mkdtemp(prefix="rsd-lvr-", dir="/tmp"))
     directory.chmod(0o755)
     image = directory / "boot.img"
     image.write_bytes(build_boot_sector())
     image.chmod(0o644)
     name = f"rsd-rem-{uuid.uuid4().hex[:10]}"
-    dom = system_conn.defineXML(demo_domain_xml(name, image, TCP_VNC_WITH_PASSWORD))
-    dom.create()
+    dom = system_conn.defineXML(demo_domain_xml(name, image, devices(listen)))
     try:
+        dom.create()
         yield dom
     finally:
         with contextlib.suppress(libvirt.libvirtError):
@@ -100,6 +104,13 @@ def domain(system_conn: Any) -> Iterator[Any]:
         with contextlib.suppress(libvirt.libvirtError):
             dom.undefine()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def domain(system_conn: Any) -> Iterator[Any]:
+    """VNC on 127.0.0.1, libvirt's default listen address."""
+    with defined_domain(system_conn, "127.0.0.1") as dom:
+        yield dom
 
 
 def vnc_port(domain: Any) -> int:
@@ -147,7 +158,8 @@ async def test_remote_uri_through_ssh(session: Session, sshd: PrivateSshd, domai
         assert await prop(bus, path, GUEST, "Source") == uri
         assert await prop(bus, path, GUEST, "Uuid") == domain.UUIDString()
         port = await asyncio.to_thread(vnc_port, domain)
-        assert await prop(bus, path, GUEST, "Address") == f"127.0.0.1::{port}"
+        address = f"127.0.0.1::{port} through ssh to 127.0.0.1"
+        assert await prop(bus, path, GUEST, "Address") == address
         serial = f"{path}/consoles/serial0"
         assert serial in await prop(bus, path, GUEST, "Consoles")
         assert await prop(bus, serial, CONSOLE, "Source") == "libvirt"
@@ -175,10 +187,11 @@ async def test_remote_uri_through_ssh(session: Session, sshd: PrivateSshd, domai
             # VNC over TCP: the server refuses a client without the password...
             with pytest.raises(AuthenticationFailed):
                 await connect(f"127.0.0.1::{port}", timeout=TIMEOUT)
-            # ...and the service gets in with the one in the secure XML.
+            # ...and the service gets in, through ssh, with the one in the secure XML.
             ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
             assert await prop(bus, path, GUEST, "State") == "connected"
             assert await prop(bus, path, GUEST, "LastError") == ""
+            assert sshd.forwardings_to("127.0.0.1", port) == 1, sshd.log.read_text()
 
             # Destroyed: the open console reads EOF, State says stopped.
             await asyncio.to_thread(domain.destroy)
@@ -201,10 +214,11 @@ async def test_remote_uri_through_ssh(session: Session, sshd: PrivateSshd, domai
                 await asyncio.sleep(0.1)
         old_port, port = port, await asyncio.to_thread(vnc_port, domain)
         assert port != old_port
-        await wait_prop(bus, path, GUEST, "Address", f"127.0.0.1::{port}")
+        await wait_prop(bus, path, GUEST, "Address", f"127.0.0.1::{port} through ssh to 127.0.0.1")
         await echo_through_console(bus, serial, b"after-restart")
         ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
         assert await prop(bus, path, GUEST, "State") == "connected"
+        assert sshd.forwardings_to("127.0.0.1", port) == 1, sshd.log.read_text()
 
         # No longer followed: the guest goes away, and the idle service exits.
         ok(await call(bus, ROOT, MANAGER, "RemoveLibvirt", "sa{sv}", [uri, {}]))
@@ -244,5 +258,32 @@ async def test_remote_uri_from_config(session: Session, sshd: PrivateSshd, domai
         async with asyncio.timeout(TIMEOUT):
             while await asyncio.to_thread(session.service_pid) is not None:
                 await asyncio.sleep(0.1)
+    finally:
+        bus.disconnect()
+
+
+async def test_remote_vnc_that_ssh_will_not_forward(
+    session: Session, sshd: PrivateSshd, system_conn: Any
+) -> None:
+    """The host's sshd refuses to forward to the guest's VNC server (ours allows
+    127.0.0.1 only; this guest listens on 127.0.0.2): Connect is NotConnected in
+    ssh's words, and the guest's console, which needs no forwarding, still works."""
+    session.write_config("[guests]\nidle-timeout = 2\n")
+    uri = sshd.libvirt_uri()
+    bus = await session.client()
+    try:
+        with defined_domain(system_conn, "127.0.0.2") as domain:
+            ok(await call(bus, ROOT, MANAGER, "AddLibvirt", "sa{sv}", [uri, {}]))
+            path = await wait_guest(bus, domain.name())
+            port = await asyncio.to_thread(vnc_port, domain)
+            address = f"127.0.0.2::{port} through ssh to 127.0.0.1"
+            assert await prop(bus, path, GUEST, "Address") == address
+            reply = await call(bus, path, GUEST, "Connect", "a{sv}", [{}])
+            assert reply.message_type is MessageType.ERROR, reply.body
+            assert reply.error_name == f"{BUS_NAME}.Error.NotConnected", reply.body
+            assert "could not forward the VNC connection" in reply.body[0], reply.body
+            assert "administratively prohibited" in reply.body[0], reply.body
+            assert sshd.forwardings_to("127.0.0.2", port) >= 1, sshd.log.read_text()
+            await echo_through_console(bus, f"{path}/consoles/serial0", b"no-vnc-needed")
     finally:
         bus.disconnect()
