@@ -56,6 +56,8 @@ class PrivateSshd:
 
     directory: Path
     port: int
+    #: The listener's process id (its sessions are its children).
+    pid: int
     user: str
     client_key: Path
     #: `ssh` with our own client config (known_hosts, no ~/.ssh): libvirt's `command`.
@@ -70,6 +72,16 @@ class PrivateSshd:
     def sessions_accepted(self) -> int:
         """How many logins sshd accepted (its log says so once per session)."""
         return self.log.read_text(errors="replace").count("Accepted publickey for")
+
+    def cut_sessions(self) -> int:
+        """End every session (as a network cut would; the listener stays): how many
+        processes were ended."""
+        sessions = _descendants(self.pid)
+        for pid in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not _wait_gone(sessions, TIMEOUT), "sshd sessions did not end"
+        return len(sessions)
 
     def forwardings_to(self, host: str, port: int) -> int:
         """How many `ssh -W` (direct-tcpip) channels were asked for to host:port."""
@@ -251,6 +263,8 @@ def private_sshd(directory: Path) -> Iterator[PrivateSshd]:
     host_type, host_blob = host_key.split()[:2]
     (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_type} {host_blob}\n")
     try:
-        yield PrivateSshd(directory, port, user, client_key, ssh_command, directory / "sshd.log")
+        yield PrivateSshd(
+            directory, port, process.pid, user, client_key, ssh_command, directory / "sshd.log"
+        )
     finally:
         _stop(process)

@@ -287,3 +287,40 @@ async def test_remote_vnc_that_ssh_will_not_forward(
             await echo_through_console(bus, f"{path}/consoles/serial0", b"no-vnc-needed")
     finally:
         bus.disconnect()
+
+
+async def test_remote_connection_cut_under_an_open_console(
+    session: Session, sshd: PrivateSshd, domain: Any
+) -> None:
+    """Every ssh session cut (libvirt's and the VNC tunnel's, as a network cut
+    would): the guest stays, the follower logs in again, the console an app has
+    open works again on the same fd, and the held VNC connection comes back."""
+    session.write_config("[guests]\nidle-timeout = 60\n")
+    uri = sshd.libvirt_uri()
+    bus = await session.client()
+    try:
+        ok(await call(bus, ROOT, MANAGER, "AddLibvirt", "sa{sv}", [uri, {}]))
+        path = await wait_guest(bus, domain.name())
+        serial = f"{path}/consoles/serial0"
+        port = await asyncio.to_thread(vnc_port, domain)
+        reply = await call(bus, serial, CONSOLE, "Open", "a{sv}", [{}])
+        assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+        with socket.socket(fileno=reply.unix_fds[reply.body[0]]) as app:
+            app.setblocking(True)
+            await wait_prop(bus, serial, CONSOLE, "Available", True)
+            await asyncio.to_thread(type_until_echoed, app, b"before-cut")
+            ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
+            assert await prop(bus, path, GUEST, "State") == "connected"
+            logins = sshd.sessions_accepted()
+
+            assert await asyncio.to_thread(sshd.cut_sessions) > 0
+
+            async with asyncio.timeout(TIMEOUT):
+                while sshd.sessions_accepted() <= logins:  # logged in again
+                    await asyncio.sleep(0.1)
+            await asyncio.to_thread(type_until_echoed, app, b"after-cut")
+            await wait_prop(bus, path, GUEST, "State", "connected")
+            assert sshd.forwardings_to("127.0.0.1", port) >= 2, sshd.log.read_text()
+            assert await guest_path(bus, domain.name()) == path
+    finally:
+        bus.disconnect()
