@@ -263,6 +263,23 @@ def private_sshd(directory: Path) -> Iterator[PrivateSshd]:
     host_type, host_blob = host_key.split()[:2]
     (directory / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_type} {host_blob}\n")
     try:
+        # One login first, so that a machine where it cannot work (a locked
+        # account, a missing shell) fails here with both sides' words.
+        probe = subprocess.run(
+            [
+                *(str(ssh_command), "-p", str(port), "-l", user, "-i", str(client_key)),
+                *("-T", "127.0.0.1", "true"),
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+        assert probe.returncode == 0, (
+            f"cannot log in to the private sshd as {user}: {probe.stderr.strip()}\n"
+            f"--- sshd log ---\n{(directory / 'sshd.log').read_text(errors='replace')}"
+        )
         yield PrivateSshd(
             directory, port, process.pid, user, client_key, ssh_command, directory / "sshd.log"
         )
