@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from resourced.errors import NotConnected
+from resourced.libvirt.follow import is_local
 from resourced.libvirt.tunnel import VncRoute, ssh_forward_argv, vnc_route
 
 SSH_URI = "qemu+ssh://root@virthost:2222/system?keyfile=/k/id&no_verify=1&command=/opt/ssh"
@@ -63,3 +64,20 @@ def test_route_by_listen_address(listen: str | None, route: str) -> None:
     assert isinstance(found, VncRoute)
     assert str(found) == route
     assert bool(found.ssh) == ("through ssh" in route)
+
+
+@pytest.mark.parametrize(
+    ("uri", "local"),
+    [
+        ("qemu:///system", True),
+        ("qemu:///session", True),
+        ("qemu+unix:///system", True),
+        ("qemu+unix:///system?socket=/run/libvirt/libvirt-sock", True),
+        ("qemu+ssh://virthost/system", False),
+        ("qemu+ssh://root@127.0.0.1:2222/system", False),
+        ("qemu+tls://virthost/system", False),
+        ("qemu://virthost/system", False),
+    ],
+)
+def test_local_uris_use_open_graphics_fd(uri: str, local: bool) -> None:
+    assert is_local(uri) is local

@@ -51,9 +51,10 @@ KEEPALIVE = (5, 3)
 
 
 def is_local(uri: str) -> bool:
-    """A URI whose libvirtd runs here (no host part): `openGraphicsFD` works."""
+    """A URI whose libvirtd runs here (no host part, over its Unix socket, which
+    alone can pass fds): `openGraphicsFD` works."""
     parts = urlsplit(uri)
-    return not parts.hostname and "+" not in parts.scheme
+    return not parts.hostname and parts.scheme.partition("+")[2] in ("", "unix")
 
 
 class LibvirtFollower:

@@ -326,3 +326,20 @@ async def test_remote_connection_cut_under_an_open_console(
             assert await guest_path(bus, domain.name()) == path
     finally:
         bus.disconnect()
+
+
+async def test_local_uri_with_unix_transport(session: Session, domain: Any) -> None:
+    """`qemu+unix:///system` names its transport but is local: the VNC connection
+    is openGraphicsFD (it was taken for remote and had no host to reach)."""
+    uri = "qemu+unix:///system"
+    bus = await session.client()
+    try:
+        ok(await call(bus, ROOT, MANAGER, "AddLibvirt", "sa{sv}", [uri, {}]))
+        path = await wait_guest(bus, domain.name())
+        assert await prop(bus, path, GUEST, "Source") == uri
+        address = await prop(bus, path, GUEST, "Address")
+        assert address.endswith("(openGraphicsFD)"), address
+        ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
+        assert await prop(bus, path, GUEST, "State") == "connected"
+    finally:
+        bus.disconnect()
