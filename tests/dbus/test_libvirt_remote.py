@@ -16,6 +16,10 @@ it); destroying the domain ends the console (EOF) and marks the guest stopped;
 starting it brings it back, at the VNC port it has then. The config file's
 `[libvirt] uris` does the same without a call. A URI added with `AddLibvirt`
 keeps an idle service up (it is not remembered); one the config names does not.
+Faults: every ssh session cut under an open console (the follower logs in
+again, the console and the VNC connection come back); a VNC server sshd will not
+forward to (NotConnected in ssh's words, the console unaffected). And
+`qemu+unix:///system`, local despite its `+`, uses openGraphicsFD.
 """
 
 from __future__ import annotations
