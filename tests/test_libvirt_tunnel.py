@@ -5,10 +5,12 @@ against a real sshd in tests/dbus/test_libvirt_remote.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from resourced.errors import NotConnected
-from resourced.libvirt.follow import is_local
+from resourced.libvirt.follow import _connect_vnc, is_local
 from resourced.libvirt.tunnel import VncRoute, ssh_forward_argv, vnc_route
 
 SSH_URI = "qemu+ssh://root@virthost:2222/system?keyfile=/k/id&no_verify=1&command=/opt/ssh"
@@ -81,3 +83,32 @@ def test_route_by_listen_address(listen: str | None, route: str) -> None:
 )
 def test_local_uris_use_open_graphics_fd(uri: str, local: bool) -> None:
     assert is_local(uri) is local
+
+
+def _fake_ssh(directory: Path, script: str) -> tuple[str, ...]:
+    """A stand-in for ssh that fails the way we want (the real one is tested
+    against a real sshd in tests/dbus/test_libvirt_remote.py)."""
+    path = directory / "ssh"
+    path.write_text("#!/bin/sh\n" + script)
+    path.chmod(0o755)
+    return (str(path), "-W", "127.0.0.1:5900", "--", "virthost")
+
+
+async def test_ssh_that_cannot_forward_is_named(tmp_path: Path) -> None:
+    argv = _fake_ssh(
+        tmp_path, "echo 'channel 0: open failed: administratively prohibited' >&2\nexit 255\n"
+    )
+    with pytest.raises(NotConnected, match=r"could not forward.*exit 255.*prohibited"):
+        await _connect_vnc(VncRoute("127.0.0.1", 5900, argv), None, [])
+
+
+async def test_server_that_is_not_vnc_behind_ssh(tmp_path: Path) -> None:
+    argv = _fake_ssh(tmp_path, "printf 'SSH-2.0-OpenSSH_9.2\\r\\n'\n")
+    with pytest.raises(NotConnected, match=r"\(through ssh to virthost\)$"):
+        await _connect_vnc(VncRoute("127.0.0.1", 5900, argv), None, [])
+
+
+async def test_no_ssh_binary(tmp_path: Path) -> None:
+    argv = (str(tmp_path / "no-ssh"), "--", "virthost")
+    with pytest.raises(NotConnected, match="cannot run"):
+        await _connect_vnc(VncRoute("127.0.0.1", 5900, argv), None, [])

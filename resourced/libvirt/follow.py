@@ -409,8 +409,8 @@ async def _connect_vnc(
     except AuthenticationFailed:
         forward.release_fd()  # the server answered: ssh did its part
         raise
-    except ResourcedError:
-        raise await forward.failed() from None
+    except ResourcedError as err:
+        raise await forward.failed(err) from None
     except BaseException:
         forward.kill()
         raise

@@ -185,16 +185,18 @@ class SshForward:
     def said(self) -> str:
         return self._stderr.decode(errors="replace").strip() or "(nothing)"
 
-    async def failed(self) -> NotConnected:
-        """The connection over it failed: why, in ssh's words if it has any."""
+    async def failed(self, error: Exception) -> NotConnected:
+        """The connection over it failed with `error`: why, in ssh's words if ssh
+        failed (it exits non-zero), else in the connection's."""
         self.release_fd()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._watch), SSH_EXIT_WAIT)
         if self.process.returncode is None:
             self.kill()
             await self._watch
-            return NotConnected(f"the VNC connection through ssh to {self.host} failed")
-        return NotConnected(
-            f"ssh to {self.host} could not forward the VNC connection "
-            f"(exit {self.process.returncode}): {self.said}"
-        )
+        elif self.process.returncode != 0:
+            return NotConnected(
+                f"ssh to {self.host} could not forward the VNC connection "
+                f"(exit {self.process.returncode}): {self.said}"
+            )
+        return NotConnected(f"{error} (through ssh to {self.host})")
