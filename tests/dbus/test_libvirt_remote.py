@@ -196,7 +196,7 @@ async def test_remote_uri_through_ssh(session: Session, sshd: PrivateSshd, domai
             ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
             assert await prop(bus, path, GUEST, "State") == "connected"
             assert await prop(bus, path, GUEST, "LastError") == ""
-            assert sshd.forwardings_to("127.0.0.1", port) == 1, sshd.log.read_text()
+            assert sshd.forwardings_to("127.0.0.1", port) >= 1, sshd.log.read_text()
 
             # Destroyed: the open console reads EOF, State says stopped.
             await asyncio.to_thread(domain.destroy)
@@ -223,7 +223,7 @@ async def test_remote_uri_through_ssh(session: Session, sshd: PrivateSshd, domai
         await echo_through_console(bus, serial, b"after-restart")
         ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
         assert await prop(bus, path, GUEST, "State") == "connected"
-        assert sshd.forwardings_to("127.0.0.1", port) == 1, sshd.log.read_text()
+        assert sshd.forwardings_to("127.0.0.1", port) >= 1, sshd.log.read_text()
 
         # No longer followed: the guest goes away, and the idle service exits.
         ok(await call(bus, ROOT, MANAGER, "RemoveLibvirt", "sa{sv}", [uri, {}]))
