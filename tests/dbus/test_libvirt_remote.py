@@ -18,7 +18,8 @@ starting it brings it back, at the VNC port it has then. The config file's
 keeps an idle service up (it is not remembered); one the config names does not.
 Faults: every ssh session cut under an open console (the follower logs in
 again, the console and the VNC connection come back); a VNC server sshd will not
-forward to (NotConnected in ssh's words, the console unaffected). And
+forward to (NotConnected in ssh's words, the console unaffected); a key the host
+refuses (AddLibvirt is NotConnected, nothing followed). And
 `qemu+unix:///system`, local despite its `+`, uses openGraphicsFD.
 """
 
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import shutil
 import socket
+import subprocess
 import tempfile
 import uuid
 import xml.etree.ElementTree as ET
@@ -345,5 +347,28 @@ async def test_local_uri_with_unix_transport(session: Session, domain: Any) -> N
         assert address.endswith("(openGraphicsFD)"), address
         ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
         assert await prop(bus, path, GUEST, "State") == "connected"
+    finally:
+        bus.disconnect()
+
+
+async def test_remote_login_refused(session: Session, sshd: PrivateSshd) -> None:
+    """A key the host does not accept: AddLibvirt is NotConnected in libvirt's
+    and ssh's words, and the URI is not followed."""
+    stranger = sshd.directory / "stranger_key"
+    await asyncio.to_thread(
+        subprocess.run,
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)],
+        check=True,
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    uri = sshd.libvirt_uri().replace(str(sshd.client_key), str(stranger))
+    assert str(stranger) in uri
+    bus = await session.client()
+    try:
+        reply = await call(bus, ROOT, MANAGER, "AddLibvirt", "sa{sv}", [uri, {}])
+        assert reply.error_name == f"{BUS_NAME}.Error.NotConnected", reply.body
+        assert "Permission denied (publickey)" in reply.body[0], reply.body
+        assert uri not in await prop(bus, ROOT, MANAGER, "LibvirtConnections")
     finally:
         bus.disconnect()
