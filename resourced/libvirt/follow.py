@@ -359,8 +359,16 @@ class LibvirtFollower:
                     os.close(fd)  # connect() works on its own copy
             resources = parse_domain_xml(await self._run(self._xml, domain))
             vnc = resources.vnc
+            if vnc is not None and vnc.socket_path is not None:
+                raise NotConnected(
+                    f"the domain's VNC server listens on a Unix socket on its host "
+                    f"({vnc.socket_path}), which cannot be reached from here: let it "
+                    "listen on TCP"
+                )
             if vnc is None or vnc.port is None:
-                raise NotConnected("the domain's VNC server has no TCP port to reach from here")
+                raise NotConnected(
+                    "the domain's VNC server has no TCP port (yet: is the domain running?)"
+                )
             route = vnc_route(self.uri, vnc.host, vnc.port)
             password = vnc.password
             looked_up = False

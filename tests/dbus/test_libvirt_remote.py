@@ -19,7 +19,8 @@ keeps an idle service up (it is not remembered); one the config names does not.
 Faults: every ssh session cut under an open console (the follower logs in
 again, the console and the VNC connection come back); a VNC server sshd will not
 forward to (NotConnected in ssh's words, the console unaffected); a key the host
-refuses (AddLibvirt is NotConnected, nothing followed). And
+refuses (AddLibvirt is NotConnected, nothing followed); a VNC server on a Unix
+socket (NotConnected saying so, the console unaffected). And
 `qemu+unix:///system`, local despite its `+`, uses openGraphicsFD.
 """
 
@@ -55,7 +56,7 @@ from tests.dbus.conftest import (
     type_until_echoed,
 )
 from tests.dbus.test_libvirt import guest_path, prop, wait_prop
-from tests.libvirtd import demo_domain_xml, other_console_refusal
+from tests.libvirtd import PTY_CONSOLE_AND_VNC, demo_domain_xml, other_console_refusal
 from tests.sshd import PrivateSshd, private_sshd
 
 GUEST = f"{BUS_NAME}.Guest"
@@ -92,15 +93,17 @@ def sshd() -> Iterator[PrivateSshd]:
 
 
 @contextlib.contextmanager
-def defined_domain(system_conn: Any, listen: str) -> Iterator[Any]:
-    """A persistent TCG domain (defined, started) whose VNC server listens on `listen`."""
+def defined_domain(system_conn: Any, listen: str | None) -> Iterator[Any]:
+    """A persistent TCG domain (defined, started) whose VNC server listens on
+    `listen` (None: on a Unix socket)."""
     directory = Path(tempfile.mkdtemp(prefix="rsd-lvr-", dir="/tmp"))
     directory.chmod(0o755)
     image = directory / "boot.img"
     image.write_bytes(build_boot_sector())
     image.chmod(0o644)
     name = f"rsd-rem-{uuid.uuid4().hex[:10]}"
-    dom = system_conn.defineXML(demo_domain_xml(name, image, devices(listen)))
+    xml = devices(listen) if listen is not None else PTY_CONSOLE_AND_VNC
+    dom = system_conn.defineXML(demo_domain_xml(name, image, xml))
     try:
         dom.create()
         yield dom
@@ -347,6 +350,26 @@ async def test_local_uri_with_unix_transport(session: Session, domain: Any) -> N
         assert address.endswith("(openGraphicsFD)"), address
         ok(await call(bus, path, GUEST, "Connect", "a{sv}", [{}]))
         assert await prop(bus, path, GUEST, "State") == "connected"
+    finally:
+        bus.disconnect()
+
+
+async def test_remote_vnc_on_a_unix_socket(
+    session: Session, sshd: PrivateSshd, system_conn: Any
+) -> None:
+    """A remote guest whose VNC server listens on a Unix socket: Connect is
+    NotConnected saying so; its console, through libvirt, works."""
+    session.write_config("[guests]\nidle-timeout = 2\n")
+    uri = sshd.libvirt_uri()
+    bus = await session.client()
+    try:
+        with defined_domain(system_conn, None) as domain:
+            ok(await call(bus, ROOT, MANAGER, "AddLibvirt", "sa{sv}", [uri, {}]))
+            path = await wait_guest(bus, domain.name())
+            reply = await call(bus, path, GUEST, "Connect", "a{sv}", [{}])
+            assert reply.error_name == f"{BUS_NAME}.Error.NotConnected", reply.body
+            assert "listens on a Unix socket" in reply.body[0], reply.body
+            await echo_through_console(bus, f"{path}/consoles/serial0", b"socket-vnc")
     finally:
         bus.disconnect()
 
