@@ -56,7 +56,12 @@ from tests.dbus.conftest import (
     type_until_echoed,
 )
 from tests.dbus.test_libvirt import guest_path, prop, wait_prop
-from tests.libvirtd import PTY_CONSOLE_AND_VNC, demo_domain_xml, other_console_refusal
+from tests.libvirtd import (
+    PTY_CONSOLE_AND_VNC,
+    SYSTEM_URI,
+    demo_domain_xml,
+    other_console_refusal,
+)
 from tests.sshd import PrivateSshd, private_sshd
 
 GUEST = f"{BUS_NAME}.Guest"
@@ -108,10 +113,15 @@ def defined_domain(system_conn: Any, listen: str | None) -> Iterator[Any]:
         dom.create()
         yield dom
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            dom.undefine()
+        # On a connection of its own: the test's may be dead if libvirtd restarted.
+        conn = libvirt.open(SYSTEM_URI)
+        try:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).undefine()
+        finally:
+            conn.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 
