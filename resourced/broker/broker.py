@@ -118,22 +118,29 @@ class Broker:
         #: desktop keeps it (the service sets it to the Secret Service lookup).
         self.password_lookup: Callable[[str, str], Awaitable[str | None]] | None = None
 
-    async def add_libvirt(self, uri: str, *, wait: float = 30.0, keep: bool = False) -> list[Guest]:
+    async def add_libvirt(
+        self, uri: str, *, wait: float = 30.0, keep: bool = False, ephemeral: bool = False
+    ) -> list[Guest]:
         """Follow a libvirt connection; the guests it has once first looked at.
 
         Raises `NotConnected` if libvirt cannot be reached within `wait` seconds;
         the connection is then forgotten, unless `keep` (the config file's URIs
-        are kept and retried: libvirtd may start later).
+        are kept and retried: libvirtd may start later). `ephemeral`: a URI
+        this run of the service follows but its config does not name, so the
+        service does not idle-exit while it follows it (it would be forgotten).
         """
         from resourced.libvirt.follow import LibvirtFollower  # it builds on this module
 
         follower = self.libvirt.get(uri)
         if follower is None:
             follower = LibvirtFollower(uri, self)
+            follower.ephemeral = ephemeral
             self.libvirt[uri] = follower
             follower.start()
             for observer in list(self.observers):
                 observer.libvirt_changed()
+        elif not ephemeral:
+            follower.ephemeral = False  # the config names it after all
         try:
             await asyncio.wait_for(asyncio.shield(follower.first_sync), wait)
         except (ResourcedError, TimeoutError) as err:
@@ -202,7 +209,10 @@ class Broker:
             observer.guest_removed(guest)
 
     def in_use(self) -> bool:
-        """Whether any guest is connected or has a console open (idle exit waits)."""
+        """Whether any guest is connected or has a console open, or something added
+        at run time would be forgotten (idle exit waits)."""
+        if any(follower.ephemeral for follower in self.libvirt.values()):
+            return True
         for guest in self.guests.values():
             if guest.ephemeral or guest.link.client is not None or guest.link.holds:
                 return True

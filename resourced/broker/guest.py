@@ -76,7 +76,7 @@ class GuestObserver:
     """What the D-Bus face (or a test) learns of a guest. Override what you need."""
 
     def guest_changed(self, guest: Guest) -> None:
-        """State, LastError or the console list changed."""
+        """State, LastError, Address or the console list changed."""
 
     def console_added(self, console: BrokerConsole) -> None:
         """A console appeared."""
@@ -431,6 +431,13 @@ class Guest(LinkObserver):
             console = BrokerConsole(self, name, kind, self.console_origin, source, source)
             self.consoles[name] = console
             self._notify("console_added", console)
+            self._notify("guest_changed", self)
+
+    def set_address(self, address: str) -> None:
+        """Where the guest's VNC server is now (a libvirt domain's port can change
+        at each start)."""
+        if address != self.address:
+            self.address = address
             self._notify("guest_changed", self)
 
     def set_running(self, running: bool) -> None:

@@ -162,12 +162,13 @@ class ManagerInterface(_Interface):
 
         Each domain with VNC graphics is a guest from then on, coming and going
         with the domain. `NotConnected` if libvirt cannot be reached (then the
-        URI is not followed).
+        URI is not followed). A URI the config file does not name is not
+        remembered: the service does not exit when idle while it follows one.
         """
         parse_options(options, {}, "AddLibvirt")
         if not uri.strip():
             raise DBusError(INVALID_ARGUMENT, "give a libvirt URI, e.g. qemu:///system")
-        guests = await self.face.broker.add_libvirt(uri)
+        guests = await self.face.broker.add_libvirt(uri, ephemeral=True)
         return sorted(self.face.guest_path(guest) for guest in guests)
 
     @dbus_method()
@@ -653,7 +654,12 @@ class Face(BrokerObserver, GuestObserver):
             return
         iface = entry[1]
         iface.emit_properties_changed(
-            {"State": iface.State, "LastError": iface.LastError, "Consoles": iface.Consoles}
+            {
+                "State": iface.State,
+                "LastError": iface.LastError,
+                "Consoles": iface.Consoles,
+                "Address": iface.Address,
+            }
         )
 
     #: Audio properties signalled when they change (LatencyUsec is read, not signalled).

@@ -8,8 +8,10 @@ shut off, back when it starts), whose consoles are its serial, console and
 channel devices through libvirt's console stream (`resourced.libvirt.stream`),
 and whose VNC connection is `virDomainOpenGraphicsFD` for a local URI (no
 password or TCP) or the address and password in the domain XML for a remote
-one. A domain that is undefined (or a transient one that stops) goes away. If
-libvirtd goes away, the follower reconnects and looks at every domain again.
+one (through ssh for a VNC server that listens on its host's loopback only:
+`resourced.libvirt.tunnel`). A domain that is undefined (or a transient one
+that stops) goes away. If libvirtd goes away, the follower reconnects and looks
+at every domain again.
 
 Every blocking libvirt call happens on the libvirt thread
 (`resourced.libvirt.thread`); the follower itself, the guests, and libvirt's
@@ -33,6 +35,7 @@ from resourced.errors import AuthenticationFailed, NotConnected, ResourcedError
 from resourced.gateway.libvirt import DomainResources, _libvirt, _message, parse_domain_xml
 from resourced.libvirt import thread
 from resourced.libvirt.stream import LibvirtConsoleSource
+from resourced.libvirt.tunnel import SshForward, VncRoute, vnc_route
 from resourced.rfb.aio import Address, RfbClient, connect
 from resourced.rfb.constants import Encoding
 from resourced.rfb.extension import Extension
@@ -48,9 +51,10 @@ KEEPALIVE = (5, 3)
 
 
 def is_local(uri: str) -> bool:
-    """A URI whose libvirtd runs here (no host part): `openGraphicsFD` works."""
+    """A URI whose libvirtd runs here (no host part, over its Unix socket, which
+    alone can pass fds): `openGraphicsFD` works."""
     parts = urlsplit(uri)
-    return not parts.hostname and "+" not in parts.scheme
+    return not parts.hostname and parts.scheme.partition("+")[2] in ("", "unix")
 
 
 class LibvirtFollower:
@@ -70,6 +74,9 @@ class LibvirtFollower:
         thread.run_events_on(self._loop)  # before the first connection: the service's loop
         self.first_sync = self._loop.create_future()
         self.last_error = ""
+        #: Followed at run time (`AddLibvirt`), not from the config: keeps the
+        #: service from idle exit.
+        self.ephemeral = False
 
     @property
     def guests(self) -> list[Guest]:
@@ -260,6 +267,8 @@ class LibvirtFollower:
                         wanted.append((name, console.kind, console.source))
                 self._loop.call_later(RECHECK_DELAY, self._schedule, uuid, domain, False, True)
             guest.set_consoles(wanted)
+            # A VNC port libvirt allocates can differ at each start.
+            guest.set_address(_describe(self.uri, resources))
         guest.set_running(running)
 
     def _xml(self, domain: Any) -> str:
@@ -350,21 +359,24 @@ class LibvirtFollower:
                     os.close(fd)  # connect() works on its own copy
             resources = parse_domain_xml(await self._run(self._xml, domain))
             vnc = resources.vnc
-            host = urlsplit(self.uri).hostname
-            if vnc is None or vnc.port is None or host is None:
-                raise NotConnected("the domain's VNC server has no TCP port to reach from here")
+            if vnc is not None and vnc.socket_path is not None:
+                raise NotConnected(
+                    f"the domain's VNC server listens on a Unix socket on its host "
+                    f"({vnc.socket_path}), which cannot be reached from here: let it "
+                    "listen on TCP"
+                )
+            if vnc is None or vnc.port is None:
+                raise NotConnected(
+                    "the domain's VNC server has no TCP port (yet: is the domain running?)"
+                )
+            route = vnc_route(self.uri, vnc.host, vnc.port)
             password = vnc.password
             looked_up = False
             if password is None and self.broker.password_lookup is not None:
                 password = await self.broker.password_lookup(uuid, self.uri)
                 looked_up = True
             try:
-                return await connect(
-                    Address("tcp", host=host, port=vnc.port),
-                    password=password,
-                    extensions=list(extensions),
-                    encodings=(Encoding.RAW,),
-                )
+                return await _connect_vnc(route, password, extensions)
             except AuthenticationFailed as err:
                 if vnc.password is not None:
                     raise
@@ -388,11 +400,38 @@ class LibvirtFollower:
             await self.broker.remove_guest(guest.name)
 
 
+async def _connect_vnc(
+    route: VncRoute, password: str | None, extensions: Sequence[Extension]
+) -> RfbClient:
+    """A remote guest's VNC server over TCP, or through ssh (`resourced.libvirt.tunnel`)."""
+    options: dict[str, Any] = {
+        "password": password,
+        "extensions": list(extensions),
+        "encodings": (Encoding.RAW,),
+    }
+    if not route.ssh:
+        return await connect(Address("tcp", host=route.host, port=route.port), **options)
+    forward = await SshForward.start(route.ssh)
+    try:
+        client = await connect(Address("fd", fd=forward.fd), server_name=route.host, **options)
+    except AuthenticationFailed:
+        forward.release_fd()  # the server answered: ssh did its part
+        raise
+    except ResourcedError as err:
+        raise await forward.failed(err) from None
+    except BaseException:
+        forward.kill()
+        raise
+    forward.release_fd()  # connect() works on its own copy; ssh ends when it closes
+    return client
+
+
 def _describe(uri: str, resources: DomainResources) -> str:
     """The guest's `Address` property: where its VNC server is, without secrets."""
     vnc = resources.vnc
     if is_local(uri):
         return f"{uri} domain {resources.name} (openGraphicsFD)"
     if vnc is not None and vnc.port is not None:
-        return f"{urlsplit(uri).hostname}::{vnc.port}"
+        with contextlib.suppress(NotConnected):
+            return str(vnc_route(uri, vnc.host, vnc.port))
     return f"{uri} domain {resources.name}"
