@@ -277,8 +277,10 @@ class LibvirtEvents:
 
     def _arm_from_anywhere(self, timer: _Timer) -> None:
         if threading.get_ident() == self._thread:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            try:  # noqa: SIM105 (not suppress(): this runs twice per keystroke)
                 self._arm(timer)
+            except RuntimeError:  # the loop is closed: the process is ending
+                pass
         else:
             self._post(self._arm, timer)
 
@@ -315,9 +317,11 @@ class LibvirtEvents:
         try:
             timer.callback(timer.id, timer.opaque)
         finally:
-            if timer.handle is None:  # the callback did not change it: again
-                with contextlib.suppress(RuntimeError):
+            if timer.handle is None and timer.timeout >= 0:  # the callback did not change it: again
+                try:  # noqa: SIM105 (as in `_arm_from_anywhere`)
                     self._arm(timer)
+                except RuntimeError:  # the loop is closed: the process is ending
+                    pass
 
 
 def _union(watches: Any) -> int:
