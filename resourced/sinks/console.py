@@ -49,7 +49,7 @@ STREAM_HIGH_WATER = 256 * 1024
 #: Most pieces one `sendmsg` to a stream client gathers.
 SENDMSG_PIECES = 64
 #: Most input bytes read from a stream client's socket at a time.
-STREAM_READ_SIZE = 64 * 1024
+STREAM_READ_SIZE = 256 * 1024
 #: How often a PTY nobody has open is checked for a new opener (seconds).
 PTY_POLL_INTERVAL = 0.2
 
