@@ -83,3 +83,27 @@ async def test_output_on_its_way_reaches_the_app_before_eof(chardev: Peer) -> No
     finally:
         client.close("test over")
         await hub.close()
+
+
+async def test_a_read_only_app_reads_and_cannot_write(chardev: Peer) -> None:
+    """Output reaches a read-only app; its writes fail (EPIPE) instead of vanishing,
+    and nothing reaches the host end."""
+    hub = make_hub(chardev.path, 64 * 1024)
+    hub.start()
+    client, theirs = StreamClient.pair(hub, history=True, read_only=True)
+    try:
+        await asyncio.wait_for(chardev.connected.wait(), TIMEOUT)
+        await client.attach()
+        assert chardev.writer is not None
+        chardev.writer.write(b"read me")
+        got = await asyncio.to_thread(read_all, os.dup(theirs), len(b"read me"))
+        assert got == b"read me"
+        with socket.socket(fileno=theirs) as app, pytest.raises(BrokenPipeError):
+            app.sendall(b"typed")
+        assert not client.closed
+        chardev.writer.write(b" and more")
+        await until(lambda: hub.total == len(b"read me and more"), hub)
+        assert bytes(chardev.received) == b""
+    finally:
+        client.close("test over")
+        await hub.close()
