@@ -79,6 +79,17 @@ class RfbConsoleSource:
         self._handler = handler
 
     def write(self, data: bytes) -> None:
+        ext, console_id = self._ext, self.console_id
+        if not self._pending and self._open and ext is not None and console_id is not None:
+            # The usual case: credit for all of it, sent as it came (no copy into
+            # `_pending` and out again).
+            sent = ext.write(console_id, data)
+            self._flush()
+            if sent == len(data):
+                if self._handler is not None:
+                    self._handler.source_drained()
+                return
+            data = data[sent:]
         self._pending += data
         self._flush_input()
 

@@ -21,6 +21,11 @@ called only on its loop's thread), for the console stream's sake:
   set while a socket's callback runs fires as soon as that callback returns:
   libvirt signals a stream event that way, so that is the receive path's
   latency.
+- A periodic timer set again before it is due (libvirt restarts a connection's
+  keepalive timer on every message in or out) only moves its due time: the
+  loop's handle stays, and when it fires early it is armed again for the new
+  time. A cancelled handle and a new one per message would cost more than the
+  message.
 
 It is not a general event loop: it does no I/O of its own and never blocks.
 """
@@ -41,6 +46,9 @@ log = logging.getLogger(__name__)
 #: with READABLE, as epoll reports them).
 READABLE = 1
 WRITABLE = 2
+
+#: How early (seconds) a periodic timer may fire: libvirt's timers count in ms.
+_EARLY = 0.001
 
 HandleCallback = Callable[[int, int, int, Any], None]
 TimeoutCallback = Callable[[int, Any], None]
@@ -70,14 +78,17 @@ class _Soon:
 
 
 class _Timer:
-    __slots__ = ("callback", "handle", "id", "opaque", "removed", "timeout")
+    __slots__ = ("callback", "due", "handle", "id", "opaque", "removed", "timeout")
 
     def __init__(self, id: int, timeout: int, callback: TimeoutCallback, opaque: Any):
         self.id = id
         self.timeout = timeout  # ms: -1 off, 0 every loop iteration, else a period
         self.callback = callback
         self.opaque = opaque
-        self.handle: asyncio.Handle | _Soon | None = None  # the loop's thread only
+        # The loop's thread only:
+        self.handle: asyncio.Handle | _Soon | None = None
+        #: When a periodic timer is due (loop time); `handle` may fire before it.
+        self.due = 0.0
         self.removed = False
 
 
@@ -266,14 +277,22 @@ class LibvirtEvents:
 
     def _arm_from_anywhere(self, timer: _Timer) -> None:
         if threading.get_ident() == self._thread:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            try:  # noqa: SIM105 (not suppress(): this runs twice per keystroke)
                 self._arm(timer)
+            except RuntimeError:  # the loop is closed: the process is ending
+                pass
         else:
             self._post(self._arm, timer)
 
     def _arm(self, timer: _Timer) -> None:
-        if timer.handle is not None:
-            timer.handle.cancel()
+        handle = timer.handle
+        if timer.timeout > 0 and not timer.removed:
+            due = self.loop.time() + timer.timeout / 1000
+            timer.due = due
+            if isinstance(handle, asyncio.TimerHandle) and handle.when() <= due:
+                return  # it fires first, then waits for `due` (`_fire`)
+        if handle is not None:
+            handle.cancel()
             timer.handle = None
         if timer.removed or timer.timeout < 0:
             return
@@ -285,18 +304,24 @@ class LibvirtEvents:
             else:
                 timer.handle = self.loop.call_soon(self._fire, timer)
         else:
-            timer.handle = self.loop.call_later(timer.timeout / 1000, self._fire, timer)
+            timer.handle = self.loop.call_at(timer.due, self._fire, timer)
 
     def _fire(self, timer: _Timer) -> None:
         timer.handle = None
         if timer.removed or timer.timeout < 0:
             return
+        if timer.timeout > 0 and timer.due - self.loop.time() > _EARLY:
+            # Set again since it was armed: not due yet.
+            timer.handle = self.loop.call_at(timer.due, self._fire, timer)
+            return
         try:
             timer.callback(timer.id, timer.opaque)
         finally:
-            if timer.handle is None:  # the callback did not change it: again
-                with contextlib.suppress(RuntimeError):
+            if timer.handle is None and timer.timeout >= 0:  # the callback did not change it: again
+                try:  # noqa: SIM105 (as in `_arm_from_anywhere`)
                     self._arm(timer)
+                except RuntimeError:  # the loop is closed: the process is ending
+                    pass
 
 
 def _union(watches: Any) -> int:

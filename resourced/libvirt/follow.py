@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 RECONNECT_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 #: Seconds before a running domain whose XML lacks a console is looked at again.
 RECHECK_DELAY = 1.0
-#: Remote URIs: a keepalive probe every 5 s, given up after 3 unanswered.
+#: Remote URIs: a keepalive probe every 5 s, given up after 3 unanswered. A
+#: local one has none: its Unix socket ends when libvirtd does, and libvirt
+#: restarts the keepalive timer on every message, two per console keystroke.
 KEEPALIVE = (5, 3)
 
 
@@ -138,8 +140,9 @@ class LibvirtFollower:
                 f"cannot connect to libvirt at {self.uri}: {_message(error)}"
             ) from None
         self._lost = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(libvirt.libvirtError):
-            await self._run(conn.setKeepAlive, *KEEPALIVE)  # local URIs refuse: fine
+        if not is_local(self.uri):
+            with contextlib.suppress(libvirt.libvirtError):
+                await self._run(conn.setKeepAlive, *KEEPALIVE)
         try:
             await self._run(conn.registerCloseCallback, self._on_close, None)
             for event_id, callback in (

@@ -130,7 +130,12 @@ class LibvirtConsoleSource:
         if not self._attached:
             return  # the hub holds input while we are not attached
         self._backlog += len(data)
-        self._to_stream(self._send, self._generation, bytes(data))
+        if type(data) is not bytes:
+            data = bytes(data)  # it may wait in `_pending` or cross threads: ours
+        if self._direct:  # `_to_stream`, inline: a keystroke's way to libvirt
+            self._send(self._generation, data)
+        else:
+            self._events_loop.call_soon_threadsafe(self._send, self._generation, data)
 
     @property
     def input_backlog(self) -> int:
@@ -367,7 +372,8 @@ class LibvirtConsoleSource:
                 failure = "libvirt ended the console stream"
                 break
             if self._direct:  # to the hub now: it may pause reading
-                self._data(generation, (data,))
+                if generation == self._generation and self._handler is not None:
+                    self._handler.source_data(data)
             else:
                 chunks.append(data)
             if len(data) < size:
@@ -392,7 +398,10 @@ class LibvirtConsoleSource:
                 self._fail(generation, f"{_ENDED}: {error.get_error_message()}")
                 return
             if sent == len(data):
-                self._to_hub(self._sent, generation, sent)
+                if self._direct:  # `_to_hub`, inline
+                    self._sent(generation, sent)
+                else:
+                    self._loop.call_soon_threadsafe(self._sent, generation, sent)
                 return
             data = data[max(sent, 0) :]
             if sent > 0:

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import errno
+import itertools
 import logging
 import mmap
 import os
@@ -31,7 +33,7 @@ import socket
 import termios
 import tty
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from resourced.consoles.hub import ConsoleHub, Overrun
 
@@ -41,10 +43,13 @@ log = logging.getLogger(__name__)
 CHUNK = 64 * 1024
 #: Input accepted and not yet taken by the host end before we stop reading input.
 INPUT_HIGH_WATER = 64 * 1024
-#: Output queued in our transport for a stream client before we wait for it.
+#: Output taken from the ring and not yet taken by a stream client's socket, at
+#: most, before more waits in the ring (the chunks are held as they are, not copied).
 STREAM_HIGH_WATER = 256 * 1024
+#: Most pieces one `sendmsg` to a stream client gathers.
+SENDMSG_PIECES = 64
 #: Most input bytes read from a stream client's socket at a time.
-STREAM_READ_SIZE = 64 * 1024
+STREAM_READ_SIZE = 256 * 1024
 #: How often a PTY nobody has open is checked for a new opener (seconds).
 PTY_POLL_INTERVAL = 0.2
 
@@ -153,19 +158,37 @@ class ConsoleClient(abc.ABC):
         """Start or stop taking input from the client."""
 
 
-class StreamClient(ConsoleClient, asyncio.BufferedProtocol):
-    """A console on our end of a stream socketpair; the app holds the other end."""
+class StreamClient(ConsoleClient):
+    """A console on our end of a stream socketpair; the app holds the other end.
+
+    It does its own non-blocking I/O on the socket, with no asyncio transport in
+    between. Output goes from the hub's ring straight to `send` while the socket
+    takes it all (a keystroke's echo: one call); once it does not, the chunks
+    taken from the ring wait as they are (the ring's own objects, never copied or
+    joined) up to `STREAM_HIGH_WATER` bytes, and go out many at a time with one
+    `sendmsg` each time the socket is writable. Beyond that the ring holds the
+    rest, and holds the console back if the app falls a whole ring behind. Input
+    is read into one buffer of ours.
+    """
 
     kind = "fd"
 
     def __init__(self, hub: ConsoleHub, sock: socket.socket, *, history: bool, read_only: bool):
         ConsoleClient.__init__(self, hub, history=history, read_only=read_only)
         self._sock = sock
-        self._transport: asyncio.Transport | None = None
-        self._write_paused = False
-        # Input is read into this one buffer: a plain Protocol's transport reads
-        # with recv(256 KiB), whose fresh bytes object costs an mmap and munmap
-        # per keystroke (see bench/README.md, "Findings"). Made on the first read.
+        self._fd = sock.fileno()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reading = False  # our reader is on the loop
+        #: Output taken from the ring that the socket has not taken yet, oldest
+        #: first (the first one may be a view of what is left of a chunk).
+        self._out: collections.deque[bytes | memoryview] = collections.deque()
+        self._out_size = 0
+        self._writer_armed = False  # waiting for the socket to take `_out`
+        self._app_gone = False  # the app closed its end: nothing more to send
+        # Input is read into this one buffer: a fresh bytes object per read (what
+        # a plain transport does, 256 KiB) would cost an mmap and munmap per
+        # keystroke (see bench/README.md, "Findings"). Made on the first read;
+        # mapped, not a (zero-filled) bytearray: only what reads reach is resident.
         self._view: memoryview | None = None
 
     @classmethod
@@ -179,73 +202,134 @@ class StreamClient(ConsoleClient, asyncio.BufferedProtocol):
 
     async def attach(self) -> None:
         """Hook our end to the event loop and start reading the console."""
-        loop = asyncio.get_running_loop()
+        if self.closed:  # closed before it was attached: nothing to hook
+            return
+        self._loop = asyncio.get_running_loop()
         self._sock.setblocking(False)
-        await loop.connect_accepted_socket(lambda: self, self._sock)
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._transport.set_write_buffer_limits(high=STREAM_HIGH_WATER)
         self.start()
+        self._input_held = True  # not read yet: `_check_input` decides
         self._check_input()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    # --- input ------------------------------------------------------------------------
+
+    def _readable(self) -> None:
         if self._view is None:
-            # Mapped, not a (zero-filled) bytearray: only what reads reach is resident.
             self._view = memoryview(mmap.mmap(-1, STREAM_READ_SIZE))
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        assert self._view is not None
-        self._input(bytes(self._view[:nbytes]))  # a copy: the buffer is read into again
-
-    def eof_received(self) -> bool:
-        if self.read_only:
-            return True  # our own SHUT_RD reads as EOF: keep writing
-        self.close("the app closed its end")
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        self.close("the app closed its end" if exc is None else f"connection lost: {exc}")
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        self._pump()
-
-    # ConsoleClient
-
-    def _can_write(self) -> bool:
-        return (
-            not self._write_paused
-            and self._transport is not None
-            and not self._transport.is_closing()
-        )
-
-    def _write(self, data: bytes) -> int:
-        assert self._transport is not None
-        self._transport.write(data)
-        return len(data)
+        try:
+            count = self._sock.recv_into(self._view)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self._app_gone = True
+            self.close(f"connection lost: {err}")
+            return
+        if count == 0:
+            self._app_gone = True
+            self.close("the app closed its end")
+            return
+        self._input(bytes(self._view[:count]))  # a copy: the buffer is read into again
 
     def _set_input_reading(self, reading: bool) -> None:
-        transport = self._transport
-        if transport is None or transport.is_closing() or self.read_only:
+        # A read-only client never reads: our own SHUT_RD reads as EOF at once.
+        if self.closed or self.read_only or self._loop is None or reading == self._reading:
             return
-        if reading and not transport.is_reading():
-            transport.resume_reading()
-        elif not reading and transport.is_reading():
-            transport.pause_reading()
+        self._reading = reading
+        if reading:
+            self._loop.add_reader(self._fd, self._readable)
+        else:
+            self._loop.remove_reader(self._fd)
+
+    # --- output: ConsoleClient ---------------------------------------------------------
+
+    def _can_write(self) -> bool:
+        return self._out_size < STREAM_HIGH_WATER and not self.closed
+
+    def _write(self, data: bytes) -> int:
+        if self._out:  # the socket is full: it waits its turn (`_writable`)
+            self._out.append(data)
+            self._out_size += len(data)
+            return len(data)
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as err:  # the app closed its end (EPIPE, ECONNRESET)
+            self._app_gone = True
+            self.close(f"connection lost: {err}")
+            return 0
+        if sent < len(data):
+            rest = memoryview(data)[sent:]
+            self._out.append(rest)
+            self._out_size += len(rest)
+            self._arm_writer()
+        return len(data)
+
+    def _arm_writer(self) -> None:
+        if not self._writer_armed and self._loop is not None:
+            self._writer_armed = True
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _writable(self) -> None:
+        out = self._out
+        try:
+            sent = self._sock.sendmsg(list(itertools.islice(out, SENDMSG_PIECES)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self._app_gone = True
+            out.clear()
+            self._out_size = 0
+            if self.closed:
+                self._finish()
+            else:
+                self.close(f"connection lost: {err}")
+            return
+        self._out_size -= sent
+        while sent:
+            first = out[0]
+            if sent < len(first):
+                out[0] = memoryview(first)[sent:]
+                break
+            sent -= len(first)
+            out.popleft()
+        if not out:
+            self._writer_armed = False
+            assert self._loop is not None
+            self._loop.remove_writer(self._fd)
+            if self.closed:
+                self._finish()
+                return
+        if not self.closed:
+            self._pump()
+
+    # --- closing ------------------------------------------------------------------------
 
     def _close_io(self) -> None:
-        if self._transport is not None:
-            self._transport.close()  # flushes what is queued, then closes: the app sees EOF
+        loop = self._loop
+        if loop is not None and self._reading:
+            self._reading = False
+            loop.remove_reader(self._fd)
+        if self._app_gone or loop is None:
+            self._finish()
+            return
+        # The console went away (or we were forced off): what the socket had not
+        # taken yet, and what the ring still holds for us, go out first, then EOF.
+        with contextlib.suppress(Overrun):
+            rest = self.hub.read(self.offset, self.hub.total - self.offset)
+            if rest:
+                self._out.append(rest)
+        if self._out:
+            self._arm_writer()
         else:
-            self._sock.close()
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._writer_armed and self._loop is not None:
+            self._writer_armed = False
+            self._loop.remove_writer(self._fd)
+        self._out.clear()
+        self._out_size = 0
+        self._sock.close()
 
 
 class PtyClient(ConsoleClient):

@@ -157,6 +157,32 @@ async def test_timers_zero_periodic_off_and_removed() -> None:
     await until(lambda: sorted(libvirt.freed) == ["periodic", "zero"])
 
 
+async def test_a_periodic_timer_set_again_counts_from_the_last_time() -> None:
+    """libvirt restarts a connection's keepalive timer on every message: a period
+    set again before it is due fires only a period after the last setting (the
+    loop's handle is kept and armed again if it fires early); a shorter period
+    set after a longer one fires at the shorter."""
+    loop = asyncio.get_running_loop()
+    events = LibvirtEvents(FreeRecorder(), loop)
+    fired: list[float] = []
+    timer = events.add_timeout(50, lambda _t, _o: fired.append(loop.time()), None)
+    settings = [loop.time()]
+    for _ in range(10):  # about twice the period of restarts
+        await asyncio.sleep(0.01)
+        events.update_timeout(timer, 50)
+        settings.append(loop.time())
+    await until(lambda: fired and fired[-1] > settings[-1])
+    for when in fired:
+        last = max(s for s in settings if s <= when)
+        assert when - last >= 0.045, (when - last, fired, settings)
+
+    events.update_timeout(timer, 60_000)
+    count = len(fired)
+    events.update_timeout(timer, 20)
+    await until(lambda: len(fired) > count)
+    assert events.remove_timeout(timer) == 0
+
+
 async def test_a_zero_timeout_set_in_a_socket_callback_fires_right_after_it(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
