@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from resourced.cli import failing_as, read_password_file, run_command
-from resourced.consoles import ConsoleSpec, EndpointType, parse_console_option
+from resourced.consoles import ConsoleKind, ConsoleSpec, EndpointType, parse_console_option
 from resourced.consoles.hub import DEFAULT_RING_SIZE, ConsoleHub
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
@@ -178,9 +178,16 @@ def _group_id(name: str | None) -> int | None:
 
 def _through_libvirt(spec: ConsoleSpec, resources: DomainResources) -> bool:
     """Whether the console is reached through libvirt's console API: a PTY that
-    libvirt names (libvirt opens consoles on PTYs only; a chardev socket has no
-    arbitration to honour, and is reached directly)."""
-    return spec.endpoint.type is EndpointType.PTY and spec.name in resources.aliases
+    libvirt names, of a `<serial>`, `<console>` or `<parallel>`. A chardev socket
+    has no arbitration to honour, and is reached directly. So is a `<channel>`
+    on a PTY: `virDomainOpenConsole` does not find channels and
+    `virDomainOpenChannel` takes only Unix sockets, so no libvirt client can
+    open it; its PTY is opened under libvirt's lock file, as `pty:` is."""
+    return (
+        spec.endpoint.type is EndpointType.PTY
+        and spec.kind is not ConsoleKind.CHANNEL
+        and spec.name in resources.aliases
+    )
 
 
 def _libvirt_hub_matches(hub: ConsoleHub, spec: ConsoleSpec, resources: DomainResources) -> bool:
