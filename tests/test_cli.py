@@ -1,7 +1,9 @@
 """Our commands facing a broken environment: one clear line, never a traceback.
 
 Issue #9: every command (`resourced-gateway`, `python -m resourced.rfb probe`,
-`python -m resourced.demo`, `python -m resourced.demo.probe`) turns the expected
+`python -m resourced.demo`, `python -m resourced.demo.probe`, the tour of
+`./scripts/run`; `resourced` and `resourcectl` are run against a real bus in
+tests/dbus/test_service.py) turns the expected
 failures of its environment (paths, permissions, ports in use, missing files,
 unreachable libvirt, bad certificates, unreadable password files) into one line
 `PROG: what failed: why` and a non-zero exit status, and leaves nothing
@@ -325,6 +327,14 @@ async def test_demo_probe_wav_directory_unusable() -> None:
         "resourced demo", "-m", "resourced.demo.probe", "--wav", "/proc/no/beep.wav"
     )
     assert line.startswith("cannot make the directory for /proc/no/beep.wav: /proc/no: ")
+
+
+async def test_tour_wav_directory_unusable() -> None:
+    """`./scripts/run` (the tour) too: one line, before anything is started."""
+    line = await one_line(
+        "resourced demo", "-m", "resourced.demo.tour", "--once", "--wav", "/proc/no/beep.wav"
+    )
+    assert line.startswith("cannot make the folder for /proc/no/beep.wav: /proc/no: ")
 
 
 async def test_bad_sizes_are_usage_errors(short_dir: Path) -> None:

@@ -368,6 +368,37 @@ async def test_resourcectl(session: Session, gateway_guest: GatewayGuest) -> Non
         os.close(master)
 
 
+async def test_resourcectl_console_from_a_file_or_without_stdio(
+    session: Session, gateway_guest: GatewayGuest, tmp_path: Path
+) -> None:
+    """`resourcectl console` with stdin from a file or /dev/null (which epoll
+    refuses) types what the file holds and ends with status 0; with its stdin or
+    stdout closed it says so in one line. Neither prints a traceback (issue #9,
+    kind 2: every command)."""
+    added = session.resourcectl("add", "demo", gateway_guest.address)
+    assert added.returncode == 0, added.stderr
+    await add_demo_published(session)
+    resourcectl = f"{session.env['PATH'].split(':')[0]}/resourcectl"
+    typed = tmp_path / "typed"
+    typed.write_bytes(b"file-typed\r")
+    for source in (typed, Path("/dev/null")):
+        with source.open("rb") as stdin:
+            result = session.run(resourcectl, "console", "demo", "serial0", stdin=stdin)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    # The guest echoed the file's line: it is in the console's history.
+    await until(
+        lambda: "file-typed" in session.resourcectl("history", "demo", "serial0").stdout,
+        "the file's line echoed",
+    )
+    for redirect in ("<&-", ">&-"):
+        result = session.run("sh", "-c", f"exec {resourcectl} console demo serial0 {redirect}")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == (
+            "resourcectl: console needs a standard input and output (one of them is closed)\n"
+        )
+
+
 async def add_demo_published(session: Session) -> None:
     def published() -> bool:
         return "serial0" in session.resourcectl("list").stdout
