@@ -294,7 +294,9 @@ async def cmd_history(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_write(client: Client, args: argparse.Namespace) -> int:
     path = await client.console(args.guest, args.console)
-    data = args.text.encode() + (b"" if args.no_newline else b"\r")
+    # The console gets the argument's bytes as the shell passed them, whatever
+    # the locale (os.fsencode undoes the decoding of bytes that were not UTF-8).
+    data = os.fsencode(args.text) + (b"" if args.no_newline else b"\r")
     await client.call(path, CONSOLE, "Write", "aya{sv}", [data, {}])
     return 0
 
@@ -545,7 +547,23 @@ COMMANDS = {
 }
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Refuse an argument D-Bus cannot carry: its strings are UTF-8, and a name or
+    path from a terminal or file system in another encoding is not."""
+    for name, value in vars(args).items():
+        if name == "text" or not isinstance(value, str):
+            continue  # TEXT goes as bytes (cmd_write)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CliError(
+                f"{os.fsencode(value)!r} is not UTF-8 text, and D-Bus carries only UTF-8",
+                EXIT_CODES["InvalidArgument"],
+            ) from None
+
+
 async def _main(args: argparse.Namespace) -> int:
+    _check_text(args)
     try:
         bus = await MessageBus(
             bus_address=args.bus, bus_type=BusType.SESSION, negotiate_unix_fd=True
