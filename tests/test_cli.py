@@ -130,6 +130,61 @@ async def test_gateway_port_in_use_removes_the_socket_it_made(short_dir: Path) -
     assert os.listdir(short_dir) == []
 
 
+async def test_gateway_never_replaces_a_file_or_a_listening_socket(short_dir: Path) -> None:
+    """A --listen path that holds a file (a typo away from someone's data) or a
+    socket a server answers on is refused in one line, and left as it was."""
+    data = short_dir / "notes.txt"
+    data.write_text("keep me\n")
+    line = await one_line(
+        "resourced-gateway", *gateway("--vnc", "unix:/x", "--listen", f"unix:{data}")
+    )
+    assert line == (
+        f"cannot listen on unix:{data}: something other than a socket is there (not replaced)"
+    )
+    assert data.read_text() == "keep me\n"
+    live = short_dir / "live.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(live))
+        server.listen()
+        line = await one_line(
+            "resourced-gateway", *gateway("--vnc", "unix:/x", "--listen", f"unix:{live}")
+        )
+        assert line == f"cannot listen on unix:{live}: another server is listening on it"
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(live))  # still the same server's
+
+
+async def test_gateway_takes_over_a_stale_socket(short_dir: Path) -> None:
+    """A socket nobody answers on (a gateway that was killed) is replaced; on a
+    clean exit the gateway removes its own socket."""
+    path = short_dir / "gw.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *gateway("--vnc", "unix:/x", "--listen", f"unix:{path}"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            log = b""
+            while b"fronting" not in log:
+                line = await process.stderr.readline()
+                assert line, log.decode()
+                log += line
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            assert await reader.readexactly(12) == b"RFB 003.008\n"
+            writer.close()
+    finally:
+        process.terminate()
+        async with asyncio.timeout(TIMEOUT):
+            rest = await process.stderr.read()
+            await process.wait()
+    assert process.returncode == 0, rest.decode()
+    assert not path.exists()
+
+
 async def test_gateway_unknown_host() -> None:
     line = await one_line(
         "resourced-gateway",

@@ -298,17 +298,18 @@ async def run(args: argparse.Namespace) -> None:
                     )
                 with failing_as(f"cannot listen on {address}"):
                     await gateway.listen_tcp(host.strip("[]"), int(port))
-        names = ", ".join(
-            [f"{s.name} ({s.endpoint})" for s in consoles]
-            + [f"{s.name} (libvirt console)" for s in through_libvirt]
-        )
-        log.info("gateway: fronting %s; consoles: %s", upstream, names or "none")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if watcher is not None:
             loop.add_signal_handler(signal.SIGHUP, watcher.refresh)
+        names = ", ".join(
+            [f"{s.name} ({s.endpoint})" for s in consoles]
+            + [f"{s.name} (libvirt console)" for s in through_libvirt]
+        )
+        # Said once the signals are ours: from here on SIGTERM is a clean stop.
+        log.info("gateway: fronting %s; consoles: %s", upstream, names or "none")
         await stop.wait()
     finally:
         if watcher is not None:
