@@ -42,6 +42,9 @@ from resourced.rfb.tls import server_context
 
 log = logging.getLogger("resourced.gateway")
 
+#: Seconds before a domain whose XML lacks a libvirt console is looked at again.
+RECHECK_DELAY = 1.0
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -272,13 +275,14 @@ async def run(args: argparse.Namespace) -> None:
     group = _group_id(args.socket_group)
     gateway = Gateway(config)
     watcher: DomainWatcher | None = None
+    rechecking: set[str] = set()  # libvirt consoles kept for one more look (_reload)
     if args.libvirt:
         # Started after the first lookup: from here on libvirt's calls go
         # through the watcher's thread, where libvirt's event loop runs.
         watcher = DomainWatcher(
             args.libvirt,
             args.domain,
-            lambda resources: _reload(gateway, args, watcher, resources),
+            lambda resources: _reload(gateway, args, watcher, resources, rechecking),
         )
         watcher.start()
         assert resources is not None
@@ -322,9 +326,16 @@ async def _reload(
     args: argparse.Namespace,
     watcher: DomainWatcher | None,
     resources: DomainResources,
+    rechecking: set[str],
 ) -> None:
     """Follow the libvirt domain: where its VNC server now is (for viewers from now
-    on), and the consoles it gained or lost (a restart gives PTYs new paths)."""
+    on), and the consoles it gained or lost (a restart gives PTYs new paths).
+
+    Right after a start the live XML may not show a PTY's path yet, so a console
+    reached through libvirt that the XML lacks is kept, and the domain looked at
+    again RECHECK_DELAY later (`rechecking` names those); only if it is still
+    missing then is it withdrawn. Viewers keep the console (its id, an open
+    session) across a restart instead of seeing it removed and added again."""
     try:
         address, password, found = _upstream_and_consoles(resources, args.domain)
     except ResourcedError as err:
@@ -339,9 +350,22 @@ async def _reload(
     fixed = {parse_console_option(text).name for text in args.console}
     current = {hub.name: hub for hub in gateway.hubs.values()}
     wanted = {spec.name: spec for spec in found}
+    rechecking &= set(current) - set(wanted)  # found again: no longer waiting
     for name, hub in current.items():
         spec = wanted.get(name)
-        if name not in fixed and (spec is None or not _libvirt_hub_matches(hub, spec, resources)):
+        if name in fixed:
+            continue
+        if (
+            spec is None
+            and watcher is not None
+            and isinstance(hub.source, LibvirtConsoleSource)
+            and name not in rechecking
+        ):
+            rechecking.add(name)
+            asyncio.get_running_loop().call_later(RECHECK_DELAY, watcher.refresh)
+            continue
+        if spec is None or not _libvirt_hub_matches(hub, spec, resources):
+            rechecking.discard(name)
             await gateway.remove_console(name)
     for name, spec in wanted.items():
         existing = current.get(name)
