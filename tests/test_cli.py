@@ -1,7 +1,9 @@
 """Our commands facing a broken environment: one clear line, never a traceback.
 
 Issue #9: every command (`resourced-gateway`, `python -m resourced.rfb probe`,
-`python -m resourced.demo`, `python -m resourced.demo.probe`) turns the expected
+`python -m resourced.demo`, `python -m resourced.demo.probe`, the tour of
+`./scripts/run`; `resourced` and `resourcectl` are run against a real bus in
+tests/dbus/test_service.py) turns the expected
 failures of its environment (paths, permissions, ports in use, missing files,
 unreachable libvirt, bad certificates, unreadable password files) into one line
 `PROG: what failed: why` and a non-zero exit status, and leaves nothing
@@ -126,6 +128,61 @@ async def test_gateway_port_in_use_removes_the_socket_it_made(short_dir: Path) -
     assert line.startswith(f"cannot listen on 127.0.0.1:{port}: ")
     assert "address already in use" in line
     assert os.listdir(short_dir) == []
+
+
+async def test_gateway_never_replaces_a_file_or_a_listening_socket(short_dir: Path) -> None:
+    """A --listen path that holds a file (a typo away from someone's data) or a
+    socket a server answers on is refused in one line, and left as it was."""
+    data = short_dir / "notes.txt"
+    data.write_text("keep me\n")
+    line = await one_line(
+        "resourced-gateway", *gateway("--vnc", "unix:/x", "--listen", f"unix:{data}")
+    )
+    assert line == (
+        f"cannot listen on unix:{data}: something other than a socket is there (not replaced)"
+    )
+    assert data.read_text() == "keep me\n"
+    live = short_dir / "live.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(live))
+        server.listen()
+        line = await one_line(
+            "resourced-gateway", *gateway("--vnc", "unix:/x", "--listen", f"unix:{live}")
+        )
+        assert line == f"cannot listen on unix:{live}: another server is listening on it"
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(live))  # still the same server's
+
+
+async def test_gateway_takes_over_a_stale_socket(short_dir: Path) -> None:
+    """A socket nobody answers on (a gateway that was killed) is replaced; on a
+    clean exit the gateway removes its own socket."""
+    path = short_dir / "gw.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *gateway("--vnc", "unix:/x", "--listen", f"unix:{path}"),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            log = b""
+            while b"fronting" not in log:
+                line = await process.stderr.readline()
+                assert line, log.decode()
+                log += line
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            assert await reader.readexactly(12) == b"RFB 003.008\n"
+            writer.close()
+    finally:
+        process.terminate()
+        async with asyncio.timeout(TIMEOUT):
+            rest = await process.stderr.read()
+            await process.wait()
+    assert process.returncode == 0, rest.decode()
+    assert not path.exists()
 
 
 async def test_gateway_unknown_host() -> None:
@@ -325,6 +382,14 @@ async def test_demo_probe_wav_directory_unusable() -> None:
         "resourced demo", "-m", "resourced.demo.probe", "--wav", "/proc/no/beep.wav"
     )
     assert line.startswith("cannot make the directory for /proc/no/beep.wav: /proc/no: ")
+
+
+async def test_tour_wav_directory_unusable() -> None:
+    """`./scripts/run` (the tour) too: one line, before anything is started."""
+    line = await one_line(
+        "resourced demo", "-m", "resourced.demo.tour", "--once", "--wav", "/proc/no/beep.wav"
+    )
+    assert line.startswith("cannot make the folder for /proc/no/beep.wav: /proc/no: ")
 
 
 async def test_bad_sizes_are_usage_errors(short_dir: Path) -> None:

@@ -1,13 +1,14 @@
 """What every resourced command does with a failure, in one place.
 
-A command (`resourced-gateway`, `python -m resourced.rfb probe`, `python -m
-resourced.demo`, `python -m resourced.demo.probe`) runs its body through
-`run_command`. Failures of the environment — our own `ResourcedError`s and the
-operating system's `OSError`s (missing files and directories, permissions, ports
-in use, socket paths too long, unreachable hosts, bad certificates) — become one
-line on stderr, `PROG: what failed: why`, and exit status 1. Anything else is a
-bug in resourced: its traceback is printed, followed by a line saying so, and the
-exit status is 70 (EX_SOFTWARE). Ctrl-C exits with 130, quietly.
+A command (`resourced-gateway`, `python -m resourced.rfb probe`, `resourced`,
+`resourcectl`, `python -m resourced.demo`, `python -m resourced.demo.probe`, the
+tour) runs its body through `run_command`. Failures of the environment — our
+own `ResourcedError`s and the operating system's `OSError`s (missing files and
+directories, permissions, ports in use, socket paths too long, unreachable
+hosts, bad certificates) — become one line on stderr, `PROG: what failed: why`,
+and exit status 1. Anything else is a bug in resourced: its traceback is
+printed, followed by a line saying so, and the exit status is 70 (EX_SOFTWARE).
+Ctrl-C exits with 130, quietly.
 
 `failing_as` names what was being done when an `OSError` says only why (a
 `bind()` or `connect()` error carries no path), and `read_password_file` reads

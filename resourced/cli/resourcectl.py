@@ -36,6 +36,8 @@ from typing import Any
 from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
+from resourced.cli import run_command
+
 BUS_NAME = "org.resourced.Resourced1"
 ROOT = "/org/resourced/Resourced1"
 MANAGER = f"{BUS_NAME}.Manager"
@@ -292,7 +294,9 @@ async def cmd_history(client: Client, args: argparse.Namespace) -> int:
 
 async def cmd_write(client: Client, args: argparse.Namespace) -> int:
     path = await client.console(args.guest, args.console)
-    data = args.text.encode() + (b"" if args.no_newline else b"\r")
+    # The console gets the argument's bytes as the shell passed them, whatever
+    # the locale (os.fsencode undoes the decoding of bytes that were not UTF-8).
+    data = os.fsencode(args.text) + (b"" if args.no_newline else b"\r")
     await client.call(path, CONSOLE, "Write", "aya{sv}", [data, {}])
     return 0
 
@@ -324,6 +328,9 @@ async def cmd_console(client: Client, args: argparse.Namespace) -> int:
     fd = reply.unix_fds[reply.body[0]]
     sock = socket.socket(fileno=fd)
     name = path.rsplit("/", 1)[-1]
+    if sys.stdin is None or sys.stdout is None:
+        sock.close()
+        raise CliError("console needs a standard input and output (one of them is closed)")
     if sys.stdin.isatty():
         print(f"Connected to {args.guest} console {name}. Escape character is ^]", file=sys.stderr)
     return await _terminal(sock)
@@ -341,7 +348,8 @@ async def _terminal(sock: socket.socket) -> int:
         if not done.done():
             done.set_result(status)
 
-    def from_stdin() -> None:
+    def from_stdin() -> bool:
+        """Copy one read of stdin; whether there may be more."""
         try:
             data = os.read(stdin, 4096)
         except OSError:
@@ -350,21 +358,27 @@ async def _terminal(sock: socket.socket) -> int:
             loop.remove_reader(stdin)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
-            return
+            return False
         if saved is not None and ESCAPE in data:
             data = data.split(ESCAPE, 1)[0]
             if data:
                 with contextlib.suppress(OSError):
                     sock.sendall(data)
             finish(0)
-            return
+            return False
         try:
             sock.setblocking(True)
             sock.sendall(data)
         except OSError:
             finish(0)
+            return False
         finally:
             sock.setblocking(False)
+        return True
+
+    def copy_file() -> None:
+        if not done.done() and from_stdin():
+            loop.call_soon(copy_file)
 
     def from_console() -> None:
         try:
@@ -381,7 +395,12 @@ async def _terminal(sock: socket.socket) -> int:
     try:
         if saved is not None:
             tty.setraw(stdin, termios.TCSANOW)
-        loop.add_reader(stdin, from_stdin)
+        try:
+            loop.add_reader(stdin, from_stdin)
+        except PermissionError:
+            # A regular file or /dev/null (`console GUEST < FILE`): epoll refuses
+            # it, and it never blocks, so it is read in turns with the console.
+            loop.call_soon(copy_file)
         loop.add_reader(sock.fileno(), from_console)
         return await done
     finally:
@@ -528,7 +547,23 @@ COMMANDS = {
 }
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Refuse an argument D-Bus cannot carry: its strings are UTF-8, and a name or
+    path from a terminal or file system in another encoding is not."""
+    for name, value in vars(args).items():
+        if name == "text" or not isinstance(value, str):
+            continue  # TEXT goes as bytes (cmd_write)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CliError(
+                f"{os.fsencode(value)!r} is not UTF-8 text, and D-Bus carries only UTF-8",
+                EXIT_CODES["InvalidArgument"],
+            ) from None
+
+
 async def _main(args: argparse.Namespace) -> int:
+    _check_text(args)
     try:
         bus = await MessageBus(
             bus_address=args.bus, bus_type=BusType.SESSION, negotiate_unix_fd=True
@@ -545,15 +580,19 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return asyncio.run(_main(args))
-    except CliError as err:
-        print(f"resourcectl: {err}", file=sys.stderr)
-        return err.status
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 1
+
+    def body() -> int:
+        try:
+            return asyncio.run(_main(args))
+        except CliError as err:
+            print(f"resourcectl: {err}", file=sys.stderr)
+            return err.status
+        except BrokenPipeError:
+            return 1
+
+    # Failures of the surroundings (a closed or unusable terminal) in one line;
+    # a traceback only for a bug, as every resourced command.
+    return run_command("resourcectl", body)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from resourced.audio import AudioFormat, SampleFormat, analyse
+from resourced.cli import failing_as, run_command
 from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
 from resourced.demo.bootsector import tone_frequency
 from resourced.demo.qemu import GuestConfig, QemuGuest
@@ -406,16 +407,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wav", type=Path, default=Path("out/demo-beep.wav"))
     parser.add_argument("--duration", type=float, default=3.0)
     args = parser.parse_args(argv)
-    args.wav.parent.mkdir(parents=True, exist_ok=True)
+    return run_command("resourced demo", lambda: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    with failing_as(f"cannot make the folder for {args.wav}"):
+        args.wav.parent.mkdir(parents=True, exist_ok=True)
     args.wav = args.wav.resolve()  # the service writes it, from its own directory
-    workdir = Path(tempfile.mkdtemp(prefix="rsd-demo-", dir="/tmp"))
+    with failing_as("cannot make a work folder in /tmp"):
+        workdir = Path(tempfile.mkdtemp(prefix="rsd-demo-", dir="/tmp"))
     try:
         asyncio.run(tour(workdir, args.once, args.wav, args.duration))
-    except ResourcedError as err:
-        print(f"resourced demo: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

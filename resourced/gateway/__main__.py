@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from resourced.cli import failing_as, read_password_file, run_command
-from resourced.consoles import ConsoleSpec, EndpointType, parse_console_option
+from resourced.consoles import ConsoleKind, ConsoleSpec, EndpointType, parse_console_option
 from resourced.consoles.hub import DEFAULT_RING_SIZE, ConsoleHub
 from resourced.errors import ConfigurationError, ResourcedError
 from resourced.gateway.gateway import DEFAULT_SOCKET_MODE, Gateway, GatewayConfig
@@ -41,6 +41,9 @@ from resourced.rfb.server import ServerSecurity
 from resourced.rfb.tls import server_context
 
 log = logging.getLogger("resourced.gateway")
+
+#: Seconds before a domain whose XML lacks a libvirt console is looked at again.
+RECHECK_DELAY = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,9 +181,16 @@ def _group_id(name: str | None) -> int | None:
 
 def _through_libvirt(spec: ConsoleSpec, resources: DomainResources) -> bool:
     """Whether the console is reached through libvirt's console API: a PTY that
-    libvirt names (libvirt opens consoles on PTYs only; a chardev socket has no
-    arbitration to honour, and is reached directly)."""
-    return spec.endpoint.type is EndpointType.PTY and spec.name in resources.aliases
+    libvirt names, of a `<serial>`, `<console>` or `<parallel>`. A chardev socket
+    has no arbitration to honour, and is reached directly. So is a `<channel>`
+    on a PTY: `virDomainOpenConsole` does not find channels and
+    `virDomainOpenChannel` takes only Unix sockets, so no libvirt client can
+    open it; its PTY is opened under libvirt's lock file, as `pty:` is."""
+    return (
+        spec.endpoint.type is EndpointType.PTY
+        and spec.kind is not ConsoleKind.CHANNEL
+        and spec.name in resources.aliases
+    )
 
 
 def _libvirt_hub_matches(hub: ConsoleHub, spec: ConsoleSpec, resources: DomainResources) -> bool:
@@ -265,13 +275,14 @@ async def run(args: argparse.Namespace) -> None:
     group = _group_id(args.socket_group)
     gateway = Gateway(config)
     watcher: DomainWatcher | None = None
+    rechecking: set[str] = set()  # libvirt consoles kept for one more look (_reload)
     if args.libvirt:
         # Started after the first lookup: from here on libvirt's calls go
         # through the watcher's thread, where libvirt's event loop runs.
         watcher = DomainWatcher(
             args.libvirt,
             args.domain,
-            lambda resources: _reload(gateway, args, watcher, resources),
+            lambda resources: _reload(gateway, args, watcher, resources, rechecking),
         )
         watcher.start()
         assert resources is not None
@@ -291,17 +302,18 @@ async def run(args: argparse.Namespace) -> None:
                     )
                 with failing_as(f"cannot listen on {address}"):
                     await gateway.listen_tcp(host.strip("[]"), int(port))
-        names = ", ".join(
-            [f"{s.name} ({s.endpoint})" for s in consoles]
-            + [f"{s.name} (libvirt console)" for s in through_libvirt]
-        )
-        log.info("gateway: fronting %s; consoles: %s", upstream, names or "none")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         if watcher is not None:
             loop.add_signal_handler(signal.SIGHUP, watcher.refresh)
+        names = ", ".join(
+            [f"{s.name} ({s.endpoint})" for s in consoles]
+            + [f"{s.name} (libvirt console)" for s in through_libvirt]
+        )
+        # Said once the signals are ours: from here on SIGTERM is a clean stop.
+        log.info("gateway: fronting %s; consoles: %s", upstream, names or "none")
         await stop.wait()
     finally:
         if watcher is not None:
@@ -314,9 +326,16 @@ async def _reload(
     args: argparse.Namespace,
     watcher: DomainWatcher | None,
     resources: DomainResources,
+    rechecking: set[str],
 ) -> None:
     """Follow the libvirt domain: where its VNC server now is (for viewers from now
-    on), and the consoles it gained or lost (a restart gives PTYs new paths)."""
+    on), and the consoles it gained or lost (a restart gives PTYs new paths).
+
+    Right after a start the live XML may not show a PTY's path yet, so a console
+    reached through libvirt that the XML lacks is kept, and the domain looked at
+    again RECHECK_DELAY later (`rechecking` names those); only if it is still
+    missing then is it withdrawn. Viewers keep the console (its id, an open
+    session) across a restart instead of seeing it removed and added again."""
     try:
         address, password, found = _upstream_and_consoles(resources, args.domain)
     except ResourcedError as err:
@@ -331,9 +350,22 @@ async def _reload(
     fixed = {parse_console_option(text).name for text in args.console}
     current = {hub.name: hub for hub in gateway.hubs.values()}
     wanted = {spec.name: spec for spec in found}
+    rechecking &= set(current) - set(wanted)  # found again: no longer waiting
     for name, hub in current.items():
         spec = wanted.get(name)
-        if name not in fixed and (spec is None or not _libvirt_hub_matches(hub, spec, resources)):
+        if name in fixed:
+            continue
+        if (
+            spec is None
+            and watcher is not None
+            and isinstance(hub.source, LibvirtConsoleSource)
+            and name not in rechecking
+        ):
+            rechecking.add(name)
+            asyncio.get_running_loop().call_later(RECHECK_DELAY, watcher.refresh)
+            continue
+        if spec is None or not _libvirt_hub_matches(hub, spec, resources):
+            rechecking.discard(name)
             await gateway.remove_console(name)
     for name, spec in wanted.items():
         existing = current.get(name)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import os
 import socket
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -63,7 +65,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self._servers: list[asyncio.Server] = []
         self.sessions: set[Session] = set()
-        self._unix_paths: list[str] = []
+        self._unix_paths: list[tuple[str, int, int]] = []  # path, device, inode
         for spec in config.consoles:
             self._new_hub(spec)
 
@@ -116,8 +118,7 @@ class Gateway:
         be a viewer. The socket is bound with no permissions for anyone but the
         owner and only then opened up, so nobody can connect in between.
         """
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             umask = os.umask(0o177)
@@ -125,6 +126,7 @@ class Gateway:
                 sock.bind(path)
             finally:
                 os.umask(umask)
+            bound = os.stat(path)
             if group is not None:
                 os.chown(path, -1, group)
             os.chmod(path, mode)
@@ -135,7 +137,7 @@ class Gateway:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             raise
-        self._unix_paths.append(path)
+        self._unix_paths.append((path, bound.st_dev, bound.st_ino))
         self._servers.append(server)
         log.info("gateway: listening on unix:%s (mode %04o)", path, mode)
         return server
@@ -164,6 +166,35 @@ class Gateway:
             await server.wait_closed()
         for hub in self.hubs.values():
             await hub.close()
-        for path in self._unix_paths:
+        for path, device, inode in self._unix_paths:
+            # Only our own socket: not whatever was put at the path since.
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+                now = os.stat(path)
+                if (now.st_dev, now.st_ino) == (device, inode):
+                    os.unlink(path)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Make way for a socket at `path`: remove a stale socket left there (by a
+    gateway that did not exit cleanly), refuse to replace anything else. A file
+    that is not a socket may be someone's data, and a socket someone answers on
+    belongs to a server that is running (a second gateway would take its
+    viewers' address from it without either one saying so)."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(found.st_mode):
+        raise FileExistsError(errno.EEXIST, "something other than a socket is there (not replaced)")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a listener with a full backlog must not block us
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    except BlockingIOError:
+        pass  # a listener, busy
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another server is listening on it")

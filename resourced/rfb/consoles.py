@@ -351,8 +351,11 @@ class ConsoleData:
 
 def _serialize_coded_text(op: ConsoleServerOp, console_id: int, code: int, message: str) -> bytes:
     """CLOSED and MARK's body: u32 console id, u8 code, u16 length, UTF-8 text."""
-    # Cut at a character boundary, not in the middle of one.
-    text = message.encode()[:MAX_CLOSE_MESSAGE].decode(errors="ignore").encode()
+    # Cut at a character boundary, not in the middle of one. A message quoting a
+    # file name of bytes that are not UTF-8 (held as surrogates) shows them
+    # escaped rather than failing to encode.
+    data = message.encode("utf-8", "backslashreplace")[:MAX_CLOSE_MESSAGE]
+    text = data.decode("utf-8", "ignore").encode("utf-8")
     return _server_head(op) + u32(console_id) + u8(code) + u16(len(text)) + text
 
 

@@ -368,6 +368,73 @@ async def test_resourcectl(session: Session, gateway_guest: GatewayGuest) -> Non
         os.close(master)
 
 
+async def test_resourcectl_console_from_a_file_or_without_stdio(
+    session: Session, gateway_guest: GatewayGuest, tmp_path: Path
+) -> None:
+    """`resourcectl console` with stdin from a file or /dev/null (which epoll
+    refuses) types what the file holds and ends with status 0; with its stdin or
+    stdout closed it says so in one line. Neither prints a traceback (issue #9,
+    kind 2: every command)."""
+    added = session.resourcectl("add", "demo", gateway_guest.address)
+    assert added.returncode == 0, added.stderr
+    await add_demo_published(session)
+    resourcectl = f"{session.env['PATH'].split(':')[0]}/resourcectl"
+    typed = tmp_path / "typed"
+    typed.write_bytes(b"file-typed\r")
+    for source in (typed, Path("/dev/null")):
+        with source.open("rb") as stdin:
+            result = session.run(resourcectl, "console", "demo", "serial0", stdin=stdin)
+        assert result.returncode == 0, result.stderr
+        assert "Traceback" not in result.stderr
+    # The guest echoed the file's line: it is in the console's history.
+    await until(
+        lambda: "file-typed" in session.resourcectl("history", "demo", "serial0").stdout,
+        "the file's line echoed",
+    )
+    for redirect in ("<&-", ">&-"):
+        result = session.run("sh", "-c", f"exec {resourcectl} console demo serial0 {redirect}")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == (
+            "resourcectl: console needs a standard input and output (one of them is closed)\n"
+        )
+
+
+async def test_resourcectl_arguments_that_are_not_utf8(
+    session: Session, gateway_guest: GatewayGuest
+) -> None:
+    """A terminal or file system in another encoding than UTF-8 (issue #9, kind 3):
+    `write` types the argument's bytes as the shell passed them (Latin-1 é is the
+    one byte E9 in the guest's echo); a guest name or file path that is not UTF-8,
+    which D-Bus cannot carry, is one line and InvalidArgument's status."""
+    added = session.resourcectl("add", "demo", gateway_guest.address)
+    assert added.returncode == 0, added.stderr
+    await add_demo_published(session)
+    resourcectl = f"{session.env['PATH'].split(':')[0]}/resourcectl".encode()
+    await until(  # the guest has booted: it echoes from now on
+        lambda: BANNER.decode() in session.resourcectl("history", "demo", "serial0").stdout,
+        "the banner",
+    )
+    result = session.run(resourcectl, b"write", b"demo", b"serial0", b"latin-caf\xe9")
+    assert result.returncode == 0, result.stderr
+
+    def echoed() -> bool:
+        history = session.run(
+            resourcectl, b"history", b"demo", b"serial0", errors="surrogateescape"
+        )
+        return b"latin-caf\xe9" in os.fsencode(history.stdout)
+
+    await until(echoed, "the Latin-1 bytes echoed")
+    for argv in (
+        [b"status", b"caf\xe9"],
+        [b"add", b"caf\xe9", b"unix:/nonexistent"],
+        [b"audio", b"demo", b"record", b"/tmp/caf\xe9.wav"],
+    ):
+        result = session.run(resourcectl, *argv, errors="surrogateescape")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith("is not UTF-8 text, and D-Bus carries only UTF-8\n")
+        assert "Traceback" not in result.stderr
+
+
 async def add_demo_published(session: Session) -> None:
     def published() -> bool:
         return "serial0" in session.resourcectl("list").stdout

@@ -34,7 +34,16 @@ from resourced.rfb.messages import (
     XvpServerMessage,
 )
 from resourced.rfb.pixelformat import PixelFormat
-from resourced.rfb.qemu import AudioData, QemuAudioEnable
+from resourced.rfb.qemu import (
+    AudioData,
+    ExtendedKeyEventSupported,
+    LedStateChanged,
+    PointerModeChanged,
+    QemuAudioEnable,
+    QemuExtendedKeyEvent,
+    QemuLedState,
+    QemuPointerMotionChange,
+)
 from resourced.rfb.server import XvpMessage
 from tests.integration.test_gateway import TIMEOUT, MakeRig, Rig, Viewer, viewer
 from tests.integration.test_gateway import make_rig as make_rig  # the fixture, for pytest
@@ -469,3 +478,29 @@ async def test_malformed_message_qemu_drops_for_never_reaches_it(
     finally:
         await v.close()
         await bystander.close()
+
+
+# ---------------------------------------------------------------------------
+# Pseudo-encodings QEMU answers at once
+# ---------------------------------------------------------------------------
+
+
+async def test_pseudo_encodings_qemu_answers_reach_a_viewer_as_directly(make_rig: MakeRig) -> None:
+    """Issue 9 #7, the rest of QEMU's pseudo-encodings: extended key events,
+    pointer motion change and LED state are each answered by QEMU as soon as a
+    viewer lists them; through the gateway the viewer gets each answer as it
+    does straight from QEMU (none filtered out or lost in framing)."""
+    rig = await make_rig(guest_options={"audio": False})
+    wanted = {ExtendedKeyEventSupported, PointerModeChanged, LedStateChanged}
+    for label, address in (("QEMU", f"unix:{rig.guest.vnc_path}"), ("gateway", rig.address)):
+        extensions = [QemuExtendedKeyEvent(), QemuPointerMotionChange(), QemuLedState()]
+        client = await connect(address, extensions=extensions, timeout=TIMEOUT)
+        seen: set[type] = set()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                while not wanted <= seen:
+                    seen.add(type(await client.next_event()))
+        except TimeoutError:
+            raise AssertionError(f"{label}: only {seen & wanted} of {wanted}") from None
+        finally:
+            await client.close()

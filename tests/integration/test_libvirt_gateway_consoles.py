@@ -272,3 +272,53 @@ async def test_pty_given_directly_honours_libvirts_lock_file(
             await asyncio.to_thread(stream.abort)
         await gateway.stop()
     assert lock_holder(lock) is None  # the gateway removed its lock on the way out
+
+
+CHANNEL_PTY = """\
+    <channel type='pty'>
+      <target type='virtio' name='org.resourced.test.0'/>
+    </channel>"""
+
+
+async def test_a_channel_on_a_pty_is_opened_under_libvirts_lock_file(
+    system_conn: Any, pty_domain: tuple[str, Path]
+) -> None:
+    """libvirt's console API cannot open a `<channel>` on a PTY (openConsole does
+    not find channels, openChannel takes Unix sockets only), so the gateway opens
+    its PTY itself under libvirt's lock file, as it does a `pty:` console, while
+    serial0 still goes through libvirt: the channel is attached and opens for a
+    viewer, and its lock file holds the gateway's PID."""
+    name, directory = pty_domain
+    image = directory / "chan.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    channel_domain = f"{name}-chan"
+    devices = PTY_CONSOLE_AND_VNC + "\n" + CHANNEL_PTY
+    domain = await asyncio.to_thread(
+        system_conn.createXML, demo_domain_xml(channel_domain, image, devices), 0
+    )
+    gateway = GatewayProcess(channel_domain, directory / "gw.sock")
+    try:
+        resources = await asyncio.to_thread(lookup_domain, SYSTEM_URI, channel_domain)
+        (channel,) = [spec for spec in resources.consoles if spec.name == "org.resourced.test.0"]
+        pty = channel.endpoint.path
+        await gateway.start()
+        await gateway.logged(f"console org.resourced.test.0: attached to pty:{pty}")
+        await gateway.logged("console serial0: attached to libvirt console serial0")
+        assert gateway.process is not None
+        assert lock_holder(lock_path(pty)) == gateway.process.pid
+        assert not [line for line in gateway.lines if "cannot open console" in line]
+        viewer = await Viewer.connect(gateway.listen)
+        async with viewer.client:
+            info = viewer.consoles.by_name("org.resourced.test.0")
+            assert info is not None, viewer.consoles.consoles
+            viewer.consoles.open(info.console_id, history=False)
+            viewer.client.flush()
+            async with asyncio.timeout(IO_TIMEOUT):
+                while not isinstance(await viewer.client.next_event(), ConsoleOpened):
+                    pass
+    finally:
+        await gateway.stop()
+        with contextlib.suppress(libvirt.libvirtError):
+            await asyncio.to_thread(domain.destroy)
+    assert lock_holder(lock_path(pty)) is None

@@ -293,6 +293,20 @@ def test_invalid_utf8_is_replaced_without_losing_sync() -> None:
     assert reader.remaining == 0
 
 
+@pytest.mark.parametrize("message_type", [ConsoleClosed, ConsoleMark])
+def test_messages_are_utf8_cut_at_a_character_and_never_fail(message_type: Any) -> None:
+    """A CLOSED or MARK message is at most 1024 bytes of UTF-8, cut between two
+    characters (after "x", 511 two-byte é, not 511 and a half); a file name of
+    bytes that are not UTF-8 (a surrogate in Python) is shown escaped."""
+    kind = CloseReason.BACKEND_ERROR if message_type is ConsoleClosed else MarkKind.REATTACHED
+    long = message_type(1, kind, "x" + "é" * 600).serialize()
+    assert int.from_bytes(long[8:10], "big") == 1023  # ff 02 op, u32 id, u8 kind, u16 length
+    assert long[10:].decode("utf-8") == "x" + "é" * 511
+    escaped = message_type(1, kind, "unix:/run/caf\udce9.sock: gone").serialize()
+    parsed = parse_server_message(Reader(escaped, 2))
+    assert parsed.message == "unix:/run/caf\\udce9.sock: gone"
+
+
 @pytest.mark.parametrize(
     "raw",
     [
