@@ -5,7 +5,8 @@ A `LibvirtFollower` opens a libvirt URI (`qemu:///system`, `qemu:///session`,
 in step through libvirt's events: a domain with VNC graphics is a guest named
 after it (source = the URI), whose state follows the domain's (stopped while
 shut off, back when it starts), whose consoles are its serial, console and
-channel devices through libvirt's console stream (`resourced.libvirt.stream`),
+channel devices through libvirt's console stream (`resourced.libvirt.stream`;
+devices libvirt's console API cannot open are left out, with a warning),
 and whose VNC connection is `virDomainOpenGraphicsFD` for a local URI (no
 password or TCP) or the address and password in the domain XML for a remote
 one (through ssh for a VNC server that listens on its host's loopback only:
@@ -31,6 +32,7 @@ from urllib.parse import urlsplit
 
 from resourced.broker.broker import Broker
 from resourced.broker.guest import Guest
+from resourced.consoles import ConsoleKind, EndpointType
 from resourced.errors import AuthenticationFailed, NotConnected, ResourcedError
 from resourced.gateway.libvirt import DomainResources, _libvirt, _message, parse_domain_xml
 from resourced.libvirt import thread
@@ -72,6 +74,8 @@ class LibvirtFollower:
         self._lost: asyncio.Future[None] | None = None
         self._callbacks: list[int] = []
         self._updates: dict[str, asyncio.Task[None]] = {}
+        #: (domain UUID, console) pairs already logged as out of libvirt's reach.
+        self._unreachable: set[tuple[str, str]] = set()
         self._loop = asyncio.get_running_loop()
         thread.run_events_on(self._loop)  # before the first connection: the service's loop
         self.first_sync = self._loop.create_future()
@@ -315,6 +319,24 @@ class LibvirtFollower:
             alias = resources.aliases.get(spec.name)
             if alias is None:
                 continue  # libvirt can open only devices it names
+            channel = spec.kind is ConsoleKind.CHANNEL
+            # What libvirt's console API opens: virDomainOpenConsole a PTY that
+            # is not a channel, virDomainOpenChannel a channel on a Unix socket.
+            wanted_type = EndpointType.UNIX if channel else EndpointType.PTY
+            if spec.endpoint.type is not wanted_type:
+                if (uuid, spec.name) not in self._unreachable:
+                    self._unreachable.add((uuid, spec.name))
+                    # Once per device and run: the user's only clue why it is missing.
+                    log.warning(
+                        "%s: domain %s: %s (%s on a %s) is not listed: libvirt's console"
+                        " API cannot open it (resourced-gateway reaches it)",
+                        self.uri,
+                        resources.name,
+                        spec.name,
+                        spec.kind.name.lower(),
+                        "PTY" if spec.endpoint.type is EndpointType.PTY else "Unix socket",
+                    )
+                continue
             existing = guest.consoles.get(spec.name)
             if existing is not None and isinstance(existing.source, LibvirtConsoleSource):
                 out.append((spec.name, spec.kind, existing.source))
@@ -325,6 +347,7 @@ class LibvirtFollower:
                 self._lookup(uuid),
                 alias,
                 idle_timeout=self.broker.settings.idle_timeout,
+                channel=channel,
             )
             out.append((spec.name, spec.kind, source))
         return out

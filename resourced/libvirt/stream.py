@@ -1,7 +1,9 @@
 """A guest console through libvirt's console stream, as a console hub's source.
 
-`LibvirtConsoleSource` opens a domain's console with `virDomainOpenConsole` on a
-non-blocking `virStream` while someone needs it (`hold()`; released
+`LibvirtConsoleSource` opens a domain's console with `virDomainOpenConsole` (a
+`<serial>`, `<console>` or `<parallel>` on a PTY) or `virDomainOpenChannel` (a
+`<channel>` on a Unix socket: the only devices each of them opens, in libvirt
+9.0) on a non-blocking `virStream` while someone needs it (`hold()`; released
 `idle_timeout` seconds after the last `release()`), which is how local guests
 get consoles with no gateway. libvirt lets one client hold a console at a time:
 while we hold it, `virsh console` gets "Active console session exists"; we
@@ -64,12 +66,16 @@ class LibvirtConsoleSource:
         device: str,
         *,
         idle_timeout: float,
+        channel: bool = False,
     ) -> None:
+        """`device` is libvirt's alias of the device (`serial0`, `channel0`);
+        `channel`: it is a `<channel>`, opened with `virDomainOpenChannel`."""
         self._libvirt = libvirt
         self._conn = conn
         self._domain = domain
         self.device = device
-        self.description = f"libvirt console {device}"
+        self.channel = channel
+        self.description = f"libvirt {'channel' if channel else 'console'} {device}"
         self.idle_timeout = idle_timeout
         self.history_left = 0  # libvirt replays nothing
         self.failure: BrokerError | None = None
@@ -266,15 +272,24 @@ class LibvirtConsoleSource:
             raise NotConnected("libvirt is not connected")
         stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
         try:
-            domain.openConsole(self.device, stream, 0)
+            if self.channel:
+                domain.openChannel(self.device, stream, 0)
+            else:
+                domain.openConsole(self.device, stream, 0)
         except libvirt.libvirtError as error:
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
             message = str(error.get_error_message() or error)
+            # libvirt's words (src/conf/virchrdev.c) for a device another client holds.
             if "Active console session exists" in message:
                 raise Busy(
                     f"another program has console {self.device} open through libvirt "
                     "(virsh console?); it is never forced away from it"
+                ) from None
+            if "Active channel stream exists" in message:
+                raise Busy(
+                    f"another program has channel {self.device} open through libvirt; "
+                    "it is never forced away from it"
                 ) from None
             raise NotConnected(f"cannot open console {self.device}: {message}") from None
         return stream

@@ -234,3 +234,65 @@ async def test_libvirt_guest_sound_through_open_graphics_fd(
     shutil.rmtree(directory, ignore_errors=True)
     assert measured.seconds >= 2.0
     assert abs(measured.frequency_hz - tone_frequency(440)) < 0.02 * tone_frequency(440), measured
+
+
+async def test_channels_and_devices_libvirt_cannot_open(session: Session, system_conn: Any) -> None:
+    """A `<channel>` on a Unix socket comes through virDomainOpenChannel (libvirt's
+    arbitration applies: another client is refused while we hold it); what
+    libvirt's console API cannot open at all (a `<serial>` on a Unix socket, a
+    `<channel>` on a PTY) is not listed, and the service's log says why, instead of
+    a console whose every Open fails."""
+    directory = Path(tempfile.mkdtemp(prefix="rsd-lvc-", dir="/tmp"))
+    directory.chmod(0o755)
+    image = directory / "boot.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    name = f"rsd-chan-{uuid.uuid4().hex[:10]}"
+    devices = f"""\
+    <serial type='pty'><target port='0'/></serial>
+    <serial type='unix'>
+      <source mode='bind' path='{directory}/serial1.sock'/><target port='1'/>
+    </serial>
+    <channel type='unix'>
+      <source mode='bind' path='{directory}/agent.sock'/>
+      <target type='virtio' name='org.resourced.test.0'/>
+    </channel>
+    <channel type='pty'><target type='virtio' name='org.resourced.pty.0'/></channel>
+    <graphics type='vnc'><listen type='socket'/></graphics>"""
+    session.write_config(f'[libvirt]\nuris = ["{SYSTEM_URI}"]\n')
+    dom = system_conn.createXML(demo_domain_xml(name, image, devices), 0)
+    bus = await session.client()
+    try:
+        result = session.busctl("get-property", BUS_NAME, ROOT, f"{BUS_NAME}.Manager", "Version")
+        assert result.returncode == 0, result.stderr  # activated
+        path: str | None = None
+        async with asyncio.timeout(TIMEOUT):
+            while (path := await guest_path(bus, name)) is None:
+                await asyncio.sleep(0.1)
+        assert path is not None
+        listed = await prop(bus, path, GUEST, "Consoles")
+        consoles = sorted(str(console).rsplit("/", 1)[1] for console in listed)
+        assert consoles == ["org_2eresourced_2etest_2e0", "serial0"], consoles
+        channel = f"{path}/consoles/org_2eresourced_2etest_2e0"
+        assert await prop(bus, channel, CONSOLE, "Kind") == "channel"
+        reply = await call(bus, channel, CONSOLE, "Open", "a{sv}", [{}])
+        assert reply.message_type is MessageType.METHOD_RETURN, (reply.error_name, reply.body)
+        with socket.socket(fileno=reply.unix_fds[reply.body[0]]):
+            await wait_prop(bus, channel, CONSOLE, "Available", True)
+            other = libvirt.open(SYSTEM_URI)
+            try:
+                stream = other.newStream(0)
+                with pytest.raises(libvirt.libvirtError, match="Active channel stream exists"):
+                    await asyncio.to_thread(
+                        other.lookupByName(name).openChannel, "org.resourced.test.0", stream, 0
+                    )
+            finally:
+                other.close()
+        log = (session.directory / "daemon.log").read_text()
+        for device in ("serial1 (serial on a Unix socket)", "channel on a PTY"):
+            assert device in log, log[-3000:]
+    finally:
+        bus.disconnect()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        shutil.rmtree(directory, ignore_errors=True)
