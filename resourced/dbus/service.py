@@ -68,6 +68,11 @@ def _bus_address() -> str | None:
     return os.environ.get("DBUS_STARTER_ADDRESS") or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
 
 
+def run(config: config_module.Config, *, bus_address: str | None = None) -> int:
+    """`serve()` on an event loop of its own; the exit status."""
+    return asyncio.run(serve(config, bus_address=bus_address))
+
+
 async def serve(config: config_module.Config, *, bus_address: str | None = None) -> int:
     """Run until idle exit or a signal; the exit status."""
     address = bus_address or _bus_address()

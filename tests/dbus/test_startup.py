@@ -5,8 +5,8 @@ is Python loading code (`bench/service_bench.py` measures it). Modules that only
 some later or rarer path needs are imported there, not when the service starts:
 cryptography (VNC Authentication), libvirt (started after the name is owned),
 libpulse and our PulseAudio sink (likewise), tomli_w (writing guests.toml).
-This checks, in a fresh interpreter, that importing the service's entry module
-loads none of them. It makes no timing assertion.
+This checks, in a fresh interpreter, that `resourced run` loads none of them
+before it connects to its bus. It makes no timing assertion.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 #: Modules the service must not load before it runs (see the module docstring).
 LATER = (
@@ -28,13 +29,22 @@ LATER = (
 )
 
 
-def test_the_service_entry_module_loads_nothing_it_needs_only_later() -> None:
+def test_the_service_loads_nothing_at_start_it_needs_only_later(tmp_path: Path) -> None:
+    # `resourced run` as activation starts it, up to its bus connection (a socket
+    # that is not there, so it stops there): the imports are those of a real start.
+    argv = ["run", "--bus", f"unix:path={tmp_path / 'no-bus'}", "--config-dir", str(tmp_path)]
     script = (
-        "import json, sys\nimport resourced.dbus.__main__\nprint(json.dumps(sorted(sys.modules)))\n"
+        "import json, sys\n"
+        "from resourced.dbus.__main__ import main\n"
+        f"status = main({argv!r})\n"
+        "print(json.dumps([status, sorted(sys.modules)]))\n"
     )
     result = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
-    loaded = set(json.loads(result.stdout))
-    assert "resourced.dbus.service" in loaded  # the import did happen
+    status, modules = json.loads(result.stdout)
+    assert status == 1, result.stderr  # it did start, and found no bus
+    assert "cannot connect to the session bus" in result.stderr
+    loaded = set(modules)
+    assert {"resourced.config", "resourced.dbus.service"} <= loaded
     assert sorted(loaded.intersection(LATER)) == []
