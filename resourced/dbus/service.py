@@ -1,10 +1,11 @@
 """Running the service: the bus, the name, the guests from the config, idle exit, SIGTERM.
 
-`serve()` connects to the session bus (or the one that activated us), exports
-the objects (`resourced.dbus.objects`), installs the caller guard, takes the
-name `org.resourced.Resourced1` and adds the guests the config file lists; a
-moment later (`BACKGROUND_START_DELAY`) it starts on what the call that
-activated it does not need: the sound server, and following libvirt.
+`serve()` adds the guests the config file lists (they start connecting at
+once), connects to the session bus (or the one that activated us), exports
+the objects (`resourced.dbus.objects`), installs the caller guard and takes
+the name `org.resourced.Resourced1`; a moment later (`BACKGROUND_START_DELAY`)
+it starts on what the call that activated it does not need: the sound server,
+and following libvirt.
 It exits as systemd's own on-demand services do: once no guest is connected,
 no console is open and no call has come for `idle_exit` seconds, it releases
 the name (new calls then queue for the next activation), answers what was
