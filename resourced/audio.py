@@ -12,7 +12,8 @@ import array
 import enum
 import math
 import sys
-from dataclasses import dataclass
+
+from resourced.records import dataclass
 
 
 class SampleFormat(enum.Enum):

@@ -7,8 +7,7 @@ the extension that produces them (`resourced.rfb.qemu`). Nothing here parses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from resourced.records import dataclass
 from resourced.rfb.pixelformat import PixelFormat
 
 
