@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from resourced.dbus.__main__ import build_parser, parse
+
 #: Modules the service must not load before it runs (see the module docstring).
 LATER = (
     "cryptography",
@@ -48,3 +50,8 @@ def test_the_service_loads_nothing_at_start_it_needs_only_later(tmp_path: Path) 
     loaded = set(modules)
     assert {"resourced.config", "resourced.dbus.service"} <= loaded
     assert sorted(loaded.intersection(LATER)) == []
+
+
+def test_the_activation_command_line_is_parsed_as_the_parser_would() -> None:
+    # `parse(["run"])` skips building the parser; it must not differ from it.
+    assert vars(parse(["run"])) == vars(build_parser().parse_args(["run"]))
