@@ -1,12 +1,12 @@
-"""`@dataclass(frozen=True, slots=True)`, for a quarter of what defining one costs.
+"""`@dataclass(frozen=True, slots=True)`, for a fifth of what defining one costs.
 
 The standard library's `dataclass` writes each method it adds as source text
 and compiles it when the class is defined: six compilations for a frozen class
 (`__init__`, `__repr__`, `__eq__`, `__hash__`, `__setattr__`, `__delattr__`),
-about 3.3 M instructions a class on Python 3.11 (0.8 M here). The D-Bus
-service defines 63 such records (messages, events, settings) as it starts, and
-compiling their methods was a third of its start-up (issue #7 wants the first
-console byte 300 ms after the activating call).
+about 3 M instructions a class on Python 3.11. The D-Bus service defines 63 such
+records (messages, events, settings) as it starts, and compiling their methods
+was a third of its start-up (issue #7 wants the first console byte 300 ms after
+the activating call).
 
 `dataclass` here takes the same two arguments and makes the same class: a real
 dataclass (`fields()`, `replace()`, `asdict()`, `__match_args__`), slotted,
