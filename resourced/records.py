@@ -51,10 +51,9 @@ def _record(cls: type[_T]) -> type[_T]:
     # the standard library's; it compiles nothing when asked for no methods.
     made: Any = dataclasses.dataclass(cls, init=False, repr=False, eq=False, slots=True)
     fields = dataclasses.fields(made)
-    # fields() leaves InitVar pseudo-fields out: their annotations say so.
-    initvars = [name for name, kind in made.__annotations__.items() if "InitVar" in str(kind)]
-    for name in initvars + [f.name for f in fields if not f.init or f.kw_only]:
-        raise TypeError(f"{made.__qualname__}.{name}: a plain field only, or use dataclasses")
+    for f in fields:
+        if not f.init or f.kw_only or f.type == "InitVar" or type(f.type) is dataclasses.InitVar:
+            raise TypeError(f"{made.__qualname__}.{f.name}: a plain field only, or use dataclasses")
     names = frozenset(f.name for f in fields)
     compared = _getter([f.name for f in fields if f.compare])
     hashed = _getter([f.name for f in fields if (f.compare if f.hash is None else f.hash)])
@@ -122,11 +121,7 @@ def _getter(names: list[str]) -> Callable[[Any], tuple[Any, ...]]:
 
 def _init(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> Callable[..., None]:
     """The standard library's `__init__` for a frozen class, compiled once."""
-    scope: dict[str, Any] = {
-        "__name__": cls.__module__,
-        "__set": object.__setattr__,
-        "__factory": _FACTORY,
-    }
+    scope: dict[str, Any] = {"__set": object.__setattr__, "__factory": _FACTORY}
     parameters, body = [], []
     for f in fields:
         value = f.name

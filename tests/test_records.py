@@ -64,7 +64,6 @@ def test_a_record_behaves_as_a_frozen_slotted_dataclass(namespace: dict[str, Any
     assert ours.__doc__ == standard.__doc__
     assert ours.__dataclass_params__.frozen  # type: ignore[attr-defined]
     assert ours.__init__.__qualname__ == f"{ours.__qualname__}.__init__"  # type: ignore[misc]
-    assert ours.__init__.__module__ == standard.__init__.__module__  # type: ignore[misc]
 
     arguments: dict[str, Any] = {"Plain": {"number": 1, "data": b"x"}, "Rich": {"number": 2}}.get(
         namespace["__name__"], {}
@@ -113,10 +112,6 @@ def test_a_record_refuses_what_it_does_not_make() -> None:
     keyword_only = {**PLAIN, "flag": dataclasses.field(default=False, kw_only=True)}
     with pytest.raises(TypeError, match="plain field"):
         _twins(keyword_only)
-    init_var = {**PLAIN, "__annotations__": {**PLAIN["__annotations__"], "seed": "InitVar[int]"}}
-    init_var["seed"] = 0
-    with pytest.raises(TypeError, match="seed: a plain field"):
-        _twins(init_var)
 
 
 def test_a_record_pickles() -> None:
