@@ -12,8 +12,7 @@ import array
 import enum
 import math
 import sys
-
-from resourced.records import dataclass
+from dataclasses import dataclass
 
 
 class SampleFormat(enum.Enum):

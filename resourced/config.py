@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,7 +45,6 @@ from resourced.audio import AudioFormat, SampleFormat
 from resourced.broker.audio import DEFAULT_FORMAT, AudioSettings
 from resourced.broker.guest import GuestSettings
 from resourced.errors import ConfigurationError
-from resourced.records import dataclass
 
 #: libvirt connections followed when the config names none (each only if it opens).
 DEFAULT_LIBVIRT_URIS = ("qemu:///session", "qemu:///system")

@@ -21,14 +21,13 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from resourced.audio import AudioFormat
 from resourced.broker.link import GuestLink
 from resourced.errors import ConfigurationError, Unsupported
-from resourced.records import dataclass
 from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, AudioSupported, QemuAudio
 from resourced.sinks.wav import WavFileSink
 

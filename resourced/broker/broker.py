@@ -14,7 +14,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from resourced.broker.audio import AudioSettings, PlaybackFactory
 from resourced.broker.guest import Guest, GuestSettings
 from resourced.broker.link import Connector
 from resourced.errors import ConfigurationError, NoSuchGuest, NotConnected, ResourcedError
-from resourced.records import dataclass
 from resourced.rfb.aio import RfbClient, connect, parse_address
 from resourced.rfb.constants import Encoding
 from resourced.rfb.extension import Extension

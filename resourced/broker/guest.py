@@ -23,6 +23,7 @@ import itertools
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from resourced.broker.audio import AudioSettings, GuestAudio, PlaybackFactory
@@ -32,7 +33,6 @@ from resourced.consoles import ConsoleKind
 from resourced.consoles.hub import DEFAULT_RING_SIZE, ConsoleHub
 from resourced.consoles.sources import ConsoleSource
 from resourced.errors import BrokerError, Busy, NoSuchConsole, NotConnected
-from resourced.records import dataclass
 from resourced.rfb.aio import RfbClient
 from resourced.rfb.consoles import (
     ConsoleAdded,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass
 
 from resourced.errors import ConfigurationError
-from resourced.records import dataclass
 
 #: Longest console name we carry (the wire allows a u8 length).
 MAX_CONSOLE_NAME = 64

@@ -8,12 +8,12 @@ interface version. An unknown option, or a known one of the wrong type, is an
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from dbus_fast import DBusError, Variant
 
 from resourced.dbus.errors import INVALID_ARGUMENT
-from resourced.records import dataclass
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,10 +16,10 @@ import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 from resourced.errors import ConfigurationError, ConnectionClosed, HandshakeTimeout
-from resourced.records import dataclass
 from resourced.rfb.connection import ClientConnection, Message, State
 from resourced.rfb.events import Connected, ServerClosed
 

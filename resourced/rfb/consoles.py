@@ -23,12 +23,11 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 from resourced.consoles import MAX_CONSOLE_NAME, ConsoleKind
 from resourced.errors import LocalProtocolError, RemoteProtocolError
-from resourced.records import dataclass
 from resourced.rfb._buffer import Reader, u8, u16, u32
 from resourced.rfb.constants import (
     ClientMessageType,

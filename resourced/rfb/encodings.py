@@ -21,11 +21,11 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Protocol
 
 from resourced.errors import RemoteProtocolError
-from resourced.records import dataclass
 from resourced.rfb._buffer import Reader
 from resourced.rfb.constants import (
     MAX_COMPRESSED_RECT_LENGTH,

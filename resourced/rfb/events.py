@@ -7,7 +7,8 @@ the extension that produces them (`resourced.rfb.qemu`). Nothing here parses.
 
 from __future__ import annotations
 
-from resourced.records import dataclass
+from dataclasses import dataclass
+
 from resourced.rfb.pixelformat import PixelFormat
 
 

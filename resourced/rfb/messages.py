@@ -10,9 +10,9 @@ live in `resourced.rfb.qemu`. This module does no I/O and keeps no state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from resourced.errors import LocalProtocolError, RemoteProtocolError
-from resourced.records import dataclass
 from resourced.rfb._buffer import Reader, s32, u8, u16, u32
 from resourced.rfb.constants import (
     MAX_COLOUR_MAP_ENTRIES,

@@ -6,9 +6,9 @@ Only the description of pixels lives here; this module converts no pixels.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 from resourced.errors import RemoteProtocolError
-from resourced.records import dataclass
 from resourced.rfb._buffer import Reader
 
 _PIXEL_FORMAT = struct.Struct("!BBBBHHHBBBxxx")

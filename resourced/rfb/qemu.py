@@ -13,11 +13,11 @@ Each parses only its own messages and does no I/O.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from resourced.audio import AudioFormat, SampleFormat
 from resourced.errors import LocalProtocolError, RemoteProtocolError
-from resourced.records import dataclass
 from resourced.rfb._buffer import Reader, u8, u16, u32
 from resourced.rfb.constants import (
     MAX_AUDIO_CHUNK,

@@ -9,9 +9,9 @@ up the TLS layer.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 from resourced.errors import AuthenticationFailed, SecurityNegotiationFailed
-from resourced.records import dataclass
 from resourced.rfb.constants import SecurityType, VeNCryptSubtype
 from resourced.rfb.text import credential_bytes
 

@@ -16,10 +16,10 @@ import os
 import pwd
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 from resourced.errors import ConfigurationError, TlsError
-from resourced.records import dataclass
 
 #: The client names gtk-vnc is given, whose folders hold a client certificate:
 #: virt-manager's (`libvirt-vnc`), then virt-viewer's and remote-viewer's (`libvirt`).
