@@ -52,6 +52,9 @@ class CallerGuard:
         self.last_call = time.monotonic()
 
     async def install(self) -> None:
+        """Guard every message from now on (before the first await: a call must
+        not slip past while the match rule is being added)."""
+        self.bus.add_message_handler(self.handle)
         await self.bus.call(
             Message(
                 destination=_DBUS,
@@ -62,7 +65,6 @@ class CallerGuard:
                 body=[f"type='signal',sender='{_DBUS}',member='NameOwnerChanged'"],
             )
         )
-        self.bus.add_message_handler(self.handle)
 
     def _ours(self, msg: Message) -> bool:
         path = msg.path or ""

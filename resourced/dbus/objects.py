@@ -585,7 +585,8 @@ class Face(BrokerObserver, GuestObserver):
     def forget_guest(self, name: str) -> None:
         self._forget(name)
 
-    def discover(self, guest: Guest) -> None:
+    @staticmethod
+    def discover(guest: Guest) -> None:
         """Connect once in the background, so the guest's consoles get published."""
 
         async def connect() -> None:

@@ -1,10 +1,11 @@
 """Running the service: the bus, the name, the guests from the config, idle exit, SIGTERM.
 
-`serve()` connects to the session bus (or the one that activated us), exports
-the objects (`resourced.dbus.objects`), installs the caller guard, takes the
-name `org.resourced.Resourced1` and adds the guests the config file lists; a
-moment later (`BACKGROUND_START_DELAY`) it starts on what the call that
-activated it does not need: the sound server, and following libvirt.
+`serve()` adds the guests the config file lists (they start connecting at
+once), connects to the session bus (or the one that activated us), exports
+the objects (`resourced.dbus.objects`), installs the caller guard and takes
+the name `org.resourced.Resourced1`; a moment later (`BACKGROUND_START_DELAY`)
+it starts on what the call that activated it does not need: the sound server,
+and following libvirt.
 It exits as systemd's own on-demand services do: once no guest is connected,
 no console is open and no call has come for `idle_exit` seconds, it releases
 the name (new calls then queue for the next activation), answers what was
@@ -68,6 +69,11 @@ def _bus_address() -> str | None:
     return os.environ.get("DBUS_STARTER_ADDRESS") or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
 
 
+def run(config: config_module.Config, *, bus_address: str | None = None) -> int:
+    """`serve()` on an event loop of its own; the exit status."""
+    return asyncio.run(serve(config, bus_address=bus_address))
+
+
 async def serve(config: config_module.Config, *, bus_address: str | None = None) -> int:
     """Run until idle exit or a signal; the exit status."""
     address = bus_address or _bus_address()
@@ -78,39 +84,28 @@ async def serve(config: config_module.Config, *, bus_address: str | None = None)
         )
     try:
         bus = ServiceBus(bus_address=address, bus_type=BusType.SESSION, negotiate_unix_fd=True)
-        await bus.connect()
-    except Exception as err:  # no bus: say so in one line
+    except Exception as err:  # a malformed address
         raise ResourcedError(f"cannot connect to the session bus ({address}): {err}") from err
     config_module.runtime_dir()
     sound = SoundServer(config.sound_server)
     broker = Broker(config.guest_settings, config.audio, sound.playback)
-
-    def persist(name: str, address: str, values: dict[str, Any]) -> None:
-        options = {k: str(values[k]) for k in config_module.GUEST_OPTION_KEYS if values.get(k)}
-        config_module.remember_guest(
-            config.directory, config_module.GuestEntry(name, address, options)
-        )
-
-    face = Face(
-        bus, broker, persist, lambda name: config_module.forget_guest(config.directory, name)
-    )
     broker.password_lookup = functools.partial(console_password, bus)
-    guard = CallerGuard(bus, ROOT, face.method_signatures())
-    await guard.install()
-    reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-    if reply is not RequestNameReply.PRIMARY_OWNER:
-        bus.disconnect()
-        raise ResourcedError(f"{BUS_NAME} is already taken on this bus: is resourced running?")
-    log.info("resourced %s: serving %s on %s", _version(), BUS_NAME, address or "the session bus")
+    # The config's guests first: their connections (the VNC handshake, the
+    # console list) go on while we reach the bus and take the name.
     for entry in config.guests:
         try:
             values: dict[str, Any] = {"password": None, "password-file": None, "tls": "auto"}
             values |= {k: None for k in ("ca-cert", "client-cert", "client-key", "tls-server-name")}
             values |= entry.options
-            guest = broker.add_vnc_guest(entry.name, entry.address, vnc_options(values))
-            face.discover(guest)
+            Face.discover(broker.add_vnc_guest(entry.name, entry.address, vnc_options(values)))
         except ResourcedError as err:
             log.warning("config: guest %s not added: %s", entry.name, err)
+    try:
+        guard = await _take_name(bus, broker, config, address)
+    except BaseException:
+        await broker.close()
+        raise
+    log.info("resourced %s: serving %s on %s", _version(), BUS_NAME, address or "the session bus")
 
     loop = asyncio.get_running_loop()
     background = loop.create_task(_start_background(config, broker, sound))
@@ -146,6 +141,36 @@ def _on_bus_lost(stop: asyncio.Event, disconnected: asyncio.Future[None]) -> Non
             "resourced: the bus connection is gone (%s); stopping", error or "closed by the bus"
         )
     stop.set()
+
+
+async def _take_name(
+    bus: ServiceBus, broker: Broker, config: config_module.Config, address: str
+) -> CallerGuard:
+    """Connect, publish the broker's objects, guard them, own the name; the guard."""
+    try:
+        await bus.connect()
+    except Exception as err:  # no bus: say so in one line
+        raise ResourcedError(f"cannot connect to the session bus ({address}): {err}") from err
+
+    def persist(name: str, address: str, values: dict[str, Any]) -> None:
+        options = {k: str(values[k]) for k in config_module.GUEST_OPTION_KEYS if values.get(k)}
+        config_module.remember_guest(
+            config.directory, config_module.GuestEntry(name, address, options)
+        )
+
+    face = Face(
+        bus, broker, persist, lambda name: config_module.forget_guest(config.directory, name)
+    )
+    guard = CallerGuard(bus, ROOT, face.method_signatures())
+    # The guard sees every message from its first step on; its match rule and
+    # our name are asked for together: one round trip to the bus, not two.
+    _, reply = await asyncio.gather(
+        guard.install(), bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    )
+    if reply is not RequestNameReply.PRIMARY_OWNER:
+        bus.disconnect()
+        raise ResourcedError(f"{BUS_NAME} is already taken on this bus: is resourced running?")
+    return guard
 
 
 async def _run_until_idle(
