@@ -16,6 +16,7 @@ import pytest
 
 from resourced.audio import AudioFormat, SampleFormat, analyse
 from resourced.demo.soundserver import RECORD_FORMAT, Recorder
+from resourced.playout import PlayoutConfig
 from resourced.sinks import AudioSink
 from resourced.sinks.pulse import PulsePlayback, PulseServer
 from tests.audio.conftest import (
@@ -365,3 +366,77 @@ async def test_no_server_yet_is_not_an_error(sound_server: ServerType) -> None:
         assert playback.playing
     finally:
         await client.close()
+
+
+# The controller held still (it updates once, at the first chunk), so the test
+# alone moves the rate: the level read back must follow it at once.
+STILL = PlayoutConfig(initial_jitter=0.080, rate_update_interval=3600.0)
+
+
+async def test_the_level_is_right_at_once_after_the_rate_rises_on_an_old_stream(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    # The bug this guards against: the level was libpulse's interpolated
+    # latency, which stands still for (rate rise) x (the stream's age) after a
+    # rise, reading ~0 and then climbing with each write; the controller took
+    # that for an empty buffer, slowed the stream down, and the buffer grew a
+    # little more at each rise, ever worse as the stream aged (seconds of it,
+    # then silence, after a while of playing). 3 % after 15 s: 450 ms wrong.
+    playback = pulse.playback("guest", config=STILL)
+    playback.begin(S16_STEREO)
+    readings: list[tuple[float, int]] = []
+    loop = asyncio.get_running_loop()
+    async with running(feed(playback, S16_STEREO, 60.0)):
+        await wait_for(lambda: playback.playing, 5, "playing")
+        await asyncio.sleep(15.0)
+        before = []
+        for _ in range(10):
+            before.append(playback.latency_usec)
+            await asyncio.sleep(0.05)
+        playback._set_rate(round(S16_STEREO.rate * 1.03))
+        stepped = loop.time()
+        while loop.time() - stepped < 1.5:
+            readings.append((loop.time() - stepped, playback.latency_usec))
+            await asyncio.sleep(0.02)
+    level = statistics.median(before)
+    print(f"level {level} us before the rise; after: {readings[::10]}")
+    assert 40_000 < level < 300_000, before
+    # Playing 3 % faster than it is fed, the buffer drains by 30 ms a second:
+    # never anywhere near empty within 1.5 s, and never fuller than before.
+    for since, latency in readings:
+        assert level - 30_000 * since - 30_000 < latency < level + 30_000, (since, readings)
+    playback.close()
+
+
+async def test_a_guest_faster_than_the_steering_never_queues_seconds(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    # A guest 12 % fast (or a server that plays the stream slower than asked)
+    # is beyond the 3 % the rate may be steered: the buffer would grow 90 ms a
+    # second, past the stream's 2 s maxlength in half a minute, after which
+    # PulseAudio leaves what is written as holes (silence, Playing still
+    # true). The player drops sound instead, each time the buffer reaches its
+    # bound, and logs why.
+    playback = pulse.playback("guest")
+    playback.begin(S16_STEREO)
+    readings: list[tuple[int, float]] = []  # (latency_usec, the bound then, seconds)
+    async with Recorder(sound_server) as recorder:
+        async with running(feed(playback, S16_STEREO, 30.0, pace=1.12)) as feeder:
+            await wait_for(lambda: playback.playing, 5, "playing")
+            while not feeder.done():
+                playout = playback._playout
+                assert playout is not None
+                readings.append((playback.latency_usec, playout.limit))
+                await asyncio.sleep(0.1)
+        last = time.monotonic()
+        await asyncio.sleep(0.3)
+    worst = max(readings)
+    print(f"latency max {worst[0]} us (bound {worst[1]:.3f} s), re-syncs {playback.resyncs}")
+    assert playback.resyncs >= 3
+    # The bound (the target plus at least 250 ms), and a chunk or two over it.
+    over = [(latency, limit) for latency, limit in readings if latency > (limit + 0.05) * 1e6]
+    assert over == [], readings
+    # Still playing the guest's sound at the end, not silence.
+    tail = left(recorder.data_since(last - 1.0))
+    assert _rms(tail) > 0.5 * AMPLITUDE * 32767 / math.sqrt(2), "silent at the end"
+    playback.close()
