@@ -321,6 +321,7 @@ class PulsePlayback:
         self._rate: int | None = None  # sample rate applied to the stream
         self._restart = False  # end() came: the next begin() starts a new capture
         self._dropping = False  # over the bound: chunks dropped until back at the target
+        self._logged = -math.inf  # when the play-out state was last logged (debug)
         self.resyncs = 0  # times the buffer was brought back within its bound (diagnostics)
         self.rate_changes = 0  # applied so far (tests, diagnostics)
 
@@ -419,6 +420,20 @@ class PulsePlayback:
         playout.arrival(now, usable // fmt.frame_size, level)
         if self._over_bound(level, playout):
             return
+        if log.isEnabledFor(logging.DEBUG) and now - self._logged >= 1.0:
+            self._logged = now
+            log.debug(
+                "%s: level %s ms, target %.0f ms, setpoint %s ms, spread %.0f ms, "
+                "rate %s, skew %+.2f %%, correction %+.2f %%",
+                self.name,
+                "-" if level is None else f"{level * 1e3:.0f}",
+                playout.target * 1e3,
+                "-" if playout.setpoint is None else f"{playout.setpoint * 1e3:.0f}",
+                playout.jitter.spread * 1e3,
+                self._rate,
+                playout.jitter.skew * 100,
+                playout.drift.correction * 100,
+            )
         data = self._converter(pcm) if self._converter is not None else pcm
         if lib.pa_stream_write(self._stream, data, len(data), None, 0, lib.PA_SEEK_RELATIVE) < 0:
             log.debug("%s: pa_stream_write failed", self.name)
