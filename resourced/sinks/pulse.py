@@ -685,7 +685,10 @@ class PulsePlayback:
         until the level is back at the target.
         """
         if level is None:
-            return self._dropping
+            # Not playing (held for a prebuffer, or no timing yet): nothing to
+            # drop, whatever came before; a prebuffer must be able to fill.
+            self._dropping = False
+            return False
         if self._dropping:
             if level > playout.target:
                 return True

@@ -384,27 +384,30 @@ async def test_the_level_is_right_at_once_after_the_rate_rises_on_an_old_stream(
     # then silence, after a while of playing). 3 % after 15 s: 450 ms wrong.
     playback = pulse.playback("guest", config=STILL)
     playback.begin(S16_STEREO)
-    readings: list[tuple[float, int]] = []
     loop = asyncio.get_running_loop()
+
+    async def readings(seconds: float) -> list[int]:
+        values = []
+        began = loop.time()
+        while loop.time() - began < seconds:
+            values.append(playback.latency_usec)
+            await asyncio.sleep(0.02)
+        return values
+
     async with running(feed(playback, S16_STEREO, 60.0)):
         await wait_for(lambda: playback.playing, 5, "playing")
-        await asyncio.sleep(15.0)
-        before = []
-        for _ in range(10):
-            before.append(playback.latency_usec)
-            await asyncio.sleep(0.05)
+        await asyncio.sleep(20.0)
+        before = await readings(0.5)
         playback._set_rate(round(S16_STEREO.rate * 1.03))
-        stepped = loop.time()
-        while loop.time() - stepped < 1.5:
-            readings.append((loop.time() - stepped, playback.latency_usec))
-            await asyncio.sleep(0.02)
+        after = await readings(0.5)
+    print(f"before the rise {before}\nafter {after}")
     level = statistics.median(before)
-    print(f"level {level} us before the rise; after: {readings[::10]}")
-    assert 40_000 < level < 300_000, before
-    # Playing 3 % faster than it is fed, the buffer drains by 30 ms a second:
-    # never anywhere near empty within 1.5 s, and never fuller than before.
-    for since, latency in readings:
-        assert level - 30_000 * since - 30_000 < latency < level + 30_000, (since, readings)
+    assert 50_000 < level < 300_000, before
+    # Playing 3 % faster than it is fed, the buffer drains by 15 ms in 0.5 s.
+    # The old reading stood at ~0 for 600 ms (3 % of the stream's 20 s). The
+    # readings move by a few tens of ms with the feed's own timing (a shared,
+    # busy machine): their median is what is compared.
+    assert statistics.median(after) == pytest.approx(level - 7_500, abs=30_000), after
     playback.close()
 
 
