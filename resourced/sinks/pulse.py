@@ -416,9 +416,12 @@ class PulsePlayback:
             playout.arrival(now, usable // fmt.frame_size, None)
             return
         lib = self._server._lib
-        level = self._level()
+        queued = self._queued()
+        level = queued[0] if queued is not None and queued[1] else None
         playout.arrival(now, usable // fmt.frame_size, level)
-        if self._over_bound(level, playout):
+        # The bound holds whether the server plays the stream or not (someone
+        # else may cork it: a mixer, a policy).
+        if self._over_bound(None if queued is None else queued[0], playout):
             return
         if log.isEnabledFor(logging.DEBUG) and now - self._logged >= 1.0:
             self._logged = now
@@ -659,6 +662,15 @@ class PulsePlayback:
         slow the stream down and the buffer grow, ever worse as the stream
         aged, until it held seconds (see `_over_bound`).
         """
+        queued = self._queued()
+        return queued[0] if queued is not None and queued[1] else None
+
+    def _queued(self) -> tuple[float, bool] | None:
+        """(seconds written and not yet played, whether the server plays them), or None.
+
+        See `_level`; while the server does not play the stream, what it holds
+        is not running down.
+        """
         lib, fmt, rate = self._server._lib, self._format, self._rate
         if fmt is None or not rate:
             return None
@@ -666,13 +678,15 @@ class PulsePlayback:
         if not pointer:
             return None
         info = pointer.contents
-        if not info.playing or info.write_index_corrupt or info.read_index_corrupt:
+        if info.write_index_corrupt or info.read_index_corrupt:
             return None
-        measured = float(info.timestamp.tv_sec) + float(info.timestamp.tv_usec) / 1e6
-        since = max(0.0, time.time() - measured)  # libpulse stamps it with gettimeofday
         buffered = float(info.write_index - info.read_index) / (_stream_frame_size(fmt) * rate)
         sink = float(info.sink_usec) / 1e6
-        return max(0.0, buffered + sink - since)
+        if not info.playing:
+            return max(0.0, buffered + sink), False
+        measured = float(info.timestamp.tv_sec) + float(info.timestamp.tv_usec) / 1e6
+        since = max(0.0, time.time() - measured)  # libpulse stamps it with gettimeofday
+        return max(0.0, buffered + sink - since), True
 
     def _over_bound(self, level: float | None, playout: Playout) -> bool:
         """Whether to drop this chunk: the buffer is over its bound, or coming back.
@@ -684,9 +698,8 @@ class PulsePlayback:
         silence). Past `Playout.limit`, chunks are dropped (a logged re-sync)
         until the level is back at the target.
         """
-        if level is None:
-            # Not playing (held for a prebuffer, or no timing yet): nothing to
-            # drop, whatever came before; a prebuffer must be able to fill.
+        if level is None or self._corked:
+            # Held for a prebuffer (which must fill), or no timing yet.
             self._dropping = False
             return False
         if self._dropping:
@@ -824,7 +837,7 @@ class PulsePlayback:
         if pulse is None or stream is None or fmt is None or playout is None:
             return
         self._refill += written
-        if self._refill >= playout.prebuffer * fmt.byte_rate:
+        if self._refill >= playout.prebuffer * fmt.rate * _stream_frame_size(fmt):
             log.debug("%s: uncorked, %d bytes in", self.name, self._refill)
             self._corked = False
             self._server.spawn(pulse.pa_stream_cork(stream, 0))

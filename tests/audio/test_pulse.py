@@ -443,3 +443,40 @@ async def test_a_guest_faster_than_the_steering_never_queues_seconds(
     tail = left(recorder.data_since(last - 1.0))
     assert _rms(tail) > 0.5 * AMPLITUDE * 32767 / math.sqrt(2), "silent at the end"
     playback.close()
+
+
+async def test_a_stream_the_server_stops_playing_never_queues_seconds(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    # The sink suspended under the stream (as a mixer or a policy may do): the
+    # guest keeps sending, nothing plays. What the stream holds stays within
+    # its bound (the rest is dropped), and the sound is back, in time, once
+    # the sink runs again.
+    playback = pulse.playback("guest")
+    playback.begin(S16_STEREO)
+    held: list[tuple[float, float]] = []  # (seconds queued, the bound then)
+    async with running(feed(playback, S16_STEREO, 60.0)):
+        await wait_for(lambda: playback.playing, 5, "playing")
+        await asyncio.sleep(2.0)
+        await sound_server.pactl("suspend-sink", sound_server.sink, "1")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while loop.time() - began < 5.0:
+            queued, playout = playback._queued(), playback._playout
+            assert playout is not None
+            if queued is not None:
+                held.append((queued[0], playout.limit))
+            await asyncio.sleep(0.1)
+        await sound_server.pactl("suspend-sink", sound_server.sink, "0")
+        async with Recorder(sound_server) as recorder:
+            await asyncio.sleep(4.0)
+            latency = playback.latency_usec
+    print(f"queued while suspended: {held[::5]}; latency after {latency} us")
+    assert held, "no timing info while the sink was suspended"
+    assert max(queued for queued, _ in held) > 0.2  # it did stop playing
+    assert all(queued < limit + 0.05 for queued, limit in held), held
+    assert 0 < latency < 300_000
+    samples = left(recorder.data)
+    span = tone_span(samples)
+    assert span is not None, "no sound after the sink ran again"
+    playback.close()
