@@ -445,6 +445,10 @@ async def test_a_guest_faster_than_the_steering_never_queues_seconds(
     playback.close()
 
 
+# PulseAudio only: PipeWire 0.3.65 keeps running a null sink that `pactl
+# suspend-sink` is asked to suspend while a stream plays on it (the stream's
+# buffer never grew there), and offers no other way to stop one stream playing.
+@pytest.mark.parametrize("sound_server", ["pulseaudio"], indirect=True)
 async def test_a_stream_the_server_stops_playing_never_queues_seconds(
     sound_server: ServerType, pulse: PulseServer
 ) -> None:
