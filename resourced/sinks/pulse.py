@@ -14,11 +14,12 @@ yet played, from its timing info: see `PulsePlayback._level`) is read back;
 `resourced.playout` turns arrival times and levels into a buffer target
 (`tlength`/`prebuf`) and a sample rate for the `VARIABLE_RATE` stream, which
 absorbs the guest's clock skew without dropping or inserting samples. Only a
-guest faster than that steering can follow fills the buffer to its bound; then
-sound is dropped until the level is back at the target. A guest that stops sending for longer
-than its buffer (a pause: no END comes) is not playing any more; the underflow
-that the empty buffer causes is not counted as an underrun, and the next chunk
-starts afresh from the prebuffer.
+guest faster than that steering can follow (or a server that stops playing the
+stream) fills the buffer to its bound; then sound is dropped until the level is
+back at the target. A guest that stops sending for longer than its buffer (a
+pause: no END comes) is not playing any more; the underflow that the empty
+buffer causes is not counted as an underrun, and the next chunk starts afresh
+from the prebuffer.
 
 This module speaks to libpulse through the `libpulse` package (ctypes over
 libpulse.so.0, driven by asyncio). Only one `libpulse.LibPulse` may exist per
