@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 from typing import Any
@@ -90,6 +91,12 @@ async def play(path: str) -> dict[str, Any]:
 
 
 def main() -> int:
+    if os.environ.get("RESOURCED_AUDIO_DEBUG"):
+        # The player's state changes (cork, underflow, pause, re-sync) on stderr,
+        # which the benchmark keeps with --keep.
+        logging.basicConfig(
+            level=logging.DEBUG, format="%(relativeCreated)9.0f %(name)s %(message)s"
+        )
     report = asyncio.run(play(sys.argv[1]))
     print(json.dumps(report), flush=True)
     return 0

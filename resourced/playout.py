@@ -17,7 +17,8 @@ and the buffer level the sound server reports:
   inserting samples.
 - `Playout`: the two together, plus pause detection: a guest that is paused
   sends nothing (and no END), so a gap longer than the buffer plus a margin is a
-  pause, after which play-out starts afresh with a new prebuffer.
+  pause, after which play-out starts afresh with a new prebuffer; and the
+  level's bound (`limit`), past which the owner drops sound to re-sync.
 
 This module does no I/O and never reads a clock: every time is passed in
 (seconds, any monotonic origin). The PulseAudio side is `resourced.sinks.pulse`.
@@ -61,6 +62,7 @@ class PlayoutConfig:
     setpoint_fall: float = 0.003  # s/s: ...and come down to it (0.3 %: inaudible)
     rate_update_interval: float = 0.25  # seconds between two rate changes at most
     pause_margin: float = 0.200  # a gap this much longer than the buffer is a pause
+    overfill: float = 0.250  # the level's bound: this much (or the target again) over it
 
     def __post_init__(self) -> None:
         if not 0 < self.prebuffer <= self.max_target:
@@ -282,6 +284,13 @@ class Playout:
         config = self.config
         wanted = max(config.prebuffer, self.jitter.jitter + config.jitter_margin) + self._boost
         return min(wanted, config.max_target)
+
+    @property
+    def limit(self) -> float:
+        """The most the buffer may hold, seconds: past it the owner re-syncs
+        (drops sound until the level is back at the target)."""
+        target = self.target
+        return target + max(target, self.config.overfill)
 
     @property
     def prebuffer(self) -> float:

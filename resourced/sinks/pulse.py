@@ -9,14 +9,17 @@ stream, and follows volume and mute changed in the mixer.
 
 How the sound is played: each chunk is written to the stream as it arrives (the
 write never blocks; the server's buffer *is* the jitter buffer, so PCM spends no
-time in Python). Before each write the stream's buffered level is read back
-(`pa_stream_get_latency` less the sink's own part); `resourced.playout` turns
-arrival times and levels into a buffer target (`tlength`/`prebuf`) and a sample
-rate for the `VARIABLE_RATE` stream, which absorbs the guest's clock skew
-without dropping or inserting samples. A guest that stops sending for longer
-than its buffer (a pause: no END comes) is not playing any more; the underflow
-that the empty buffer causes is not counted as an underrun, and the next chunk
-starts afresh from the prebuffer.
+time in Python). Before each write the stream's level (audio written and not
+yet played, from its timing info: see `PulsePlayback._level`) is read back;
+`resourced.playout` turns arrival times and levels into a buffer target
+(`tlength`/`prebuf`) and a sample rate for the `VARIABLE_RATE` stream, which
+absorbs the guest's clock skew without dropping or inserting samples. Only a
+guest faster than that steering can follow (or a server that stops playing the
+stream) fills the buffer to its bound; then sound is dropped until the level is
+back at the target. A guest that stops sending for longer than its buffer (a
+pause: no END comes) is not playing any more; the underflow that the empty
+buffer causes is not counted as an underrun, and the next chunk starts afresh
+from the prebuffer.
 
 This module speaks to libpulse through the `libpulse` package (ctypes over
 libpulse.so.0, driven by asyncio). Only one `libpulse.LibPulse` may exist per
@@ -30,10 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes as ct
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Final
 
@@ -95,6 +98,11 @@ def _convert(fmt: AudioFormat) -> tuple[str, Callable[[bytes], bytes] | None]:
             return "PA_SAMPLE_S32LE", None
         case SampleFormat.U32:
             return "PA_SAMPLE_S32LE", lambda pcm: _flip_top_byte(pcm, 4)
+
+
+def _stream_frame_size(fmt: AudioFormat) -> int:
+    """Bytes per frame on the stream (after `_convert`: 8-bit samples are widened)."""
+    return max(2, fmt.sample_format.size) * fmt.channels
 
 
 def _widen_8bit(pcm: bytes) -> bytes:
@@ -313,7 +321,9 @@ class PulsePlayback:
         self._attrs_time = -math.inf
         self._rate: int | None = None  # sample rate applied to the stream
         self._restart = False  # end() came: the next begin() starts a new capture
-        self._timing_stale = False  # a rate change is on its way: no level reading
+        self._dropping = False  # over the bound: chunks dropped until back at the target
+        self._logged = -math.inf  # when the play-out state was last logged (debug)
+        self.resyncs = 0  # times the buffer was brought back within its bound (diagnostics)
         self.rate_changes = 0  # applied so far (tests, diagnostics)
 
     # -- what the broker reads -------------------------------------------------------
@@ -353,8 +363,8 @@ class PulsePlayback:
         """The stream's latency now (buffered + the sink's), 0 when not playing."""
         if not self._playing or not self._ready:
             return 0
-        latency = self._latency()
-        return 0 if latency is None else latency
+        level = self._level()
+        return 0 if level is None else round(level * 1e6)
 
     # -- AudioSink ---------------------------------------------------------------------
 
@@ -371,9 +381,7 @@ class PulsePlayback:
                 # play-out starts afresh, at the nominal rate, on the same stream.
                 self._playout = Playout(fmt.rate, self._config)
                 if self._stream is not None and self._rate not in (None, fmt.rate):
-                    self._rate = fmt.rate
-                    self._timing_stale = True
-                    self._server.spawn(self._update_rate(self._stream, fmt.rate))
+                    self._set_rate(fmt.rate)
             return
         self._format = fmt
         _pa_format, self._converter = _convert(fmt)
@@ -409,8 +417,27 @@ class PulsePlayback:
             playout.arrival(now, usable // fmt.frame_size, None)
             return
         lib = self._server._lib
-        level = self._level()
+        queued = self._queued()
+        level = queued[0] if queued is not None and queued[1] else None
         playout.arrival(now, usable // fmt.frame_size, level)
+        # The bound holds whether the server plays the stream or not (someone
+        # else may cork it: a mixer, a policy).
+        if self._over_bound(None if queued is None else queued[0], playout):
+            return
+        if log.isEnabledFor(logging.DEBUG) and now - self._logged >= 1.0:
+            self._logged = now
+            log.debug(
+                "%s: level %s ms, target %.0f ms, setpoint %s ms, spread %.0f ms, "
+                "rate %s, skew %+.2f %%, correction %+.2f %%",
+                self.name,
+                "-" if level is None else f"{level * 1e3:.0f}",
+                playout.target * 1e3,
+                "-" if playout.setpoint is None else f"{playout.setpoint * 1e3:.0f}",
+                playout.jitter.spread * 1e3,
+                self._rate,
+                playout.jitter.skew * 100,
+                playout.drift.correction * 100,
+            )
         data = self._converter(pcm) if self._converter is not None else pcm
         if lib.pa_stream_write(self._stream, data, len(data), None, 0, lib.PA_SEEK_RELATIVE) < 0:
             log.debug("%s: pa_stream_write failed", self.name)
@@ -541,7 +568,7 @@ class PulsePlayback:
         self._pending_underflow = False
         self._started = False
         self._corked = False
-        self._timing_stale = False
+        self._dropping = False
         if stream is not None:
             lib = self._server._lib
             lib.pa_stream_set_state_callback(stream, None, None)
@@ -617,54 +644,101 @@ class PulsePlayback:
         except Exception:
             log.exception("%s: underflow callback", self.name)
 
-    def _latency(self) -> int | None:
-        lib = self._server._lib
-        usec = ct.c_uint64()
-        negative = ct.c_int()
-        if lib.pa_stream_get_latency(self._stream, ct.byref(usec), ct.byref(negative)) < 0:
-            return None
-        return -usec.value if negative.value else usec.value
-
     def _level(self) -> float | None:
         """Seconds of audio written and not yet played (the whole latency), or None.
 
         The whole latency, sink's part included, is what the prebuffer fills
-        before play starts, and what must not reach zero; its interpolation by
-        libpulse makes it smooth where the sink's part alone moves in blocks.
+        before play starts, and what must not reach zero. It is worked out
+        here from the stream's timing info: the server's read index, the
+        sink's latency and when the server measured them (libpulse refreshes
+        them by itself), the write index libpulse moves on every write, and
+        the time since at the rate the stream plays now.
+
+        Not `pa_stream_get_latency`: libpulse reckons a stream's time from its
+        byte indices at the current rate and keeps that time monotonic, so a
+        rate raised by r on a stream that has played for T seconds freezes it
+        for r x T (3 s for +3 % after 100 s; 0.1 % on an hour-old stream:
+        3.6 s), and the latency it reports meanwhile starts near 0 and climbs
+        with each write. Read as the level, that made the drift controller
+        slow the stream down and the buffer grow, ever worse as the stream
+        aged, until it held seconds (see `_over_bound`).
         """
-        lib = self._server._lib
-        if self._timing_stale:
+        queued = self._queued()
+        return queued[0] if queued is not None and queued[1] else None
+
+    def _queued(self) -> tuple[float, bool] | None:
+        """(seconds written and not yet played, whether the server plays them), or None.
+
+        See `_level`; while the server does not play the stream, what it holds
+        is not running down.
+        """
+        lib, fmt, rate = self._server._lib, self._format, self._rate
+        if fmt is None or not rate:
             return None
-        info = lib.pa_stream_get_timing_info(self._stream)
-        if not info or not info.contents.playing:
+        pointer = lib.pa_stream_get_timing_info(self._stream)
+        if not pointer:
             return None
-        latency = self._latency()
-        return None if latency is None else max(0, latency) / 1e6
+        info = pointer.contents
+        if info.write_index_corrupt or info.read_index_corrupt:
+            return None
+        buffered = float(info.write_index - info.read_index) / (_stream_frame_size(fmt) * rate)
+        sink = float(info.sink_usec) / 1e6
+        if not info.playing:
+            return max(0.0, buffered + sink), False
+        measured = float(info.timestamp.tv_sec) + float(info.timestamp.tv_usec) / 1e6
+        since = max(0.0, time.time() - measured)  # libpulse stamps it with gettimeofday
+        return max(0.0, buffered + sink - since), True
+
+    def _over_bound(self, level: float | None, playout: Playout) -> bool:
+        """Whether to drop this chunk: the buffer is over its bound, or coming back.
+
+        The rate steering follows a guest up to `max_correction` off; one that
+        sends faster still (or a server that stops playing the stream) would
+        fill the buffer without end, and past the stream's maxlength the
+        server discards what is written (PulseAudio leaves holes that play as
+        silence). Past `Playout.limit`, chunks are dropped (a logged re-sync)
+        until the level is back at the target.
+        """
+        if level is None or self._corked:
+            # Held for a prebuffer (which must fill), or no timing yet.
+            self._dropping = False
+            return False
+        if self._dropping:
+            if level > playout.target:
+                return True
+            self._dropping = False
+            playout.stopped()  # the level aimed at starts again from here
+            return False
+        if level <= playout.limit:
+            return False
+        self._dropping = True
+        self.resyncs += 1
+        log.info(
+            "%s: %.0f ms buffered, over the %.0f ms bound (the guest sends faster than "
+            "the stream plays): dropping sound until it is back at %.0f ms",
+            self.name,
+            level * 1e3,
+            playout.limit * 1e3,
+            playout.target * 1e3,
+        )
+        return True
 
     def _apply_rate(self, now: float) -> None:
-        playout, pulse = self._playout, self._server._pulse
-        if playout is None or pulse is None:
+        playout = self._playout
+        if playout is None:
             return
         rate = playout.rate_changed(now)
-        if rate is None or rate == self._rate:
+        if rate is not None and rate != self._rate:
+            self._set_rate(rate)
+
+    def _set_rate(self, rate: int) -> None:
+        """Play the stream at `rate` from now on (the level is read at it at once)."""
+        pulse, stream = self._server._pulse, self._stream
+        if pulse is None or stream is None:
             return
         self._rate = rate
         self.rate_changes += 1
-        self._timing_stale = True
-        self._server.spawn(self._update_rate(self._stream, rate))
-
-    async def _update_rate(self, stream: Any, rate: int) -> None:
-        # libpulse stops interpolating the stream's time when the rate changes,
-        # until fresh timing info comes: until then the latency it reports grows
-        # with the wall clock, and must not be read as a level.
-        pulse = self._server._pulse
-        try:
-            await pulse.pa_stream_update_sample_rate(stream, rate)
-            if stream == self._stream:
-                await pulse.pa_stream_update_timing_info(stream)
-        finally:
-            if stream == self._stream:
-                self._timing_stale = False
+        self._server.spawn(pulse.pa_stream_update_sample_rate(stream, rate))
 
     def _apply_attrs(self, now: float) -> None:
         pulse, fmt = self._server._pulse, self._format
@@ -751,6 +825,7 @@ class PulsePlayback:
             return
         self._corked = True
         self._refill = 0
+        log.debug("%s: corked until a prebuffer is in", self.name)
         self._server.spawn(pulse.pa_stream_cork(stream, 1))
 
     def _refilled(self, written: int) -> None:
@@ -763,7 +838,8 @@ class PulsePlayback:
         if pulse is None or stream is None or fmt is None or playout is None:
             return
         self._refill += written
-        if self._refill >= playout.prebuffer * fmt.byte_rate:
+        if self._refill >= playout.prebuffer * fmt.rate * _stream_frame_size(fmt):
+            log.debug("%s: uncorked, %d bytes in", self.name, self._refill)
             self._corked = False
             self._server.spawn(pulse.pa_stream_cork(stream, 0))
 

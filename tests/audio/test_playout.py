@@ -204,3 +204,14 @@ def test_estimator_rejects_nonsense() -> None:
         JitterEstimator(48000).arrival(0.0, -1)
     with pytest.raises(ValueError, match="prebuffer"):
         PlayoutConfig(prebuffer=0.0)
+
+
+def test_the_bound_is_the_target_plus_the_larger_of_it_and_the_overfill() -> None:
+    playout = Playout(48000, PlayoutConfig(initial_jitter=0.030))
+    assert playout.target == pytest.approx(0.050)
+    assert playout.limit == pytest.approx(0.050 + 0.250)
+    wide = Playout(48000, PlayoutConfig(initial_jitter=0.400))
+    assert wide.limit == pytest.approx(2 * wide.target)
+    # Never seconds: at the largest target, a second at most.
+    widest = Playout(48000, PlayoutConfig(initial_jitter=5.0))
+    assert widest.limit == pytest.approx(2 * widest.config.max_target)

@@ -16,6 +16,7 @@ import pytest
 
 from resourced.audio import AudioFormat, SampleFormat, analyse
 from resourced.demo.soundserver import RECORD_FORMAT, Recorder
+from resourced.playout import PlayoutConfig
 from resourced.sinks import AudioSink
 from resourced.sinks.pulse import PulsePlayback, PulseServer
 from tests.audio.conftest import (
@@ -365,3 +366,121 @@ async def test_no_server_yet_is_not_an_error(sound_server: ServerType) -> None:
         assert playback.playing
     finally:
         await client.close()
+
+
+# The controller held still (it updates once, at the first chunk), so the test
+# alone moves the rate: the level read back must follow it at once.
+STILL = PlayoutConfig(initial_jitter=0.080, rate_update_interval=3600.0)
+
+
+async def test_the_level_is_right_at_once_after_the_rate_rises_on_an_old_stream(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    # The bug this guards against: the level was libpulse's interpolated
+    # latency, which stands still for (rate rise) x (the stream's age) after a
+    # rise, reading ~0 and then climbing with each write; the controller took
+    # that for an empty buffer, slowed the stream down, and the buffer grew a
+    # little more at each rise, ever worse as the stream aged (seconds of it,
+    # then silence, after a while of playing). 3 % after 15 s: 450 ms wrong.
+    playback = pulse.playback("guest", config=STILL)
+    playback.begin(S16_STEREO)
+    loop = asyncio.get_running_loop()
+
+    async def readings(seconds: float) -> list[int]:
+        values = []
+        began = loop.time()
+        while loop.time() - began < seconds:
+            values.append(playback.latency_usec)
+            await asyncio.sleep(0.02)
+        return values
+
+    async with running(feed(playback, S16_STEREO, 60.0)):
+        await wait_for(lambda: playback.playing, 5, "playing")
+        await asyncio.sleep(20.0)
+        before = await readings(0.5)
+        playback._set_rate(round(S16_STEREO.rate * 1.03))
+        after = await readings(0.5)
+    print(f"before the rise {before}\nafter {after}")
+    level = statistics.median(before)
+    assert 50_000 < level < 300_000, before
+    # Playing 3 % faster than it is fed, the buffer drains by 15 ms in 0.5 s.
+    # The old reading stood at ~0 for 600 ms (3 % of the stream's 20 s). The
+    # readings move by a few tens of ms with the feed's own timing (a shared,
+    # busy machine): their median is what is compared.
+    assert statistics.median(after) == pytest.approx(level - 7_500, abs=30_000), after
+    playback.close()
+
+
+async def test_a_guest_faster_than_the_steering_never_queues_seconds(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    # A guest 12 % fast (or a server that plays the stream slower than asked)
+    # is beyond the 3 % the rate may be steered: the buffer would grow 90 ms a
+    # second, past the stream's 2 s maxlength in half a minute, after which
+    # PulseAudio leaves what is written as holes (silence, Playing still
+    # true). The player drops sound instead, each time the buffer reaches its
+    # bound, and logs why.
+    playback = pulse.playback("guest")
+    playback.begin(S16_STEREO)
+    readings: list[tuple[int, float]] = []  # (latency_usec, the bound then, seconds)
+    async with Recorder(sound_server) as recorder:
+        async with running(feed(playback, S16_STEREO, 30.0, pace=1.12)) as feeder:
+            await wait_for(lambda: playback.playing, 5, "playing")
+            while not feeder.done():
+                playout = playback._playout
+                assert playout is not None
+                readings.append((playback.latency_usec, playout.limit))
+                await asyncio.sleep(0.1)
+        last = time.monotonic()
+        await asyncio.sleep(0.3)
+    worst = max(readings)
+    print(f"latency max {worst[0]} us (bound {worst[1]:.3f} s), re-syncs {playback.resyncs}")
+    assert playback.resyncs >= 3
+    # The bound (the target plus at least 250 ms), and a chunk or two over it.
+    over = [(latency, limit) for latency, limit in readings if latency > (limit + 0.05) * 1e6]
+    assert over == [], readings
+    # Still playing the guest's sound at the end, not silence.
+    tail = left(recorder.data_since(last - 1.0))
+    assert _rms(tail) > 0.5 * AMPLITUDE * 32767 / math.sqrt(2), "silent at the end"
+    playback.close()
+
+
+# PulseAudio only: PipeWire 0.3.65 keeps running a null sink that `pactl
+# suspend-sink` is asked to suspend while a stream plays on it (the stream's
+# buffer never grew there), and offers no other way to stop one stream playing.
+@pytest.mark.parametrize("sound_server", ["pulseaudio"], indirect=True)
+async def test_a_stream_the_server_stops_playing_never_queues_seconds(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    # The sink suspended under the stream (as a mixer or a policy may do): the
+    # guest keeps sending, nothing plays. What the stream holds stays within
+    # its bound (the rest is dropped), and the sound is back, in time, once
+    # the sink runs again.
+    playback = pulse.playback("guest")
+    playback.begin(S16_STEREO)
+    held: list[tuple[float, float]] = []  # (seconds queued, the bound then)
+    async with running(feed(playback, S16_STEREO, 60.0)):
+        await wait_for(lambda: playback.playing, 5, "playing")
+        await asyncio.sleep(2.0)
+        await sound_server.pactl("suspend-sink", sound_server.sink, "1")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while loop.time() - began < 5.0:
+            queued, playout = playback._queued(), playback._playout
+            assert playout is not None
+            if queued is not None:
+                held.append((queued[0], playout.limit))
+            await asyncio.sleep(0.1)
+        await sound_server.pactl("suspend-sink", sound_server.sink, "0")
+        async with Recorder(sound_server) as recorder:
+            await asyncio.sleep(4.0)
+            latency = playback.latency_usec
+    print(f"queued while suspended: {held[::5]}; latency after {latency} us")
+    assert held, "no timing info while the sink was suspended"
+    assert max(queued for queued, _ in held) > 0.2  # it did stop playing
+    assert all(queued < limit + 0.05 for queued, limit in held), held
+    assert 0 < latency < 300_000
+    samples = left(recorder.data)
+    span = tone_span(samples)
+    assert span is not None, "no sound after the sink ran again"
+    playback.close()
