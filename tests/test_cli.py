@@ -288,7 +288,22 @@ async def test_probe_environment_failures(short_dir: Path) -> None:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
         line = await one_line(prog, *probe(f"127.0.0.1::{port}"))
-    assert line.startswith(f"cannot connect to 127.0.0.1::{port}: ")
+    assert line == f"cannot connect to 127.0.0.1::{port}: Connection refused"
+    # localhost is ::1 and 127.0.0.1: asyncio joins the two failures; one reason is shown.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        line = await one_line(prog, *probe(f"localhost::{port}"))
+    assert line in (
+        f"cannot connect to localhost::{port}: Connection refused",
+        # where ::1 is not configured, its failure differs from 127.0.0.1's
+        f"cannot connect to localhost::{port}: Multiple exceptions: "
+        f"[Errno 99] Connect call failed ('::1', {port}, 0, 0), "
+        f"[Errno 111] Connect call failed ('127.0.0.1', {port})",
+    )
+    line = await one_line(prog, *probe("no-such-host.invalid::5900"))
+    assert line.startswith("cannot connect to no-such-host.invalid::5900: ")
+    assert "Unknown error" not in line
     line = await one_line(prog, *probe("fd:987"))
     assert line == "cannot connect to fd:987: Bad file descriptor"
     line = await one_line(prog, *probe("unix:/x", "--password-file", str(short_dir / "nope")))

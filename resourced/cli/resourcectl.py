@@ -36,7 +36,7 @@ from typing import Any
 from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
-from resourced.cli import run_command
+from resourced.cli import describe_os_error, run_command
 
 BUS_NAME = "org.resourced.Resourced1"
 ROOT = "/org/resourced/Resourced1"
@@ -569,7 +569,12 @@ async def _main(args: argparse.Namespace) -> int:
             bus_address=args.bus, bus_type=BusType.SESSION, negotiate_unix_fd=True
         ).connect()
     except Exception as err:
-        raise CliError(f"cannot reach the session bus: {err}", EXIT_UNAVAILABLE) from err
+        # Name the bus tried: "[Errno 2] No such file or directory" alone does not
+        # say that the address (from --bus or the environment) is the stale one.
+        address = args.bus or os.environ.get("DBUS_SESSION_BUS_ADDRESS")
+        where = f"the bus at {address}" if address else "the session bus"
+        reason = describe_os_error(err) if isinstance(err, OSError) else str(err)
+        raise CliError(f"cannot reach {where}: {reason}", EXIT_UNAVAILABLE) from err
     try:
         return await COMMANDS[args.command](Client(bus), args)
     except DBusError as err:

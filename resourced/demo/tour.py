@@ -169,115 +169,135 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
     private = None if _session_bus_usable() else PrivateBus(workdir)
     env = dict(os.environ)
     sound: PrivatePulseAudio | None = None
-    desktop_sound = await asyncio.to_thread(_sound_server_answers, env)
-    if private is not None:
-        if not desktop_sound:
-            # No sound server either (a fresh server): a private one, which the
-            # service activated on our private bus is told of by its environment.
-            sound = PrivatePulseAudio(workdir / "sound")
-            await sound.start()
-            env["PULSE_SERVER"] = sound.server
-            print(f"sound:     no sound server here; a private PulseAudio at {sound.server}")
-        env["DBUS_SESSION_BUS_ADDRESS"] = await asyncio.to_thread(private.start, env)
-        print(f"bus:       no session bus here; a private one at {private.address}")
-        print(f"           (the service's log: {private.log_path})")
-        print(f"           (export DBUS_SESSION_BUS_ADDRESS={private.address} to use it)")
-    else:
-        await asyncio.to_thread(
-            subprocess.run,
-            [str(BIN / "resourced"), "install-user-service"],
-            check=True,
-            capture_output=True,
-        )
-        print(f"bus:       the session bus ({env['DBUS_SESSION_BUS_ADDRESS']})")
-    config = GuestConfig(workdir=workdir / "guest", extra_args=("-name", "resourced demo guest"))
-    guest = QemuGuest(config)
-    await guest.start(timeout=TIMEOUT)
-    unix = EndpointType.UNIX
-    gateway = Gateway(
-        GatewayConfig(
-            upstream=f"unix:{guest.vnc_path}",
-            security=ServerSecurity(allow_none=True),
-            consoles=[
-                ConsoleSpec("serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))),
-                ConsoleSpec(
-                    "monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))
-                ),
-            ],
-        )
-    )
-    bus: MessageBus | None = None
+    starting: asyncio.Future[str] | None = None
+    # Ctrl-C may come while the sound server or the bus is starting: they go too.
+    # (The private PulseAudio runs in a session of its own; Ctrl-C does not reach it.)
     try:
-        await gateway.start()
-        gateway_path = workdir / "gateway.sock"
-        await gateway.listen_unix(str(gateway_path))
-        print(f"guest:     QEMU under TCG; the gateway in front of it at unix:{gateway_path}")
-        bus = await MessageBus(
-            bus_address=env["DBUS_SESSION_BUS_ADDRESS"],
-            bus_type=BusType.SESSION,
-            negotiate_unix_fd=True,
-        ).connect()
-        await asyncio.to_thread(_show, ["resourcectl", "add", "demo", f"unix:{gateway_path}"], env)
-        serial = f"{ROOT}/guests/demo/consoles/serial0"
-        deadline = time.monotonic() + TIMEOUT
-        while "serial0" not in await asyncio.to_thread(_quiet, ["resourcectl", "list"], env):
-            if time.monotonic() > deadline:
-                raise ResourcedError("the demo guest's consoles did not appear")
-            await asyncio.sleep(0.1)
-        await asyncio.to_thread(_show, ["resourcectl", "list"], env)
-        history = await asyncio.to_thread(_show, ["resourcectl", "history", "demo", "serial0"], env)
-        if "resourced demo guest" not in history:
-            raise ResourcedError("the banner is not in the console's history")
-        # An app: Console.Open gives an fd carrying the console both ways.
-        reply = await _call(bus, serial, f"{BUS_NAME}.Console", "Open", "a{sv}", [{}])
-        with socket.socket(fileno=reply.unix_fds[reply.body[0]]) as app:
-            app.sendall(b"typed into an fd")
-            # In a thread: the gateway runs on this event loop.
-            await asyncio.to_thread(_read_until, app.fileno(), b"typed into an fd")
-        print("fd:        Console.Open -> fd; typed 'typed into an fd', the guest echoed it")
-        # A script: OpenPty gives a path, used like any serial device.
-        pty_path = (
-            await asyncio.to_thread(_show, ["resourcectl", "pty", "demo", "serial0"], env)
-        ).strip()
-        fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)
-        try:
-            os.write(fd, b"typed into a pty")
-            await asyncio.to_thread(_read_until, fd, b"typed into a pty")
-        finally:
-            os.close(fd)
-        print(f"pty:       opened {pty_path}; typed 'typed into a pty', the guest echoed it")
-        await _sound_tour(env, sound, desktop_sound, wav, duration, config.tone_hz)
-        if once:
-            return
-        print()
+        desktop_sound = await asyncio.to_thread(_sound_server_answers, env)
         if private is not None:
-            print(f"Try it:    export DBUS_SESSION_BUS_ADDRESS={private.address}")
-            print(f"           {BIN}/resourcectl console demo        (Ctrl-] leaves)")
+            if not desktop_sound:
+                # No sound server either (a fresh server): a private one, which the
+                # service activated on our private bus is told of by its environment.
+                sound = PrivatePulseAudio(workdir / "sound")
+                await sound.start()
+                env["PULSE_SERVER"] = sound.server
+                print(f"sound:     no sound server here; a private PulseAudio at {sound.server}")
+            # Shielded: a Ctrl-C meanwhile does not stop the thread starting the
+            # bus; the cleanup below waits for it, then stops what it started.
+            starting = asyncio.ensure_future(asyncio.to_thread(private.start, env))
+            env["DBUS_SESSION_BUS_ADDRESS"] = await asyncio.shield(starting)
+            print(f"bus:       no session bus here; a private one at {private.address}")
+            print(f"           (the service's log: {private.log_path})")
+            print(f"           (export DBUS_SESSION_BUS_ADDRESS={private.address} to use it)")
         else:
-            print(f"Try it:    {BIN}/resourcectl console demo        (Ctrl-] leaves)")
-        print("           busctl --user tree org.resourced.Resourced1")
-        print("Ctrl-C stops the demo.")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+            await asyncio.to_thread(
+                subprocess.run,
+                [str(BIN / "resourced"), "install-user-service"],
+                check=True,
+                capture_output=True,
+            )
+            print(f"bus:       the session bus ({env['DBUS_SESSION_BUS_ADDRESS']})")
+        config = GuestConfig(
+            workdir=workdir / "guest", extra_args=("-name", "resourced demo guest")
+        )
+        guest = QemuGuest(config)
+        await guest.start(timeout=TIMEOUT)
+        unix = EndpointType.UNIX
+        gateway = Gateway(
+            GatewayConfig(
+                upstream=f"unix:{guest.vnc_path}",
+                security=ServerSecurity(allow_none=True),
+                consoles=[
+                    ConsoleSpec(
+                        "serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))
+                    ),
+                    ConsoleSpec(
+                        "monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))
+                    ),
+                ],
+            )
+        )
+        bus: MessageBus | None = None
+        try:
+            await gateway.start()
+            gateway_path = workdir / "gateway.sock"
+            await gateway.listen_unix(str(gateway_path))
+            print(f"guest:     QEMU under TCG; the gateway in front of it at unix:{gateway_path}")
+            bus = await MessageBus(
+                bus_address=env["DBUS_SESSION_BUS_ADDRESS"],
+                bus_type=BusType.SESSION,
+                negotiate_unix_fd=True,
+            ).connect()
+            await asyncio.to_thread(
+                _show, ["resourcectl", "add", "demo", f"unix:{gateway_path}"], env
+            )
+            serial = f"{ROOT}/guests/demo/consoles/serial0"
+            deadline = time.monotonic() + TIMEOUT
+            while "serial0" not in await asyncio.to_thread(_quiet, ["resourcectl", "list"], env):
+                if time.monotonic() > deadline:
+                    raise ResourcedError("the demo guest's consoles did not appear")
+                await asyncio.sleep(0.1)
+            await asyncio.to_thread(_show, ["resourcectl", "list"], env)
+            history = await asyncio.to_thread(
+                _show, ["resourcectl", "history", "demo", "serial0"], env
+            )
+            if "resourced demo guest" not in history:
+                raise ResourcedError("the banner is not in the console's history")
+            # An app: Console.Open gives an fd carrying the console both ways.
+            reply = await _call(bus, serial, f"{BUS_NAME}.Console", "Open", "a{sv}", [{}])
+            with socket.socket(fileno=reply.unix_fds[reply.body[0]]) as app:
+                app.sendall(b"typed into an fd")
+                # In a thread: the gateway runs on this event loop.
+                await asyncio.to_thread(_read_until, app.fileno(), b"typed into an fd")
+            print("fd:        Console.Open -> fd; typed 'typed into an fd', the guest echoed it")
+            # A script: OpenPty gives a path, used like any serial device.
+            pty_path = (
+                await asyncio.to_thread(_show, ["resourcectl", "pty", "demo", "serial0"], env)
+            ).strip()
+            fd = os.open(pty_path, os.O_RDWR | os.O_NOCTTY)
+            try:
+                os.write(fd, b"typed into a pty")
+                await asyncio.to_thread(_read_until, fd, b"typed into a pty")
+            finally:
+                os.close(fd)
+            print(f"pty:       opened {pty_path}; typed 'typed into a pty', the guest echoed it")
+            await _sound_tour(env, sound, desktop_sound, wav, duration, config.tone_hz)
+            if once:
+                return
+            print()
+            if private is not None:
+                print(f"Try it:    export DBUS_SESSION_BUS_ADDRESS={private.address}")
+                print(f"           {BIN}/resourcectl console demo        (Ctrl-] leaves)")
+            else:
+                print(f"Try it:    {BIN}/resourcectl console demo        (Ctrl-] leaves)")
+            print("           busctl --user tree org.resourced.Resourced1")
+            print("Ctrl-C stops the demo.")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            await stop.wait()
+        finally:
+            if bus is not None:
+                with contextlib.suppress(Exception):
+                    await _call(
+                        bus,
+                        ROOT,
+                        f"{BUS_NAME}.Manager",
+                        "RemoveGuest",
+                        "oa{sv}",
+                        [f"{ROOT}/guests/demo", {}],
+                    )
+                bus.disconnect()
+            await gateway.close()
+            await guest.stop()
     finally:
-        if bus is not None:
+        if starting is not None:
             with contextlib.suppress(Exception):
-                await _call(
-                    bus,
-                    ROOT,
-                    f"{BUS_NAME}.Manager",
-                    "RemoveGuest",
-                    "oa{sv}",
-                    [f"{ROOT}/guests/demo", {}],
-                )
-            bus.disconnect()
-        await gateway.close()
-        await guest.stop()
+                await starting
         if private is not None:
-            _stop_service(private.address)
+            if private.address:
+                _stop_service(private.address)
             private.stop()
         if sound is not None:
             await sound.stop()

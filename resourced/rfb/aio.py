@@ -125,7 +125,28 @@ async def _open(address: Address, client: RfbClient) -> None:
                 sock.close()
                 raise
     except OSError as err:
-        raise ConnectionClosed(f"cannot connect to {address}: {err.strerror or err}") from err
+        raise ConnectionClosed(f"cannot connect to {address}: {_connect_reason(err)}") from err
+
+
+#: asyncio's wording for a failed connect: "[Errno 111] Connect call failed ('::1', 5900, 0, 0)".
+_CONNECT_CALL_FAILED = re.compile(r"\[Errno (\d+)\] Connect call failed")
+
+
+def _connect_reason(err: OSError) -> str:
+    """Why a connect failed, in the system's words ("Connection refused").
+
+    asyncio replaces the strerror with "Connect call failed (ADDRESS)", and for a
+    host name with several addresses (localhost: ::1 and 127.0.0.1) joins them as
+    "Multiple exceptions: ..."; the reason is the errno, the same for each address.
+    """
+    if err.strerror and not err.strerror.startswith("Connect call failed"):
+        return err.strerror  # the system's own words (a name lookup's, too)
+    codes = {int(code) for code in _CONNECT_CALL_FAILED.findall(str(err))}
+    if err.errno is not None:
+        codes = {err.errno}
+    if len(codes) == 1:
+        return os.strerror(codes.pop())
+    return str(err)
 
 
 class RfbClient(asyncio.BufferedProtocol):

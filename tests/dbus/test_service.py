@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -677,3 +678,27 @@ async def test_the_service_stops_when_its_bus_goes(
         return Path(f"/proc/{pid}/status").read_text().count("zombie") > 0
 
     await until(stopped, "the service to stop once its bus is gone")
+
+
+def test_resourcectl_names_the_bus_it_cannot_reach(tmp_path: Path) -> None:
+    """A stale DBUS_SESSION_BUS_ADDRESS (the tour's private bus after Ctrl-C) or a
+    wrong --bus: the message names the address tried, in words, with status 69."""
+    resourcectl = str(Path(sys.executable).parent / "resourcectl")
+    gone = f"unix:path={tmp_path}/bus"
+    env = {**os.environ, "DBUS_SESSION_BUS_ADDRESS": gone}
+    result = subprocess.run(
+        [resourcectl, "list"], env=env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert (result.returncode, result.stdout) == (69, "")
+    assert result.stderr == (
+        f"resourcectl: cannot reach the bus at {gone}: No such file or directory\n"
+    )
+    result = subprocess.run(
+        [resourcectl, "--bus", "garbage", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert (result.returncode, result.stdout) == (69, "")
+    assert result.stderr.startswith("resourcectl: cannot reach the bus at garbage: ")

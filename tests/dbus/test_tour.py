@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,60 @@ async def test_tour_once_without_a_session_bus(tmp_path: Path) -> None:
     assert recorded is not None, text
     assert float(recorded.group(1)) >= 0.5
     assert float(recorded.group(2)) == pytest.approx(tone_frequency(440), abs=8)
+
+
+def _processes_naming(text: str) -> list[str]:
+    """The command lines of the processes that mention `text` (a work folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue  # it ended meanwhile
+            if text in cmdline:
+                found.append(cmdline)
+    return found
+
+
+async def test_tour_interrupted_while_starting_leaves_nothing_running(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) right after the
+    private PulseAudio is up, while the bus and QEMU start: the tour exits 130 and
+    the PulseAudio, which runs in a session of its own, goes with it."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DBUS_SESSION_BUS_ADDRESS", "PULSE_SERVER")
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.demo.tour",
+        "--once",
+        "--wav",
+        str(tmp_path / "beep.wav"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(120):
+            line = (await process.stdout.readline()).decode()
+        match = re.search(r"private PulseAudio at unix:(/tmp/rsd-demo-[^/]+)/", line)
+        assert match is not None, line
+        workdir = match.group(1)
+        os.killpg(process.pid, signal.SIGINT)
+        async with asyncio.timeout(120):
+            rest = (await process.stdout.read()).decode()
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    assert process.returncode == 130, line + rest
+    # The processes stop on their own a little after the tour; wait for that.
+    deadline = time.monotonic() + 30
+    while (left := _processes_naming(workdir)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert left == [], rest
