@@ -256,7 +256,10 @@ async def _follow_libvirt(broker: Broker, uri: str, *, keep: bool) -> None:
         guests = await broker.add_libvirt(uri, keep=keep)
         log.info("libvirt %s: %d guest(s)", uri, len(guests))
     except ResourcedError as err:
-        log.log(logging.WARNING if keep else logging.INFO, "libvirt %s: %s", uri, err)
+        if keep:
+            log.warning("libvirt %s: %s; trying again in the background", uri, err)
+        else:
+            log.info("libvirt %s: %s", uri, err)
 
 
 def _busy(broker: Broker) -> bool:

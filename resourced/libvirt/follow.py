@@ -116,11 +116,13 @@ class LibvirtFollower:
                 await self._sync()
             except ResourcedError as err:
                 self.last_error = str(err)
+                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
                 if not self.first_sync.done():
+                    # The caller says it, and whether anyone tries again (a URI
+                    # given to AddLibvirt that does not open is dropped).
                     self.first_sync.set_exception(err)
                     self.first_sync.exception()  # retrieved: the caller may not wait
-                delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
-                if attempt == 0:
+                elif attempt == 0:
                     log.warning("libvirt %s: %s; trying again in %g s", self.uri, err, delay)
                 attempt += 1
                 await self._disconnect()

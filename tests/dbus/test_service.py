@@ -533,6 +533,16 @@ async def test_what_a_new_user_ran_into(session: Session, gateway_guest: Gateway
     result = session.busctl("call", BUS_NAME, ROOT, MANAGER, "AddLibvirt", "sa{sv}", "", "0")
     assert result.returncode != 0
     assert "libvirt URI" in result.stderr
+    # A URI libvirt cannot open is NotConnected and dropped: nothing says it is
+    # tried again, and it is not followed.
+    result = session.busctl(
+        "call", BUS_NAME, ROOT, MANAGER, "AddLibvirt", "sa{sv}", "bogus:///x", "0"
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "NotConnected" in result.stderr or "bogus" in result.stderr, result.stderr
+    result = session.busctl("get-property", BUS_NAME, ROOT, MANAGER, "LibvirtConnections")
+    assert "bogus" not in result.stdout, result.stdout
+    assert "trying again" not in (session.directory / "daemon.log").read_text()
     # Write respects an exclusive open.
     bus = await session.client()
     try:
