@@ -31,6 +31,8 @@ from typing import Any
 
 import libvirt
 
+from resourced.demo.bootsector import build_boot_sector
+
 SYSTEM_URI = "qemu:///system"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 LIBVIRTD_SOCKET = Path("/run/libvirt/libvirt-sock")
@@ -184,6 +186,17 @@ PTY_CONSOLE_AND_VNC = """\
     <video>
       <model type='vga'/>
     </video>"""
+
+
+def boot_image(prefix: str) -> tuple[Path, Path]:
+    """A new directory under /tmp holding the demo boot sector, both readable by
+    libvirt's QEMU (which runs as another user): the directory and the image."""
+    directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    directory.chmod(0o755)
+    image = directory / "boot.img"
+    image.write_bytes(build_boot_sector())
+    image.chmod(0o644)
+    return directory, image
 
 
 def demo_domain_xml(name: str, image: Path, devices: str) -> str:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import shutil
 import socket
-import tempfile
 import uuid
 import wave
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from dbus_fast import MessageType
 from dbus_fast.aio import MessageBus
 
 from resourced.audio import AudioFormat, SampleFormat, analyse
-from resourced.demo.bootsector import build_boot_sector, tone_frequency
+from resourced.demo.bootsector import tone_frequency
 from tests.dbus.conftest import (
     BUS_NAME,
     ROOT,
@@ -37,6 +36,7 @@ from tests.dbus.conftest import (
 from tests.libvirtd import (
     PTY_CONSOLE_AND_VNC,
     SYSTEM_URI,
+    boot_image,
     demo_domain_xml,
     other_console_refusal,
 )
@@ -50,11 +50,7 @@ PROPERTIES = "org.freedesktop.DBus.Properties"
 @pytest.fixture
 def domain(system_conn: Any) -> Iterator[Any]:
     """A persistent TCG domain (defined, started): a pty serial console and VNC."""
-    directory = Path(tempfile.mkdtemp(prefix="rsd-lvd-", dir="/tmp"))
-    directory.chmod(0o755)
-    image = directory / "boot.img"
-    image.write_bytes(build_boot_sector())
-    image.chmod(0o644)
+    directory, image = boot_image("rsd-lvd-")
     name = f"rsd-svc-{uuid.uuid4().hex[:10]}"
     xml = demo_domain_xml(name, image, PTY_CONSOLE_AND_VNC)
     dom = system_conn.defineXML(xml)
@@ -80,6 +76,17 @@ async def guest_path(bus: MessageBus, name: str) -> str | None:
     return None
 
 
+async def activated_guest(session: Session, bus: MessageBus, name: str) -> str:
+    """Activate the service (a call to it) and wait for the guest named `name`: its path."""
+    result = session.busctl("get-property", BUS_NAME, ROOT, f"{BUS_NAME}.Manager", "Version")
+    assert result.returncode == 0, result.stderr
+    path: str | None = None
+    async with asyncio.timeout(TIMEOUT):
+        while (path := await guest_path(bus, name)) is None:
+            await asyncio.sleep(0.1)
+    return path
+
+
 async def prop(bus: MessageBus, path: str, interface: str, name: str) -> Any:
     (value,) = ok(await call(bus, path, PROPERTIES, "Get", "ss", [interface, name]))
     return value.value
@@ -96,14 +103,7 @@ async def test_libvirt_guest_with_console_stream(session: Session, domain: Any) 
     name = domain.name()
     bus = await session.client()
     try:
-        result = session.busctl("get-property", BUS_NAME, ROOT, f"{BUS_NAME}.Manager", "Version")
-        assert result.returncode == 0, result.stderr  # activated
-
-        path: str | None = None
-        async with asyncio.timeout(TIMEOUT):
-            while (path := await guest_path(bus, name)) is None:
-                await asyncio.sleep(0.1)
-        assert path is not None
+        path = await activated_guest(session, bus, name)
         assert await prop(bus, path, GUEST, "Source") == SYSTEM_URI
         assert await prop(bus, path, GUEST, "Uuid") == domain.UUIDString()
         consoles = await prop(bus, path, GUEST, "Consoles")
@@ -201,11 +201,7 @@ async def test_libvirt_guest_sound_through_open_graphics_fd(
 ) -> None:
     """A libvirt guest's sound comes through its openGraphicsFD connection: the
     service records its PC speaker's tone."""
-    directory = Path(tempfile.mkdtemp(prefix="rsd-lvs-", dir="/tmp"))
-    directory.chmod(0o755)
-    image = directory / "boot.img"
-    image.write_bytes(build_boot_sector())
-    image.chmod(0o644)
+    directory, image = boot_image("rsd-lvs-")
     name = f"rsd-snd-{uuid.uuid4().hex[:10]}"
     domain = await asyncio.to_thread(system_conn.createXML, sound_domain_xml(name, image), 0)
     session.write_config(f'[libvirt]\nuris = ["{SYSTEM_URI}"]\n[audio]\nautostart = false\n')
@@ -242,11 +238,7 @@ async def test_channels_and_devices_libvirt_cannot_open(session: Session, system
     libvirt's console API cannot open at all (a `<serial>` on a Unix socket, a
     `<channel>` on a PTY) is not listed, and the service's log says why, instead of
     a console whose every Open fails."""
-    directory = Path(tempfile.mkdtemp(prefix="rsd-lvc-", dir="/tmp"))
-    directory.chmod(0o755)
-    image = directory / "boot.img"
-    image.write_bytes(build_boot_sector())
-    image.chmod(0o644)
+    directory, image = boot_image("rsd-lvc-")
     name = f"rsd-chan-{uuid.uuid4().hex[:10]}"
     devices = f"""\
     <serial type='pty'><target port='0'/></serial>
@@ -263,13 +255,7 @@ async def test_channels_and_devices_libvirt_cannot_open(session: Session, system
     dom = system_conn.createXML(demo_domain_xml(name, image, devices), 0)
     bus = await session.client()
     try:
-        result = session.busctl("get-property", BUS_NAME, ROOT, f"{BUS_NAME}.Manager", "Version")
-        assert result.returncode == 0, result.stderr  # activated
-        path: str | None = None
-        async with asyncio.timeout(TIMEOUT):
-            while (path := await guest_path(bus, name)) is None:
-                await asyncio.sleep(0.1)
-        assert path is not None
+        path = await activated_guest(session, bus, name)
         listed = await prop(bus, path, GUEST, "Consoles")
         consoles = sorted(str(console).rsplit("/", 1)[1] for console in listed)
         assert consoles == ["org_2eresourced_2etest_2e0", "serial0"], consoles

@@ -43,7 +43,6 @@ import pytest
 from dbus_fast import MessageType
 from dbus_fast.aio import MessageBus
 
-from resourced.demo.bootsector import build_boot_sector
 from resourced.errors import AuthenticationFailed
 from resourced.rfb.aio import connect
 from tests.dbus.conftest import (
@@ -59,6 +58,7 @@ from tests.dbus.test_libvirt import guest_path, prop, wait_prop
 from tests.libvirtd import (
     PTY_CONSOLE_AND_VNC,
     SYSTEM_URI,
+    boot_image,
     demo_domain_xml,
     other_console_refusal,
 )
@@ -101,11 +101,7 @@ def sshd() -> Iterator[PrivateSshd]:
 def defined_domain(system_conn: Any, listen: str | None) -> Iterator[Any]:
     """A persistent TCG domain (defined, started) whose VNC server listens on
     `listen` (None: on a Unix socket)."""
-    directory = Path(tempfile.mkdtemp(prefix="rsd-lvr-", dir="/tmp"))
-    directory.chmod(0o755)
-    image = directory / "boot.img"
-    image.write_bytes(build_boot_sector())
-    image.chmod(0o644)
+    directory, image = boot_image("rsd-lvr-")
     name = f"rsd-rem-{uuid.uuid4().hex[:10]}"
     xml = devices(listen) if listen is not None else PTY_CONSOLE_AND_VNC
     dom = system_conn.defineXML(demo_domain_xml(name, image, xml))

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import shutil
 import sys
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.libvirtd import (
     PTY_CONSOLE_AND_VNC,
     SYSTEM_URI,
     OtherConsoleSession,
+    boot_image,
     demo_domain_xml,
     other_console_refusal,
 )
@@ -55,11 +55,7 @@ TYPED = b"".join(b"line-%02d-abcdefghijklmnopq " % n for n in range(10))[:240]
 @pytest.fixture
 def pty_domain(system_conn: Any) -> Iterator[tuple[str, Path]]:
     """A transient TCG domain with a PTY serial console; its name and a directory."""
-    directory = Path(tempfile.mkdtemp(prefix="rsd-lvc-", dir="/tmp"))
-    directory.chmod(0o755)
-    image = directory / "boot.img"
-    image.write_bytes(build_boot_sector())
-    image.chmod(0o644)
+    directory, image = boot_image("rsd-lvc-")
     name = f"rsd-con-{uuid.uuid4().hex[:10]}"
     domain = system_conn.createXML(demo_domain_xml(name, image, PTY_CONSOLE_AND_VNC), 0)
     try:
