@@ -32,6 +32,20 @@ DEMO_NAME = "resourced demo guest"
 TIMEOUT = 60.0
 
 
+def demo_gateway_config(guest: QemuGuest) -> GatewayConfig:
+    """The gateway in front of the demo guest: its VNC socket, no VNC password (a
+    private socket), its serial port and QEMU's monitor as consoles."""
+    unix = EndpointType.UNIX
+    return GatewayConfig(
+        upstream=f"unix:{guest.vnc_path}",
+        security=ServerSecurity(allow_none=True),
+        consoles=[
+            ConsoleSpec("serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))),
+            ConsoleSpec("monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))),
+        ],
+    )
+
+
 async def _read_until(
     client: RfbClient, console_id: int, done: Callable[[bytes], bool]
 ) -> tuple[bytes, bool]:
@@ -91,21 +105,7 @@ async def run(wav: Path, duration: float) -> None:
             workdir=Path(workdir), extra_args=("-name", DEMO_NAME), start_paused=True
         )
         async with QemuGuest(config) as guest:
-            unix = EndpointType.UNIX
-            gateway = Gateway(
-                GatewayConfig(
-                    upstream=f"unix:{guest.vnc_path}",
-                    security=ServerSecurity(allow_none=True),
-                    consoles=[
-                        ConsoleSpec(
-                            "serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))
-                        ),
-                        ConsoleSpec(
-                            "monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))
-                        ),
-                    ],
-                )
-            )
+            gateway = Gateway(demo_gateway_config(guest))
             await gateway.start()
             try:
                 await guest.wait_chardev_connected("serial0", TIMEOUT)

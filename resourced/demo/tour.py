@@ -36,13 +36,12 @@ from dbus_fast.aio import MessageBus
 
 from resourced.audio import AudioFormat, SampleFormat, analyse
 from resourced.cli import failing_as, run_command
-from resourced.consoles import ConsoleKind, ConsoleSpec, Endpoint, EndpointType
 from resourced.demo.bootsector import tone_frequency
+from resourced.demo.probe import demo_gateway_config
 from resourced.demo.qemu import GuestConfig, QemuGuest
 from resourced.demo.soundserver import RECORD_FORMAT, PrivatePulseAudio
 from resourced.errors import ResourcedError
-from resourced.gateway.gateway import Gateway, GatewayConfig
-from resourced.rfb.server import ServerSecurity
+from resourced.gateway.gateway import Gateway
 
 BUS_NAME = "org.resourced.Resourced1"
 ROOT = "/org/resourced/Resourced1"
@@ -202,21 +201,7 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
         )
         guest = QemuGuest(config)
         await guest.start(timeout=TIMEOUT)
-        unix = EndpointType.UNIX
-        gateway = Gateway(
-            GatewayConfig(
-                upstream=f"unix:{guest.vnc_path}",
-                security=ServerSecurity(allow_none=True),
-                consoles=[
-                    ConsoleSpec(
-                        "serial0", ConsoleKind.SERIAL, Endpoint(unix, str(guest.serial_path))
-                    ),
-                    ConsoleSpec(
-                        "monitor", ConsoleKind.MONITOR, Endpoint(unix, str(guest.monitor_path))
-                    ),
-                ],
-            )
-        )
+        gateway = Gateway(demo_gateway_config(guest))
         bus: MessageBus | None = None
         try:
             await gateway.start()
