@@ -99,12 +99,18 @@ def source_with_hub() -> tuple[RfbConsoleSource, Hub]:
     return source, hub
 
 
-def reconnected(source: RfbConsoleSource, first: bytes) -> tuple[Link, ConsoleOpen]:
-    """A gateway with positions sent `first` on the guest's first connection, which
-    then dropped; the next connection's link and the OPEN it sent (no history)."""
+def opened_with(source: RfbConsoleSource, first: bytes) -> Link:
+    """A link to a gateway with positions, attached with history, that sent `first`."""
     link = Link(source, positions=True)
     link.attach(history=True)
     link.feed(first)
+    return link
+
+
+def reconnected(source: RfbConsoleSource, first: bytes) -> tuple[Link, ConsoleOpen]:
+    """A gateway with positions sent `first` on the guest's first connection, which
+    then dropped; the next connection's link and the OPEN it sent (no history)."""
+    opened_with(source, first)
     source.detach("gone")
     link = Link(source, positions=True)
     return link, link.attach(history=False)
@@ -168,9 +174,7 @@ def test_an_exact_resume_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_an_overrun_reopens_from_the_last_byte() -> None:
     source, hub = source_with_hub()
-    link = Link(source, positions=True)
-    link.attach(history=True)
-    link.feed(opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"xyz"))
+    link = opened_with(source, opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"xyz"))
     link.feed(closed(1, 4, b"overrun"))
     assert link.sent().resume == StreamPosition(STREAM, 3)
     link.feed(opened_at(1, 100, 0, STREAM, 3, 3) + data(1, b"!"))
@@ -179,9 +183,7 @@ def test_an_overrun_reopens_from_the_last_byte() -> None:
 
 def test_a_backend_error_reopens_from_the_last_byte() -> None:
     source, hub = source_with_hub()
-    link = Link(source, positions=True)
-    link.attach(history=True)
-    link.feed(opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"xyz"))
+    link = opened_with(source, opened_at(1, 100, 0, STREAM, 0, 0) + data(1, b"xyz"))
     link.feed(closed(1, 5, b"the host end went away"))
     assert hub.lost == ["the server closed the console (the host end went away)"]
     # Output that came before this OPEN arrived (the host end was back at once).
