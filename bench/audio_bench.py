@@ -108,7 +108,9 @@ RESOURCED_PLAYER = ROOT / "bench" / "resourced_audio_player.py"
 
 GTKVNC = "gtk-vnc"
 RESOURCED = "resourced"
-PLAYERS = (GTKVNC, RESOURCED)
+# Our client alone, the sound dropped: the CPU floor under resourced's player.
+FLOOR = "resourced-floor"
+PLAYERS = (GTKVNC, RESOURCED, FLOOR)
 PULSEAUDIO = "pulseaudio"
 PIPEWIRE = "pipewire"
 
@@ -775,6 +777,8 @@ async def add_null_sink(sound: SoundServer, name: str) -> None:
 def player_command(player: str, socket_path: Path) -> list[str]:
     if player == GTKVNC:
         return [str(SYSTEM_PYTHON), str(GTKVNC_PLAYER), str(socket_path)]
+    if player == FLOOR:
+        return [str(VENV_PYTHON), str(RESOURCED_PLAYER), "--floor", str(socket_path)]
     return [str(VENV_PYTHON), str(RESOURCED_PLAYER), str(socket_path)]
 
 
@@ -1012,6 +1016,8 @@ async def run_server(kind: str, options: Options, workdir: Path, results: Result
             # Alternate who goes first, condition by condition.
             order = players if index % 2 == 0 else players[::-1]
             for player in order:
+                if player == FLOOR and index > 0:
+                    continue  # its CPU hardly depends on the condition: once is enough
                 log(f"{kind}: {player}, {condition.describe()}, {options.seconds:g} s")
                 run = await run_player(
                     player,
@@ -1098,6 +1104,11 @@ def format_table(results: Results) -> str:
                 if run.error:
                     lines.append(f"  {label:<22} {player:<10} failed: {run.error}")
                     continue
+                if player == FLOOR:
+                    note = "(no sound: our client receives and parses, drops the rest)"
+                    cpu = _f(run.cpu_percent, ".2f")
+                    lines.append(f"  {label:<22} {player:<10} {note:<121} {cpu:>6}")
+                    continue
                 clicks = f"{run.clicks_heard}/{run.clicks_sent}"
                 speed = (
                     f"{min(run.speed_pct):+.1f}..{max(run.speed_pct):+.1f}"
@@ -1128,7 +1139,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--minutes", type=float, help="instead: one soak of jitter 30 ms and skew +1 %% this long"
     )
     parser.add_argument("--server", choices=(PULSEAUDIO, PIPEWIRE, "both"), default="both")
-    parser.add_argument("--player", choices=(*PLAYERS, "both"), default="both")
+    parser.add_argument(
+        "--player",
+        choices=(*PLAYERS, "both", "all"),
+        default="all",
+        help="both: gtk-vnc and resourced; all (the default): also resourced-floor, "
+        "in the first condition only, and not in a soak",
+    )
     parser.add_argument(
         "--condition",
         action="append",
@@ -1143,7 +1160,12 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> Options:
     options = Options()
     options.servers = (PULSEAUDIO, PIPEWIRE) if args.server == "both" else (args.server,)
-    options.players = PLAYERS if args.player == "both" else (args.player,)
+    if args.player == "all":
+        options.players = (GTKVNC, RESOURCED) if args.minutes is not None else PLAYERS
+    elif args.player == "both":
+        options.players = (GTKVNC, RESOURCED)
+    else:
+        options.players = (args.player,)
     if args.minutes is not None:
         options.conditions = (SOAK,)
         options.seconds = args.minutes * 60

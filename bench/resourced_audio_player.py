@@ -2,7 +2,7 @@
 
 Run it with the project's venv:
 
-    .venv/bin/python bench/resourced_audio_player.py SOCKET
+    .venv/bin/python bench/resourced_audio_player.py [--floor] SOCKET
 
 It connects our asyncio RFB client (`resourced.rfb.aio.connect`) to the VNC
 server on the Unix socket SOCKET with the `QemuAudio` extension (the default
@@ -17,6 +17,12 @@ AudioEnd.
 It runs until the server closes the connection, then prints one JSON line on
 stdout: the playback's underruns, and its reported latency (`latency_usec`:
 what its stream holds plus the sink's part) sampled every 100 ms while playing.
+
+With `--floor` it plays nothing: no sound-server connection, and every event
+is dropped as it comes. What it then costs (the benchmark's
+`resourced-floor` row) is our asyncio client's share alone: reading the
+socket, parsing the messages, one event-loop wake-up per chunk. It is the
+least any player built on that client could cost.
 """
 
 from __future__ import annotations
@@ -33,6 +39,25 @@ from resourced.errors import ConnectionClosed
 from resourced.rfb.aio import connect
 from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, QemuAudio
 from resourced.sinks.pulse import PulseServer
+
+
+async def receive_only(path: str) -> dict[str, Any]:
+    """Receive and parse the audio as `play` does, and drop it (no sink at all)."""
+    errors: list[str] = []
+
+    def handle(event: Any) -> None:
+        pass
+
+    client = await connect(f"unix:{path}", extensions=[QemuAudio()])
+    try:
+        await client.dispatch_to(handle)
+    except ConnectionClosed:
+        pass
+    except Exception as error:
+        errors.append(f"{type(error).__name__}: {error}")
+    finally:
+        await client.close()
+    return {"underruns": None, "latency_usec": [], "errors": errors}
 
 
 async def play(path: str) -> dict[str, Any]:
@@ -97,7 +122,10 @@ def main() -> int:
         logging.basicConfig(
             level=logging.DEBUG, format="%(relativeCreated)9.0f %(name)s %(message)s"
         )
-    report = asyncio.run(play(sys.argv[1]))
+    args = sys.argv[1:]
+    floor = "--floor" in args
+    path = next(arg for arg in args if arg != "--floor")
+    report = asyncio.run(receive_only(path) if floor else play(path))
     print(json.dumps(report), flush=True)
     return 0
 

@@ -19,12 +19,14 @@ import pytest
 
 from bench.audio_bench import (
     CONDITIONS,
+    FLOOR,
     GTKVNC,
     PIPEWIRE,
     PLAYERS,
     PULSEAUDIO,
     RECORD_FRAME,
     RECORD_RATE,
+    RESOURCED,
     Options,
     Signal,
     analyse,
@@ -85,6 +87,7 @@ def test_clicks_are_found_when_played_faster_or_slower(speed: float) -> None:
 async def test_short_run_both_players_both_servers() -> None:
     options = Options(servers=(PULSEAUDIO, PIPEWIRE), players=PLAYERS, seconds=4.0)
     results = await run_benchmark(options)
+    playing = (GTKVNC, RESOURCED)
 
     assert results.unavailable == {}, results.unavailable
     assert [server.kind for server in results.servers] == [PULSEAUDIO, PIPEWIRE]
@@ -92,17 +95,25 @@ async def test_short_run_both_players_both_servers() -> None:
         assert server.error is None, server.error
         assert server.version
         ran = {(run.player, run.condition) for run in server.runs}
-        assert ran == {(p, c.name) for p in PLAYERS for c in CONDITIONS}
+        # The floor runs in the first condition only.
+        assert ran == {(p, c.name) for p in playing for c in CONDITIONS} | {
+            (FLOOR, CONDITIONS[0].name)
+        }
         for run in server.runs:
             where = f"{server.kind} {run.player} {run.condition}"
             assert run.error is None, f"{where}: {run.error}"
             assert run.clicks_sent >= 7, where
+            assert run.cpu_percent is not None
+            assert math.isfinite(run.cpu_percent), where
+            assert run.cpu_percent >= 0, where
+            if run.player == FLOOR:
+                # It receives the whole signal and plays none of it.
+                assert run.clicks_heard == 0, where
+                continue
             assert run.clicks_heard > 0, f"{where}: no click found"
-            for value in (run.p(0.5), run.p(0.99), run.first_ms, run.last_ms, run.cpu_percent):
+            for value in (run.p(0.5), run.p(0.99), run.first_ms, run.last_ms):
                 assert isinstance(value, float), where
                 assert math.isfinite(value), where
-            assert run.cpu_percent is not None
-            assert run.cpu_percent >= 0
             assert all(math.isfinite(ms) and ms > 0 for ms in run.dropouts_ms), where
             if run.player != GTKVNC:
                 assert isinstance(run.underruns, int), where
@@ -110,10 +121,13 @@ async def test_short_run_both_players_both_servers() -> None:
     table = format_table(results)
     assert "not available" not in table
     assert "failed" not in table
+    assert "resourced-floor" in table
     document = json.loads(json.dumps(results.to_json()))
     for kind in (PULSEAUDIO, PIPEWIRE):
         for condition in CONDITIONS:
-            for player in PLAYERS:
+            for player in playing:
                 figures = document["servers"][kind][condition.name][player]
                 assert isinstance(figures["latency_p50_ms"], float)
                 assert isinstance(figures["dropouts"], int)
+        floor = document["servers"][kind][CONDITIONS[0].name][FLOOR]
+        assert isinstance(floor["cpu_percent"], float)
