@@ -325,6 +325,7 @@ class PulsePlayback:
         self._logged = -math.inf  # when the play-out state was last logged (debug)
         self.resyncs = 0  # times the buffer was brought back within its bound (diagnostics)
         self.rate_changes = 0  # applied so far (tests, diagnostics)
+        self._sink_usec: int | None = None  # the sink's part of the level, last read
 
     # -- what the broker reads -------------------------------------------------------
 
@@ -427,10 +428,11 @@ class PulsePlayback:
         if log.isEnabledFor(logging.DEBUG) and now - self._logged >= 1.0:
             self._logged = now
             log.debug(
-                "%s: level %s ms, target %.0f ms, setpoint %s ms, spread %.0f ms, "
+                "%s: level %s ms (sink %s ms), target %.0f ms, setpoint %s ms, spread %.0f ms, "
                 "rate %s, skew %+.2f %%, correction %+.2f %%",
                 self.name,
                 "-" if level is None else f"{level * 1e3:.0f}",
+                "-" if self._sink_usec is None else f"{self._sink_usec / 1e3:.0f}",
                 playout.target * 1e3,
                 "-" if playout.setpoint is None else f"{playout.setpoint * 1e3:.0f}",
                 playout.jitter.spread * 1e3,
@@ -683,6 +685,7 @@ class PulsePlayback:
             return None
         buffered = float(info.write_index - info.read_index) / (_stream_frame_size(fmt) * rate)
         sink = float(info.sink_usec) / 1e6
+        self._sink_usec = int(info.sink_usec)
         if not info.playing:
             return max(0.0, buffered + sink), False
         measured = float(info.timestamp.tv_sec) + float(info.timestamp.tv_usec) / 1e6
