@@ -9,7 +9,10 @@ For each sound server asked for it starts a private one (PulseAudio, or
 PipeWire with pipewire-pulse and WirePlumber), with a null sink per player,
 and plays the same known signal through each player in turn, condition by
 condition, recording each player's null sink with `parec` (raw s16le, 5 ms
-latency, every read time-stamped with the monotonic clock).
+latency unless `--record-latency-ms` says otherwise, every read time-stamped
+with the monotonic clock). On PipeWire that latency also bounds the graph's
+quantum (5 ms: 256 frames at 48 kHz), which sets how often a late graph
+cycle drops out; see bench/README.md, "PipeWire's short gaps".
 
 - **The signal** (`Signal`) comes from a test RFB server (`AudioServer`: our
   sans-IO `ServerConnection` and the QEMU audio messages of
@@ -118,6 +121,9 @@ PIPEWIRE = "pipewire"
 RECORD_RATE = 44100
 RECORD_CHANNELS = 2
 RECORD_FRAME = 4  # s16le stereo
+# On PipeWire, parec's latency also sets the graph's quantum when no other
+# stream asks for less: 5 ms makes it 256 frames at 48 kHz (see bench/README.md,
+# "PipeWire's short gaps"; --record-latency-ms).
 RECORD_LATENCY_MS = 5
 
 CHUNK_SECONDS = 0.010
@@ -481,7 +487,7 @@ class Recorder(asyncio.SubprocessProtocol):
 
 
 async def start_recorder(
-    server: str, sink: str, env: dict[str, str]
+    server: str, sink: str, env: dict[str, str], latency_ms: int = RECORD_LATENCY_MS
 ) -> tuple[asyncio.SubprocessTransport, Recorder]:
     loop = asyncio.get_running_loop()
     transport, recorder = await loop.subprocess_exec(
@@ -492,7 +498,7 @@ async def start_recorder(
         "--format=s16le",
         f"--rate={RECORD_RATE}",
         f"--channels={RECORD_CHANNELS}",
-        f"--latency-msec={RECORD_LATENCY_MS}",
+        f"--latency-msec={latency_ms}",
         "--raw",
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -814,6 +820,7 @@ async def run_player(
     workdir: Path,
     seed: int,
     keep: bool = False,
+    record_latency_ms: int = RECORD_LATENCY_MS,
 ) -> PlayerRun:
     """Play `seconds` of the signal through `player` under `condition`; measure it."""
     result = PlayerRun(player, condition.name, seconds)
@@ -824,7 +831,7 @@ async def run_player(
     env = dict(sound.env, PULSE_SERVER=sound.server, PULSE_SINK=sink)
     # A default sink too: a client may ask for a device of its own choosing.
     await sound.pactl("set-default-sink", sink)
-    transport, recorder = await start_recorder(sound.server, sink, env)
+    transport, recorder = await start_recorder(sound.server, sink, env, record_latency_ms)
     process: asyncio.subprocess.Process | None = None
     cpu: list[float] = []
     stderr_path = workdir / f"{tag}.stderr"
@@ -960,6 +967,7 @@ class Options:
     conditions: tuple[Condition, ...] = CONDITIONS
     seconds: float = 60.0
     keep_workdir: bool = False
+    record_latency_ms: int = RECORD_LATENCY_MS
 
 
 @dataclass
@@ -979,6 +987,7 @@ class Results:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "seconds_per_condition": self.options.seconds,
+            "record_latency_ms": self.options.record_latency_ms,
             "conditions": {c.name: c.describe() for c in self.options.conditions},
             "unavailable": self.unavailable,
             "servers": {},
@@ -1028,6 +1037,7 @@ async def run_server(kind: str, options: Options, workdir: Path, results: Result
                     directory,
                     index + 1,
                     options.keep_workdir,
+                    options.record_latency_ms,
                 )
                 if run.error:
                     log(f"{kind}: {player}: {run.error}")
@@ -1073,7 +1083,8 @@ def format_table(results: Results) -> str:
     for server in results.servers:
         lines.append(
             f"{server.kind} ({server.version or 'did not start'}), "
-            f"{options.seconds:g} s per condition, a private null sink per player"
+            f"{options.seconds:g} s per condition, a private null sink per player, "
+            f"recorded at {options.record_latency_ms} ms"
         )
         if server.error:
             lines.append(f"  failed: {server.error}")
@@ -1154,6 +1165,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--record-latency-ms",
+        type=int,
+        default=RECORD_LATENCY_MS,
+        metavar="MS",
+        help="parec's latency (default %(default)s); on PipeWire it caps the graph's quantum",
+    )
     return parser
 
 
@@ -1178,6 +1196,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
     if not options.seconds > 1:
         raise SystemExit("a run needs more than a second")
     options.keep_workdir = args.keep
+    if not 1 <= args.record_latency_ms <= 1000:
+        raise SystemExit("--record-latency-ms must be within 1-1000")
+    options.record_latency_ms = args.record_latency_ms
     return options
 
 

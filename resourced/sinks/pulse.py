@@ -56,6 +56,14 @@ _MAX_BUFFER: Final = 2.0  # seconds: the stream's maxlength (beyond the largest 
 _ATTR_INTERVAL: Final = 1.0  # seconds between two buffer-attribute changes at most
 _ATTR_CHANGE: Final = 0.005  # seconds: target moves smaller than this are not applied
 _MINREQ: float | None = None  # None: the server's choice
+# tlength's floor, seconds. pipewire-pulse (0.3.65) asks PipeWire's graph for a
+# quarter of tlength (node.latency, with ADJUST_LATENCY and the default minreq),
+# and the graph runs at the largest power-of-two quantum within the smallest
+# node.latency of its streams. 44 ms keeps ours at 11 ms, a 512-frame quantum
+# at 48 kHz: a calm 20 ms target alone would ask for 256 frames (5.3 ms), and a
+# graph cycle that late drops out on a busy machine (bench/README.md, "PipeWire's
+# short gaps"). It binds only while the target is under 22 ms.
+_MIN_TLENGTH: Final = 0.044
 _RECREATE_DELAY: Final = 0.5  # seconds before a failed stream is made again
 _VOLUME_EPSILON: Final = 1e-3  # linear volume differences below this are rounding
 
@@ -603,7 +611,7 @@ class PulsePlayback:
         def frames(seconds: float) -> int:
             return max(1, round(seconds * fmt.rate)) * fmt.frame_size
 
-        return frames(2 * playout.target), frames(playout.prebuffer)
+        return frames(max(2 * playout.target, _MIN_TLENGTH)), frames(playout.prebuffer)
 
     def _on_state(self, stream: Any, _userdata: Any) -> None:
         try:

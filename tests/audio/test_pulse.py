@@ -445,6 +445,40 @@ async def test_a_guest_faster_than_the_steering_never_queues_seconds(
     playback.close()
 
 
+def _node_latency(props: dict[str, str]) -> float:
+    """pipewire-pulse's `node.latency` property ("frames/rate") in seconds."""
+    frames, _, rate = props["node.latency"].partition("/")
+    return int(frames) / int(rate)
+
+
+# PipeWire only: the graph's quantum is PipeWire's (PulseAudio has none).
+@pytest.mark.parametrize("sound_server", ["pipewire"], indirect=True)
+async def test_a_calm_stream_never_asks_pipewire_for_a_quantum_under_512_frames(
+    sound_server: ServerType, pulse: PulseServer
+) -> None:
+    # A calm guest's target sits at its 20 ms floor (here held there: next to
+    # no margin over the jitter); pipewire-pulse would turn that into a
+    # node.latency of 10 ms, and the graph would run at 256 frames (5.3 ms at
+    # 48 kHz), where a late cycle drops out on a busy machine. The stream asks
+    # for at least 512 frames' worth all the time it plays.
+    calm = PlayoutConfig(initial_jitter=0.001, jitter_margin=0.001)
+    playback = pulse.playback("guest", config=calm)
+    playback.begin(S16_STEREO)
+    asked: list[float] = []
+    async with running(feed(playback, S16_STEREO, 30.0)):
+        await wait_for(lambda: playback.playing, 5, "playing")
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while loop.time() - began < 3.0:
+            inputs = [i for i in await sound_server.sink_inputs() if i.get("media.name") == "guest"]
+            assert len(inputs) == 1, inputs
+            asked.append(_node_latency(inputs[0]))
+            await asyncio.sleep(0.2)
+    print(f"node.latency asked (ms): {[round(a * 1e3, 1) for a in asked]}")
+    assert min(asked) >= 512 / 48000, asked
+    playback.close()
+
+
 # PulseAudio only: PipeWire 0.3.65 keeps running a null sink that `pactl
 # suspend-sink` is asked to suspend while a stream plays on it (the stream's
 # buffer never grew there), and offers no other way to stop one stream playing.
