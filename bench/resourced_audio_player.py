@@ -14,6 +14,9 @@ default, or `PULSE_SINK`). Events are pushed from the socket's read callback
 as the service will: `begin` on AudioBegin, `write` on AudioData, `end` on
 AudioEnd.
 
+`RESOURCED_AUDIO_PROFILE=FILE` runs it under cProfile and writes the
+statistics to FILE (`RESOURCED_AUDIO_DEBUG=1` logs the player's state).
+
 It runs until the server closes the connection, then prints one JSON line on
 stdout: the playback's underruns, and its reported latency (`latency_usec`:
 what its stream holds plus the sink's part) sampled every 100 ms while playing.
@@ -125,7 +128,16 @@ def main() -> int:
     args = sys.argv[1:]
     floor = "--floor" in args
     path = next(arg for arg in args if arg != "--floor")
-    report = asyncio.run(receive_only(path) if floor else play(path))
+    profile_path = os.environ.get("RESOURCED_AUDIO_PROFILE")
+    if profile_path:
+        # Where the player's CPU goes (bench/README.md, "What a chunk costs").
+        import cProfile
+
+        with cProfile.Profile() as profile:
+            report = asyncio.run(receive_only(path) if floor else play(path))
+        profile.dump_stats(profile_path)
+    else:
+        report = asyncio.run(receive_only(path) if floor else play(path))
     print(json.dumps(report), flush=True)
     return 0
 
