@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from resourced.errors import ConnectionClosed
@@ -44,13 +45,10 @@ from resourced.rfb.qemu import AudioBegin, AudioData, AudioEnd, QemuAudio
 from resourced.sinks.pulse import PulseServer
 
 
-async def receive_only(path: str) -> dict[str, Any]:
-    """Receive and parse the audio as `play` does, and drop it (no sink at all)."""
+async def receive(path: str, handle: Callable[[Any], None]) -> list[str]:
+    """Connect to the server at `path`, push every event to `handle` until it
+    closes; the errors met, as text."""
     errors: list[str] = []
-
-    def handle(event: Any) -> None:
-        pass
-
     client = await connect(f"unix:{path}", extensions=[QemuAudio()])
     try:
         await client.dispatch_to(handle)
@@ -60,6 +58,12 @@ async def receive_only(path: str) -> dict[str, Any]:
         errors.append(f"{type(error).__name__}: {error}")
     finally:
         await client.close()
+    return errors
+
+
+async def receive_only(path: str) -> dict[str, Any]:
+    """Receive and parse the audio as `play` does, and drop it (no sink at all)."""
+    errors = await receive(path, lambda event: None)
     return {"underruns": None, "latency_usec": [], "errors": errors}
 
 
@@ -78,7 +82,6 @@ async def play(path: str) -> dict[str, Any]:
     playback = pulse.playback("resourced audio bench")
     latencies: list[float] = []
     playing = False
-    errors: list[str] = []
 
     def handle(event: Any) -> None:
         nonlocal playing
@@ -100,18 +103,12 @@ async def play(path: str) -> dict[str, Any]:
                     latencies.append(float(value))
 
     sampler = asyncio.ensure_future(sample_latency())
-    client = await connect(f"unix:{path}", extensions=[QemuAudio()])
     try:
-        await client.dispatch_to(handle)
-    except ConnectionClosed:
-        pass
-    except Exception as error:
-        errors.append(f"{type(error).__name__}: {error}")
+        errors = await receive(path, handle)
     finally:
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
-        await client.close()
     underruns = playback.underruns
     playback.close()
     await pulse.close()
