@@ -271,9 +271,9 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
             if bus is not None:
                 # The user's own service outlives the tour: it forgets the guest.
                 # A private bus and its service go with the tour instead (and
-                # Ctrl-C, reaching our process group, may have ended that bus
-                # already: a message sent to it then fails inside dbus-fast,
-                # which logs the failure as a traceback).
+                # after a Ctrl-C our connection to that bus was seen closed
+                # already: a message sent on it fails inside dbus-fast, which
+                # logs the failure as a traceback).
                 if private is None:
                     with contextlib.suppress(Exception):
                         await _call(
