@@ -124,6 +124,17 @@ class ServiceBus(MessageBus):
         self._close_after_sending.add(fd)
 
     def send(self, msg: Message) -> asyncio.Future[Any]:  # type: ignore[override]
+        if not self.connected:
+            # The bus is gone (we are stopping, and withdraw our objects): nobody
+            # can read it, and dbus-fast would raise from its closed socket.
+            for fd in msg.unix_fds:
+                if fd in self._close_after_sending:
+                    self._close_after_sending.discard(fd)
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            dropped: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            dropped.set_result(None)
+            return dropped
         future: asyncio.Future[Any] = super().send(msg)
         if msg.unix_fds and msg.message_type is MessageType.METHOD_RETURN and msg.destination:
             if len(self._fd_replies) >= _MAX_FD_REPLIES:

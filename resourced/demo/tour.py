@@ -35,7 +35,7 @@ from dbus_fast import BusType, Message, MessageType
 from dbus_fast.aio import MessageBus
 
 from resourced.audio import AudioFormat, SampleFormat, analyse
-from resourced.cli import failing_as, run_command
+from resourced.cli import EXIT_INTERRUPTED, failing_as, run_command
 from resourced.demo.bootsector import tone_frequency
 from resourced.demo.probe import demo_gateway_config
 from resourced.demo.qemu import GuestConfig, QemuGuest
@@ -157,6 +157,11 @@ def _show(command: list[str], env: dict[str, str]) -> str:
         text=True,
         timeout=TIMEOUT,
     )
+    if result.returncode in (-signal.SIGINT, EXIT_INTERRUPTED):
+        # Ctrl-C reached it too (our process group): the tour is stopping, and
+        # what it said (Python's traceback, if it came while Python started) is
+        # no news.
+        raise ResourcedError(f"{command[0]} was interrupted")
     output = (result.stdout + result.stderr).rstrip()
     print("\n".join(f"  {line}" for line in output.splitlines()))
     if result.returncode != 0:
@@ -264,15 +269,21 @@ async def tour(workdir: Path, once: bool, wav: Path, duration: float) -> None:
             await stop.wait()
         finally:
             if bus is not None:
-                with contextlib.suppress(Exception):
-                    await _call(
-                        bus,
-                        ROOT,
-                        f"{BUS_NAME}.Manager",
-                        "RemoveGuest",
-                        "oa{sv}",
-                        [f"{ROOT}/guests/demo", {}],
-                    )
+                # The user's own service outlives the tour: it forgets the guest.
+                # A private bus and its service go with the tour instead (and
+                # after a Ctrl-C our connection to that bus was seen closed
+                # already: a message sent on it fails inside dbus-fast, which
+                # logs the failure as a traceback).
+                if private is None:
+                    with contextlib.suppress(Exception):
+                        await _call(
+                            bus,
+                            ROOT,
+                            f"{BUS_NAME}.Manager",
+                            "RemoveGuest",
+                            "oa{sv}",
+                            [f"{ROOT}/guests/demo", {}],
+                        )
                 bus.disconnect()
             await gateway.close()
             await guest.stop()

@@ -303,3 +303,35 @@ async def test_vnc_connection_dropped_and_restored(
     finally:
         bus.disconnect()
         await asyncio.to_thread(stop_process, gateway_guest.process)
+
+
+async def test_service_exits_when_its_bus_goes_while_playing(
+    session: Session, gateway_guest: GatewayGuest, sound: SoundServer
+) -> None:
+    """The session bus ends (the daemon killed) while a guest plays: the service
+    stops, though the objects it withdraws can no longer be signalled, and its
+    sound server connection ends with it."""
+    configure(session, sound)
+    bus = await session.client()
+    try:
+        await start_demo(session, gateway_guest, bus)
+        pid = session.service_pid()
+        assert pid is not None
+    finally:
+        bus.disconnect()
+    session.daemon.terminate()
+    await asyncio.to_thread(session.daemon.wait, TIMEOUT)
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    log = (session.directory / "daemon.log").read_text(errors="replace")
+    assert not _running(pid), f"the service ({pid}) is still running; its log:\n{log}"
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, ended but not reaped by init, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

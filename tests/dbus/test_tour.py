@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from resourced.demo.bootsector import tone_frequency
+from resourced.demo.tour import _show
+from resourced.errors import ResourcedError
 
 
 async def test_tour_once_without_a_session_bus(tmp_path: Path) -> None:
@@ -115,3 +117,70 @@ async def test_tour_interrupted_while_starting_leaves_nothing_running(tmp_path: 
     while (left := _processes_naming(workdir)) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     assert left == [], rest
+
+
+async def test_tour_interrupted_while_recording_prints_no_traceback(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the process group) while the service records the beep:
+    the tour's cleanup must not end in a traceback (dbus-fast's, from a message
+    sent on a bus connection already closed), and nothing is left running."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DBUS_SESSION_BUS_ADDRESS", "PULSE_SERVER")
+    }
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    wav = tmp_path / "beep.wav"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "resourced.demo.tour",
+        "--once",
+        "--duration",
+        "120",
+        "--wav",
+        str(wav),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    seen = ""
+    try:
+        async with asyncio.timeout(180):
+            # The recorded file's name, printed under the record command, comes
+            # just before the tour waits `--duration` seconds.
+            while f"record {wav}\n  {wav}\n" not in seen:
+                line = (await process.stdout.readline()).decode()
+                assert line, seen
+                seen += line
+        match = re.search(r"private PulseAudio at unix:(/tmp/rsd-demo-[^/]+)/", seen)
+        assert match is not None, seen
+        workdir = match.group(1)
+        os.killpg(process.pid, signal.SIGINT)
+        async with asyncio.timeout(120):
+            rest = (await process.stdout.read()).decode()
+            await process.wait()
+    finally:
+        if process.returncode is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            await process.wait()
+    assert process.returncode == 130, seen + rest
+    assert "Traceback" not in rest, rest
+    assert "never retrieved" not in rest, rest
+    deadline = time.monotonic() + 30
+    while (left := _processes_naming(workdir)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert left == [], rest
+
+
+def test_a_command_the_tour_shows_interrupted_is_not_shown(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C reaches the tour's commands too: one interrupted while Python starts
+    prints a KeyboardInterrupt traceback, which the tour does not pass on."""
+    child = "import os, signal; os.kill(os.getpid(), signal.SIGINT); import time; time.sleep(60)"
+    with pytest.raises(ResourcedError, match="python was interrupted"):
+        _show(["python", "-c", child], dict(os.environ))
+    out = capsys.readouterr().out
+    assert out.startswith("$ python -c"), out
+    assert "Traceback" not in out, out
+    assert "KeyboardInterrupt" not in out, out
