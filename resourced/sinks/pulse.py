@@ -108,6 +108,12 @@ def _convert(fmt: AudioFormat) -> tuple[str, Callable[[bytes], bytes] | None]:
             return "PA_SAMPLE_S32LE", lambda pcm: _flip_top_byte(pcm, 4)
 
 
+def _cancel_requested() -> bool:
+    """Whether the running task has been asked to cancel (and has not taken it back)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _stream_frame_size(fmt: AudioFormat) -> int:
     """Bytes per frame on the stream (after `_convert`: 8-bit samples are widened)."""
     return max(2, fmt.sample_format.size) * fmt.channels
@@ -223,12 +229,19 @@ class PulseServer:
             try:
                 await session
             except asyncio.CancelledError:
-                if self._closing or not session.cancelled():
+                if self._closing or not session.cancelled() or _cancel_requested():
                     raise
             except Exception as error:
                 log.debug("sound server %s: %s", self.server or "(default)", error)
             if self._closing:
                 return
+            if _cancel_requested():
+                # _run itself was cancelled (asyncio.run does so at its end,
+                # without close()) while the session ran: that cancels the
+                # session too, whose event iterator (the libpulse package's)
+                # then ends quietly, so the session returned as if the server
+                # had gone. The cancellation is ours: end.
+                raise asyncio.CancelledError
             if self.connects and backoff == _BACKOFF_MIN:
                 log.info("sound server %s went away; reconnecting", self.server or "(default)")
             await asyncio.sleep(backoff)

@@ -368,6 +368,26 @@ async def test_no_server_yet_is_not_an_error(sound_server: ServerType) -> None:
         await client.close()
 
 
+async def test_the_connection_task_ends_when_cancelled_while_connected(
+    sound_server: ServerType,
+) -> None:
+    # asyncio.run cancels every task left at its end without calling close():
+    # a connected PulseServer's task must end then, not take its own
+    # cancellation for libpulse's and go on polling the server for ever.
+    client = PulseServer(sound_server.server)
+    await client.start()
+    try:
+        await wait_for(lambda: client.connected, 10, "the PulseServer to connect")
+        task = client._task
+        assert task is not None
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=10)
+        assert task in done, "the connection task ignored its cancellation"
+        assert task.cancelled()
+    finally:
+        await client.close()
+
+
 # The controller held still (it updates once, at the first chunk), so the test
 # alone moves the rate: the level read back must follow it at once.
 STILL = PlayoutConfig(initial_jitter=0.080, rate_update_interval=3600.0)
