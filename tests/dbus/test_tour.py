@@ -76,72 +76,72 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
-async def test_tour_interrupted_while_starting_leaves_nothing_running(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to the process group, as a terminal sends it) right after the
-    private PulseAudio is up, while the bus and QEMU start: the tour exits 130 and
-    the PulseAudio, which runs in a session of its own, goes with it."""
+async def _start_tour(*args: str) -> asyncio.subprocess.Process:
+    """The tour (`--once`) in a session of its own, without the caller's bus or
+    sound server, its output (stdout and stderr) piped."""
     env = {
         k: v for k, v in os.environ.items() if k not in ("DBUS_SESSION_BUS_ADDRESS", "PULSE_SERVER")
     }
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    process = await asyncio.create_subprocess_exec(
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "resourced.demo.tour",
         "--once",
-        "--wav",
-        str(tmp_path / "beep.wav"),
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=env,
         start_new_session=True,
     )
+
+
+async def _interrupt(process: asyncio.subprocess.Process, seen: str) -> tuple[str, str]:
+    """Ctrl-C as a terminal sends it (SIGINT to the process group); wait for the
+    tour to exit. Returns its private work folder (from `seen`, what it printed
+    so far) and what it printed after."""
+    assert process.stdout is not None
+    match = re.search(r"private PulseAudio at unix:(/tmp/rsd-demo-[^/]+)/", seen)
+    assert match is not None, seen
+    os.killpg(process.pid, signal.SIGINT)
+    async with asyncio.timeout(120):
+        rest = (await process.stdout.read()).decode()
+        await process.wait()
+    return match.group(1), rest
+
+
+async def _nothing_left_naming(workdir: str, output: str) -> None:
+    """The tour's processes stop on their own a little after it: wait for that."""
+    deadline = time.monotonic() + 30
+    while (left := _processes_naming(workdir)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert left == [], output
+
+
+async def test_tour_interrupted_while_starting_leaves_nothing_running(tmp_path: Path) -> None:
+    """Ctrl-C right after the private PulseAudio is up, while the bus and QEMU
+    start: the tour exits 130 and the PulseAudio, which runs in a session of its
+    own, goes with it."""
+    process = await _start_tour("--wav", str(tmp_path / "beep.wav"))
     assert process.stdout is not None
     try:
         async with asyncio.timeout(120):
             line = (await process.stdout.readline()).decode()
-        match = re.search(r"private PulseAudio at unix:(/tmp/rsd-demo-[^/]+)/", line)
-        assert match is not None, line
-        workdir = match.group(1)
-        os.killpg(process.pid, signal.SIGINT)
-        async with asyncio.timeout(120):
-            rest = (await process.stdout.read()).decode()
-            await process.wait()
+        workdir, rest = await _interrupt(process, line)
     finally:
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)
             await process.wait()
     assert process.returncode == 130, line + rest
-    # The processes stop on their own a little after the tour; wait for that.
-    deadline = time.monotonic() + 30
-    while (left := _processes_naming(workdir)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert left == [], rest
+    await _nothing_left_naming(workdir, rest)
 
 
 async def test_tour_interrupted_while_recording_prints_no_traceback(tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to the process group) while the service records the beep:
-    the tour's cleanup must not end in a traceback (dbus-fast's, from a message
-    sent on a bus connection already closed), and nothing is left running."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("DBUS_SESSION_BUS_ADDRESS", "PULSE_SERVER")
-    }
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    """Ctrl-C while the service records the beep: the tour's cleanup must not end
+    in a traceback (dbus-fast's, from a message sent on a bus connection already
+    closed), and nothing is left running."""
     wav = tmp_path / "beep.wav"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "resourced.demo.tour",
-        "--once",
-        "--duration",
-        "120",
-        "--wav",
-        str(wav),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    process = await _start_tour("--duration", "120", "--wav", str(wav))
     assert process.stdout is not None
     seen = ""
     try:
@@ -152,13 +152,7 @@ async def test_tour_interrupted_while_recording_prints_no_traceback(tmp_path: Pa
                 line = (await process.stdout.readline()).decode()
                 assert line, seen
                 seen += line
-        match = re.search(r"private PulseAudio at unix:(/tmp/rsd-demo-[^/]+)/", seen)
-        assert match is not None, seen
-        workdir = match.group(1)
-        os.killpg(process.pid, signal.SIGINT)
-        async with asyncio.timeout(120):
-            rest = (await process.stdout.read()).decode()
-            await process.wait()
+        workdir, rest = await _interrupt(process, seen)
     finally:
         if process.returncode is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -166,10 +160,7 @@ async def test_tour_interrupted_while_recording_prints_no_traceback(tmp_path: Pa
     assert process.returncode == 130, seen + rest
     assert "Traceback" not in rest, rest
     assert "never retrieved" not in rest, rest
-    deadline = time.monotonic() + 30
-    while (left := _processes_naming(workdir)) and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-    assert left == [], rest
+    await _nothing_left_naming(workdir, rest)
 
 
 def test_a_command_the_tour_shows_interrupted_is_not_shown(
